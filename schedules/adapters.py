@@ -1,0 +1,383 @@
+"""Model adapters: one denoiser interface for every model.
+
+:func:`load_model` turns a model spec into a :class:`ModelAdapter`:
+
+* ``builtin:NAME`` — an embedded default model (``toy2d-flow``, ``digits-flow``,
+  ``digits-ddpm``);
+* a diffusers folder — a pipeline folder with ``model_index.json`` (``unet`` or
+  ``transformer`` plus ``scheduler``), or a model folder with ``config.json`` and a
+  scheduler config (``scheduler/`` beside or inside it, or ``scheduler_config=``). The
+  convention, ``prediction_type``, betas and FlowMatch ``shift`` are read from the
+  scheduler config, never guessed;
+* ``path/to/file.py:attr`` — any torch module (or a zero-argument function returning one)
+  called as ``module(x, t)`` with ``t`` a float tensor [B]. ``prediction="flow"`` means the
+  diffusers FlowMatch convention with t = σ ∈ [0, 1]; ``epsilon|v|x0`` mean VP with t the
+  discrete timestep and ᾱ from ``scheduler_config`` (default: DDPM linear betas
+  1e-4..0.02, T=1000).
+
+Search, sampling, evaluation and distillation all go through the same adapter:
+:meth:`ModelAdapter.denoise` for samplers, :meth:`ModelAdapter.model_output` (with
+gradients) for trainers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from schedules.conventions import PREDICTIONS, Convention, FlowConvention, VPConvention, prediction_to_x0
+from schedules.embedded import BUILTIN_MODELS, FEATURE_NETWORKS, embedded_path
+from schedules.io import StepsmithError, load_safetensors
+
+_DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
+
+
+def _default_call(module: nn.Module, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    out = module(x, t, **kwargs)
+    if hasattr(out, "sample"):
+        out = out.sample
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+@dataclass(eq=False)
+class ModelAdapter:
+    """A network plus everything needed to read its output as a denoiser.
+
+    ``model_kwargs`` are passed to every network call (e.g. fixed prompt embeddings for
+    conditional models driven from Python).
+    """
+
+    module: nn.Module
+    convention: Convention
+    prediction: str
+    sample_shape: tuple[int, ...]
+    name: str
+    scheduler_config: dict[str, Any] | None = None
+    call: Callable[..., torch.Tensor] = _default_call
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    calls: int = 0  # batched network evaluations so far (for honest cost reports)
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS[self.convention.name]:
+            raise StepsmithError(
+                f"prediction {self.prediction!r} does not fit a {self.convention.name} model; "
+                f"use one of {', '.join(PREDICTIONS[self.convention.name])}"
+            )
+
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self.module.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        try:
+            return next(self.module.parameters()).dtype
+        except StopIteration:
+            return torch.float32
+
+    def noise(self, n: int, seed: int | torch.Generator) -> torch.Tensor:
+        """Initial noise for ``n`` samples, reproducible from ``seed`` (drawn on the CPU)."""
+        gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+        x = torch.randn((n, *self.sample_shape), generator=gen, dtype=torch.float32)
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def model_output(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The raw network output at native sigmas ``s`` [B] (keeps gradients)."""
+        if s.ndim == 0:
+            s = s.expand(x.shape[0])
+        t = self.convention.model_time(s.to(torch.float64)).to(device=x.device, dtype=torch.float32)
+        out = self.call(self.module, x, t, **self.model_kwargs)
+        self.calls += 1
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise StepsmithError(
+                f"{self.name}: network returned {got} for input {list(x.shape)}; it must return a tensor "
+                "of the input's shape — check --shape and --prediction"
+            )
+        if not torch.isfinite(out).all():
+            raise StepsmithError(
+                f"{self.name}: network returned NaN/Inf at σ={float(s[0]):.4g} (timestep {float(t[0]):.4g}); "
+                "check the weights, the dtype (try float32) and the time convention (--prediction)"
+            )
+        return out
+
+    def denoise(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """x0 estimate at native sigmas ``s`` [B]."""
+        out = self.model_output(x, s)
+        sb = s.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return prediction_to_x0(self.convention, self.prediction, x, sb, out)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.name, "convention": self.convention.name, "prediction": self.prediction,
+                "sample_shape": list(self.sample_shape), **self.convention.config()}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_shape(shape: str | tuple[int, ...] | list[int] | None) -> tuple[int, ...] | None:
+    if shape is None or isinstance(shape, tuple):
+        return shape
+    if isinstance(shape, list):
+        return tuple(shape)
+    try:
+        dims = tuple(int(v) for v in str(shape).replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise StepsmithError(f"--shape {shape!r} is not a comma-separated list of sizes, e.g. 2 or 1,16,16") from None
+    if not dims or any(d < 1 for d in dims):
+        raise StepsmithError(f"--shape {shape!r} must list positive sizes, e.g. 2 or 1,16,16")
+    return dims
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise StepsmithError(f"missing {what}: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StepsmithError(f"{what} {path} is not valid JSON ({exc})") from None
+
+
+def _scheduler_config_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for cand in (path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
+        if cand.is_file():
+            return cand
+    raise StepsmithError(f"no scheduler_config.json in {path}; pass --scheduler-config DIR holding one")
+
+
+def convention_from_scheduler_config(cfg: dict) -> tuple[Convention, str]:
+    """(convention, prediction) exactly as a diffusers scheduler config describes them."""
+    cls = cfg.get("_class_name", "")
+    if "FlowMatch" in cls:
+        return FlowConvention(time_scale=float(cfg.get("num_train_timesteps", 1000))), "flow"
+    if cfg.get("use_flow_sigmas"):
+        raise StepsmithError(f"{cls} with use_flow_sigmas: read it as a FlowMatch model (FlowMatchEulerDiscreteScheduler config)")
+    pt = cfg.get("prediction_type", "epsilon")
+    if pt not in _DIFFUSERS_PREDICTION or pt == "flow_prediction":
+        raise StepsmithError(f"scheduler config has prediction_type {pt!r}; supported: epsilon, v_prediction, sample")
+    return VPConvention.from_scheduler_config(cfg), _DIFFUSERS_PREDICTION[pt]
+
+
+def _load_diffusers_module(folder: Path) -> nn.Module:
+    import diffusers
+
+    cfg = _read_json(folder / "config.json", "model config")
+    cls_name = cfg.get("_class_name")
+    cls = getattr(diffusers, str(cls_name), None)
+    if cls is None:
+        raise StepsmithError(f"{folder}/config.json names class {cls_name!r}, which diffusers does not have")
+    try:
+        return cls.from_pretrained(folder, use_safetensors=True)
+    except OSError as exc:
+        raise StepsmithError(
+            f"cannot load {cls_name} weights from {folder}: {str(exc).splitlines()[0]} — stepsmith loads "
+            "safetensors only; convert .bin weights with save_pretrained(safe_serialization=True)"
+        ) from None
+    except Exception as exc:
+        raise StepsmithError(f"cannot load {cls_name} from {folder} ({type(exc).__name__}: {exc}); weights corrupt?") from None
+
+
+def _load_diffusers(folder: Path, name: str, prediction: str | None, shape, scheduler_config) -> ModelAdapter:
+    index_file = folder / "model_index.json"
+    if index_file.is_file():
+        index = _read_json(index_file, "pipeline index")
+        comp = next((c for c in ("unet", "transformer", "prior") if c in index), None)
+        if comp is None:
+            raise StepsmithError(f"{index_file} has no unet or transformer component; cannot find the denoiser")
+        model_dir = folder / comp
+        sched_file = _scheduler_config_file(Path(scheduler_config) if scheduler_config else folder / "scheduler")
+    elif (folder / "config.json").is_file():
+        model_dir = folder
+        if scheduler_config:
+            sched_file = _scheduler_config_file(Path(scheduler_config))
+        else:
+            cands = [folder / "scheduler", folder.parent / "scheduler"]
+            found = next((c for c in cands if (c / "scheduler_config.json").is_file()), None)
+            if found is None:
+                raise StepsmithError(
+                    f"{folder} is a model folder without a scheduler config; pass --scheduler-config DIR "
+                    "(a folder with scheduler_config.json) so the noise schedule is read, not guessed"
+                )
+            sched_file = found / "scheduler_config.json"
+    else:
+        raise StepsmithError(f"{folder} is neither a diffusers pipeline folder (model_index.json) nor a model folder (config.json)")
+
+    sched_cfg = _read_json(sched_file, "scheduler config")
+    conv, pred = convention_from_scheduler_config(sched_cfg)
+    if prediction is not None and prediction != pred:
+        raise StepsmithError(
+            f"{sched_file} says prediction {pred!r} but --prediction {prediction!r} was given; drop --prediction "
+            "or fix the scheduler config"
+        )
+    module = _load_diffusers_module(model_dir)
+    mcfg = dict(module.config)
+    if shape is None:
+        if "sample_size" in mcfg and "in_channels" in mcfg and type(module).__name__ in ("UNet2DModel",):
+            size = mcfg["sample_size"]
+            hw = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+            shape = (mcfg["in_channels"], *hw)
+        else:
+            raise StepsmithError(f"cannot infer the sample shape of {type(module).__name__}; pass --shape C,H,W")
+    if type(module).__name__ != "UNet2DModel":
+        raise StepsmithError(
+            f"{type(module).__name__} is a conditional denoiser: build a ModelAdapter in Python with "
+            "model_kwargs (prompt embeddings) and a call function; the CLI drives unconditional models"
+        )
+    return ModelAdapter(module=module.eval(), convention=conv, prediction=pred, sample_shape=tuple(shape),
+                        name=name, scheduler_config=sched_cfg)
+
+
+def _import_file(file: Path):
+    mod_name = f"stepsmith_user_{abs(hash(str(file.resolve())))}"
+    spec = importlib.util.spec_from_file_location(mod_name, file)
+    if spec is None or spec.loader is None:
+        raise StepsmithError(f"cannot import {file}: not a Python file")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as exc:
+        del sys.modules[mod_name]
+        raise StepsmithError(f"importing {file} failed: {type(exc).__name__}: {exc}") from None
+    return mod
+
+
+def _load_callable(file: Path, attr: str, name: str, prediction: str | None, shape, scheduler_config,
+                   weights) -> ModelAdapter:
+    if not file.is_file():
+        raise StepsmithError(f"model file {file} does not exist")
+    mod = _import_file(file)
+    obj: Any = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            found = sorted(k for k, v in vars(mod).items() if not k.startswith("_") and callable(v))
+            raise StepsmithError(f"{file} has no attribute {attr!r}; callables there: {', '.join(found) or 'none'}")
+        obj = getattr(obj, part)
+    if isinstance(obj, nn.Module):
+        module = obj
+    elif callable(obj):
+        try:
+            module = obj()
+        except Exception as exc:
+            raise StepsmithError(f"{file}:{attr}() failed: {type(exc).__name__}: {exc}") from None
+        if not isinstance(module, nn.Module):
+            raise StepsmithError(f"{file}:{attr}() returned {type(module).__name__}, not a torch nn.Module")
+    else:
+        raise StepsmithError(f"{file}:{attr} is a {type(obj).__name__}, not an nn.Module or a function returning one")
+    if prediction is None:
+        raise StepsmithError("a file.py:attr model needs --prediction: flow (FlowMatch, t=σ∈[0,1]) or epsilon|v|x0 (VP)")
+    if prediction == "flow":
+        conv: Convention = FlowConvention(time_scale=1.0)
+        sched_cfg = None
+    elif prediction in PREDICTIONS["vp"]:
+        if scheduler_config:
+            sched_cfg = _read_json(_scheduler_config_file(Path(scheduler_config)), "scheduler config")
+            conv = VPConvention.from_scheduler_config(sched_cfg)
+        else:
+            conv, sched_cfg = VPConvention.default(), None
+    else:
+        raise StepsmithError(f"unknown --prediction {prediction!r}; use flow, epsilon, v or x0")
+    if shape is None:
+        shape = getattr(module, "sample_shape", None)
+        if shape is None:
+            raise StepsmithError(f"cannot infer the sample shape of {file}:{attr}; pass --shape (e.g. 2 or 1,16,16)")
+    if weights is not None:
+        load_state_dict(module, load_safetensors(weights), str(weights))
+    return ModelAdapter(module=module.eval(), convention=conv, prediction=prediction, sample_shape=tuple(shape),
+                        name=name, scheduler_config=sched_cfg)
+
+
+def load_state_dict(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise StepsmithError(f"weights {where} do not fit the model ({first}); wrong file or architecture") from None
+
+
+def _load_builtin(key: str) -> ModelAdapter:
+    name = f"builtin:{key}"
+    if key in FEATURE_NETWORKS:
+        raise StepsmithError(f"{name} is the FID feature network, not a generative model; use it in `stepsmith eval`")
+    if key not in BUILTIN_MODELS:
+        raise StepsmithError(f"unknown builtin model {name!r}; available: {', '.join('builtin:' + m for m in BUILTIN_MODELS)}")
+    folder = embedded_path(key)
+    if not folder.exists():
+        raise StepsmithError(f"embedded weights for {name} are missing ({folder}); retrain: python -m schedules.embedded.train {key}")
+    if key == "toy2d-flow":
+        from schedules.embedded.nets import Toy2DVelocity
+
+        module = Toy2DVelocity()
+        load_state_dict(module, load_safetensors(folder / "model.safetensors"), str(folder))
+        return ModelAdapter(module=module.eval(), convention=FlowConvention(1.0), prediction="flow",
+                            sample_shape=(2,), name=name)
+    return _load_diffusers(folder, name, None, None, None)
+
+
+_CALLABLE_RE = re.compile(r"^(?P<file>.+\.py):(?P<attr>[A-Za-z_][\w.]*)$")
+
+
+def load_model(spec: str, *, prediction: str | None = None, shape: str | tuple[int, ...] | None = None,
+               scheduler_config: str | Path | None = None, weights: str | Path | None = None,
+               device: str | torch.device = "cpu", probe: bool = True) -> ModelAdapter:
+    """Resolve a model spec (``builtin:NAME``, diffusers folder, ``file.py:attr``) to an adapter.
+
+    With ``probe`` the model is run once on two samples, so a wrong ``shape`` or time
+    convention fails here with a clear message instead of deep inside a search.
+    """
+    shape = parse_shape(shape)
+    if prediction is not None and prediction not in ("flow", "epsilon", "v", "x0"):
+        raise StepsmithError(f"unknown --prediction {prediction!r}; use flow, epsilon, v or x0")
+    if spec.startswith("builtin:"):
+        if prediction or shape or scheduler_config:
+            raise StepsmithError("builtin models know their prediction, shape and scheduler; drop those options")
+        adapter = _load_builtin(spec.split(":", 1)[1])
+    elif (m := _CALLABLE_RE.match(spec)) is not None:
+        adapter = _load_callable(Path(m["file"]), m["attr"], spec, prediction, shape, scheduler_config, weights)
+    elif Path(spec).is_dir():
+        adapter = _load_diffusers(Path(spec), spec, prediction, shape, scheduler_config)
+    elif spec.endswith(".py") or ":" in spec:
+        raise StepsmithError(f"model {spec!r}: write a Python model as path/to/file.py:attr (attr a module or factory)")
+    else:
+        raise StepsmithError(
+            f"model {spec!r} not found: give builtin:NAME ({', '.join(BUILTIN_MODELS)}), a diffusers folder, "
+            "or path/to/file.py:attr"
+        )
+    adapter.module.to(device)
+    if probe:
+        _probe(adapter)
+    return adapter
+
+
+@torch.no_grad()
+def _probe(adapter: ModelAdapter) -> None:
+    x = torch.zeros((2, *adapter.sample_shape), device=adapter.device, dtype=adapter.dtype)
+    conv = adapter.convention
+    s_mid = torch.tensor(0.5 if conv.name == "flow" else 1.0, dtype=torch.float64).expand(2)
+    try:
+        adapter.model_output(x, s_mid)
+    except StepsmithError:
+        raise
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StepsmithError(
+            f"{adapter.name} failed on a batch of shape {list(x.shape)} ({type(exc).__name__}: {msg}); "
+            "check --shape and that the module is called as module(x, t)"
+        ) from None
+    adapter.calls = 0

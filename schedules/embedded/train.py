@@ -1,0 +1,230 @@
+"""Train the embedded default models (CPU, minutes, no download).
+
+    python -m schedules.embedded.train toy2d-flow --steps 10000 --seed 0 --threads 1
+    python -m schedules.embedded.train digits-flow --steps 3000 --seed 0 --threads 1
+    python -m schedules.embedded.train digits-ddpm --steps 3000 --seed 0 --threads 1
+    python -m schedules.embedded.train digits-features --steps 1500 --seed 0 --threads 1
+
+The weights are written (atomically) to ``schedules/embedded/<name>/`` together with
+``training.json``: the exact command, seed, steps, final loss and seconds. Training
+checkpoints every ``--ckpt-every`` steps to ``--work``; a killed run started again
+with the same command resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from schedules.embedded import EMBEDDED_DIR
+from schedules.embedded.nets import DigitsFeatures, Toy2DVelocity, digits_data, digits_unet_config, toy2d_data
+from schedules.io import atomic_torch_save, atomic_write_json, safe_torch_load, save_safetensors
+
+DDPM_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+    prediction_type="epsilon", clip_sample=False,
+)
+FLOW_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0)
+FLOW_PIPELINE_CLASS = "UnconditionalFlowMatchPipeline"
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1.0 - decay)
+
+
+def _loss_toy2d(model, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    # diffusers FlowMatch convention: x_σ = (1-σ)·x0 + σ·ε, target ε - x0
+    eps = torch.randn(batch.shape, generator=gen)
+    sigma = torch.rand(batch.shape[0], generator=gen)
+    x = (1 - sigma[:, None]) * batch + sigma[:, None] * eps
+    return F.mse_loss(model(x, sigma), eps - batch)
+
+
+def _loss_digits_flow(model, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    eps = torch.randn(batch.shape, generator=gen)
+    sigma = torch.rand(batch.shape[0], generator=gen)
+    s = sigma[:, None, None, None]
+    x = (1 - s) * batch + s * eps
+    # the UNet receives timestep = σ·1000, as SD3/Flux transformers do
+    return F.mse_loss(model(x, sigma * 1000.0).sample, eps - batch)
+
+
+def _loss_digits_ddpm(model, batch: torch.Tensor, gen: torch.Generator, alphas_cumprod) -> torch.Tensor:
+    eps = torch.randn(batch.shape, generator=gen)
+    t = torch.randint(0, len(alphas_cumprod), (batch.shape[0],), generator=gen)
+    a = alphas_cumprod[t][:, None, None, None]
+    x = a.sqrt() * batch + (1 - a).sqrt() * eps
+    return F.mse_loss(model(x, t).sample, eps)
+
+
+def _build(name: str):
+    if name == "toy2d-flow":
+        return Toy2DVelocity()
+    if name == "digits-features":
+        return DigitsFeatures()
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**digits_unet_config())
+
+
+def train(name: str, steps: int, seed: int, batch_size: int, lr: float, work: Path,
+          ckpt_every: int, ema_decay: float = 0.998) -> dict:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = _build(name)
+    ema = _build(name)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    warmup = min(200, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, warmup)))
+
+    if name == "toy2d-flow":
+        data = toy2d_data(200_000, seed=seed)
+        labels = None
+    else:
+        data, labels = digits_data()
+    if name == "digits-features":
+        # hold out 20% to report accuracy; the shipped network is trained on the other 80%
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+        n_test = len(data) // 5
+        test_x, test_y = data[perm[:n_test]], labels[perm[:n_test]]
+        data, labels = data[perm[n_test:]], labels[perm[n_test:]]
+    alphas_cumprod = None
+    if name == "digits-ddpm":
+        from diffusers import DDPMScheduler
+
+        alphas_cumprod = DDPMScheduler(**DDPM_SCHEDULER).alphas_cumprod.float()
+
+    start = 0
+    ckpt = work / f"{name}.ckpt"
+    if ckpt.exists():
+        state = safe_torch_load(ckpt)
+        if state["config"] != [steps, seed, batch_size, lr]:
+            raise SystemExit(f"{ckpt} was written with other settings {state['config']}; delete it to restart")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"]
+        print(f"resuming {name} from step {start}", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    bar = tqdm(range(start, steps), desc=f"train {name}", initial=start, total=steps)
+    for step in bar:
+        idx = torch.randint(0, len(data), (batch_size,), generator=gen)
+        batch = data[idx]
+        if name == "toy2d-flow":
+            loss = _loss_toy2d(model, batch, gen)
+        elif name == "digits-flow":
+            loss = _loss_digits_flow(model, batch, gen)
+        elif name == "digits-ddpm":
+            loss = _loss_digits_ddpm(model, batch, gen, alphas_cumprod)
+        else:
+            # light augmentation: random shifts by up to one pixel
+            dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
+            batch = torch.roll(batch, shifts=(dx, dy), dims=(2, 3))
+            loss = F.cross_entropy(model.classify(batch), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        _ema_update(ema, model, ema_decay if step > warmup else 0.0)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if (step + 1) % ckpt_every == 0 and step + 1 < steps:
+            atomic_torch_save(ckpt, dict(
+                config=[steps, seed, batch_size, lr], step=step + 1, model=model.state_dict(),
+                ema=ema.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                gen=gen.get_state(), torch_rng=torch.get_rng_state(),
+            ))
+    info = dict(
+        model=name, steps=steps, seed=seed, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
+        final_loss=sum(losses[-200:]) / max(1, len(losses[-200:])),
+        seconds_this_run=round(time.perf_counter() - t0, 1),
+        torch=torch.__version__, threads=torch.get_num_threads(),
+    )
+    if name == "digits-features":
+        ema.eval()
+        with torch.no_grad():
+            info["heldout_accuracy"] = (ema.classify(test_x).argmax(1) == test_y).float().mean().item()
+    return dict(model=ema.eval(), info=info, ckpt=ckpt)
+
+
+def export(name: str, model: torch.nn.Module, info: dict, out: Path) -> None:
+    """Write the embedded model folder atomically (build beside it, then swap)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if name in ("toy2d-flow", "digits-features"):
+        save_safetensors(tmp / "model.safetensors", model.state_dict())
+    else:
+        import diffusers
+
+        model.save_pretrained(tmp / "unet", safe_serialization=True)
+        if name == "digits-ddpm":
+            sched_cls, sched_cfg, pipe_cls = "DDPMScheduler", DDPM_SCHEDULER, "DDPMPipeline"
+        else:
+            sched_cls, sched_cfg, pipe_cls = "FlowMatchEulerDiscreteScheduler", FLOW_SCHEDULER, FLOW_PIPELINE_CLASS
+        getattr(diffusers, sched_cls)(**sched_cfg).save_config(tmp / "scheduler")
+        index = {"_class_name": pipe_cls, "_diffusers_version": diffusers.__version__,
+                 "scheduler": ["diffusers", sched_cls], "unet": ["diffusers", "UNet2DModel"]}
+        atomic_write_json(tmp / "model_index.json", index)
+    atomic_write_json(tmp / "training.json", info)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", choices=["toy2d-flow", "digits-flow", "digits-ddpm", "digits-features"])
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work", type=Path, default=Path("runs/embedded-train"))
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--out", type=Path, default=None, help="default: schedules/embedded/<model>")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    defaults = {
+        "toy2d-flow": (10_000, 1024, 1e-3),
+        "digits-flow": (3000, 64, 1e-3),
+        "digits-ddpm": (3000, 64, 1e-3),
+        "digits-features": (1500, 128, 1e-3),
+    }[a.model]
+    steps = a.steps or defaults[0]
+    bs = a.batch_size or defaults[1]
+    lr = a.lr or defaults[2]
+    a.work.mkdir(parents=True, exist_ok=True)
+    res = train(a.model, steps, a.seed, bs, lr, a.work, a.ckpt_every)
+    info = res["info"]
+    info["command"] = "python -m schedules.embedded.train " + " ".join(
+        [a.model, f"--steps {steps}", f"--seed {a.seed}", f"--batch-size {bs}", f"--lr {lr}", f"--threads {a.threads}"])
+    out = a.out or EMBEDDED_DIR / a.model
+    export(a.model, res["model"], info, out)
+    res["ckpt"].unlink(missing_ok=True)
+    print(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()

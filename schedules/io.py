@@ -1,0 +1,101 @@
+"""Atomic file output and safe weight loading.
+
+Every file stepsmith writes (tables, reports, checkpoints, weights) goes through
+:func:`atomic_write`: the bytes land in a temporary file in the same folder, are
+flushed to disk, and only then renamed over the target. An interrupted run
+leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class StepsmithError(ValueError):
+    """A user-facing error: the message says what went wrong and what to do.
+
+    The CLI prints it on one line and exits with code 2.
+    """
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` atomically; load it back with :func:`safe_torch_load`."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """Load a torch file without unpickling arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise StepsmithError(f"checkpoint {path} does not exist") from None
+    except Exception as exc:  # corrupt or foreign file
+        raise StepsmithError(
+            f"cannot read checkpoint {path} ({type(exc).__name__}): the file is corrupt or "
+            "was not written by stepsmith; delete it or start without --resume"
+        ) from None
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a safetensors file with a clear error for missing or corrupt files."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise StepsmithError(f"weights file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise StepsmithError(
+            f"cannot read weights {path} ({type(exc).__name__}: {exc}); the file is corrupt "
+            "or not safetensors — re-export it with safetensors.torch.save_file"
+        ) from None
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

@@ -1,0 +1,214 @@
+"""The timestep table: the product's currency.
+
+A table is what a search produces and what a pipeline consumes. JSON layout
+(``"format": "stepsmith.schedule/v1"``)::
+
+    {
+      "format": "stepsmith.schedule/v1",
+      "sigmas": [...],        # K+1 native sigmas, strictly decreasing, last is exactly 0
+      "timesteps": [...],     # K model-time values the network receives (one per evaluated node)
+      "steps": K,
+      "nfe": N,               # model evaluations with this solver (Heun: 2K-1)
+      "solver": "euler",
+      "prediction": "flow",   # flow | epsilon | v | x0
+      "convention": "flow",   # flow | vp  (see schedules.conventions)
+      "convention_config": {...},  # flow: time_scale; vp: T and a hash of ᾱ
+      "method": "dp",
+      "model": "builtin:digits-flow",
+      "objective": 0.0123,    # the search objective reached, or null
+      "provenance": {...}     # seed, samples, grid, seconds, model calls, version
+    }
+
+Validation runs on construction and on load; each error names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from schedules.conventions import PREDICTIONS, Convention
+from schedules.io import StepsmithError, atomic_write_json
+from schedules.solvers import SOLVERS, get_solver
+
+FORMAT = "stepsmith.schedule/v1"
+CONVENTIONS = ("flow", "vp")
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("stepsmith")
+    except Exception:
+        return "0+unknown"
+
+
+@dataclass
+class TimestepTable:
+    sigmas: list[float]
+    timesteps: list[float]
+    solver: str
+    prediction: str
+    convention: str
+    method: str
+    model: str
+    convention_config: dict[str, Any] = field(default_factory=dict)
+    objective: float | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    steps: int | None = None
+    nfe: int | None = None
+    format: str = FORMAT
+
+    def __post_init__(self) -> None:
+        self.sigmas = [float(v) for v in self.sigmas]
+        self.timesteps = [float(v) for v in self.timesteps]
+        K = len(self.sigmas) - 1
+        if self.steps is None:
+            self.steps = K
+        if self.solver in SOLVERS and self.nfe is None and K >= 1:
+            self.nfe = get_solver(self.solver).nfe(K)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def bad(field_name: str, why: str, fix: str) -> StepsmithError:
+            return StepsmithError(f"invalid timestep table: {field_name}: {why} — {fix}")
+
+        if self.format != FORMAT:
+            raise bad("format", f"{self.format!r} is not {FORMAT!r}", "this file is not a stepsmith v1 table")
+        s = self.sigmas
+        if len(s) < 2:
+            raise bad("sigmas", "needs at least 2 values (start and the terminal 0)", "add the terminal 0")
+        if any(not math.isfinite(v) for v in s + self.timesteps):
+            raise bad("sigmas/timesteps", "contain NaN or Inf", "regenerate the table")
+        if s[-1] != 0.0:
+            raise bad("sigmas", f"must end in exactly 0 (the terminal value), got {s[-1]:g}", "append 0.0")
+        for i in range(len(s) - 1):
+            if not s[i] > s[i + 1]:
+                raise bad("sigmas", f"not strictly decreasing at index {i} ({s[i]:g} then {s[i + 1]:g})",
+                          "sort from noise to data and remove duplicate steps")
+        K = len(s) - 1
+        if self.steps != K:
+            raise bad("steps", f"is {self.steps} but sigmas hold {K} steps ({K + 1} values)",
+                      "set steps = len(sigmas) - 1")
+        if len(self.timesteps) != K:
+            raise bad("timesteps", f"has {len(self.timesteps)} values but there are {K} steps",
+                      "give one timestep per evaluated node (the terminal 0 has none)")
+        t = self.timesteps
+        if len(set(t)) != len(t):
+            raise bad("timesteps", "contain duplicates", "use distinct steps (duplicates break diffusers schedulers)")
+        if not (all(t[i] > t[i + 1] for i in range(K - 1))):
+            raise bad("timesteps", "must be strictly decreasing (noise to data)", "sort them in descending order")
+        if self.solver not in SOLVERS:
+            raise bad("solver", f"unknown solver {self.solver!r}", f"use one of {', '.join(SOLVERS)}")
+        expect = get_solver(self.solver).nfe(K)
+        if self.nfe != expect:
+            raise bad("nfe", f"is {self.nfe} but {self.solver} with {K} steps makes {expect} evaluations",
+                      f"set nfe = {expect}")
+        if self.convention not in CONVENTIONS:
+            raise bad("convention", f"unknown convention {self.convention!r}", "use 'flow' or 'vp'")
+        if self.prediction not in PREDICTIONS[self.convention]:
+            raise bad("prediction", f"{self.prediction!r} does not fit convention {self.convention!r}",
+                      f"use one of {PREDICTIONS[self.convention]}")
+        if self.convention == "flow" and s[0] > 1 + 1e-9:
+            raise bad("sigmas", f"flow sigmas lie in [0, 1] but the first is {s[0]:g}",
+                      "this looks like a VP/EDM table: set convention to 'vp'")
+        if self.objective is not None and not isinstance(self.objective, (int, float)):
+            raise bad("objective", "must be a number or null", "store the objective value as a float")
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_sigmas(cls, sigmas: Sequence[float] | torch.Tensor, *, convention: Convention, prediction: str,
+                    solver: str, method: str, model: str, objective: float | None = None,
+                    provenance: dict[str, Any] | None = None) -> TimestepTable:
+        """Build a table from native sigmas (terminal 0 included); timesteps are derived."""
+        s = [float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+        if len(s) >= 2 and s[-1] == 0.0:
+            ts = convention.model_time(torch.tensor(s[:-1], dtype=torch.float64)).tolist()
+            # discrete VP timesteps come back through a log-interpolation; snap float noise
+            ts = [round(t) if abs(t - round(t)) < 1e-6 else t for t in ts]
+        else:
+            ts = []  # let validation explain what is wrong with sigmas
+        prov = {"package_version": package_version()}
+        prov.update(provenance or {})
+        return cls(sigmas=s, timesteps=ts, solver=solver, prediction=prediction, convention=convention.name,
+                   convention_config=convention.config(), method=method, model=model,
+                   objective=None if objective is None else float(objective), provenance=prov)
+
+    # ------------------------------------------------------------------ interchange
+    def to_sigmas(self) -> torch.Tensor:
+        """k-diffusion style float tensor of the K+1 sigmas, ending in 0."""
+        return torch.tensor(self.sigmas, dtype=torch.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        order = ["format", "sigmas", "timesteps", "steps", "nfe", "solver", "prediction", "convention",
+                 "convention_config", "method", "model", "objective", "provenance"]
+        return {k: d[k] for k in order}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table as JSON, atomically."""
+        self.validate()
+        atomic_write_json(path, self.to_dict())
+        return Path(path)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TimestepTable:
+        if not isinstance(d, dict):
+            raise StepsmithError("invalid timestep table: the JSON must be an object")
+        if d.get("format") != FORMAT:
+            raise StepsmithError(f"invalid timestep table: format: expected {FORMAT!r}, got {d.get('format')!r}")
+        required = ["sigmas", "timesteps", "solver", "prediction", "convention", "method", "model"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise StepsmithError(f"invalid timestep table: missing field(s) {', '.join(missing)}")
+        known = {f for f in cls.__dataclass_fields__}
+        extra = sorted(set(d) - known)
+        if extra:
+            raise StepsmithError(f"invalid timestep table: unknown field(s) {', '.join(extra)}")
+        return cls(**d)
+
+    def check_compatible(self, convention: Convention, prediction: str | None = None,
+                         what: str = "this model") -> None:
+        """Refuse a table made for another convention or noise schedule, before any model call."""
+        if self.convention != convention.name:
+            raise StepsmithError(
+                f"table {self.method!r} was made for a {self.convention} model but {what} is {convention.name}; "
+                f"search a table for it (stepsmith search --model ...)"
+            )
+        if convention.name == "vp":
+            mine = self.convention_config.get("alphas_cumprod_sha256")
+            theirs = convention.config()["alphas_cumprod_sha256"]
+            if mine is not None and mine != theirs:
+                raise StepsmithError(
+                    f"table was made for another VP noise schedule (ᾱ hash {mine} vs {theirs} of {what}); "
+                    "search a table for this model"
+                )
+        if prediction is not None and self.prediction != prediction:
+            raise StepsmithError(
+                f"table was made for a {self.prediction}-prediction model but {what} predicts {prediction}"
+            )
+
+
+def load_table(path: str | Path) -> TimestepTable:
+    """Read and validate a ``stepsmith.schedule/v1`` JSON table."""
+    path = Path(path)
+    if not path.is_file():
+        raise StepsmithError(f"table {path} does not exist; create one with `stepsmith search`")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StepsmithError(f"table {path} is not valid JSON ({exc})") from None
+    try:
+        return TimestepTable.from_dict(d)
+    except StepsmithError as exc:
+        raise StepsmithError(f"{path}: {exc}") from None
+    except TypeError as exc:
+        raise StepsmithError(f"{path}: invalid timestep table ({exc})") from None
