@@ -1,0 +1,165 @@
+"""Numerical proof: a diffusers scheduler driven with a plugged table gives the same samples
+as stepsmith's own solver on that table (exact Gaussian denoiser, so differences are solver
+arithmetic only), and it evaluates the network at exactly the table's timesteps."""
+
+from __future__ import annotations
+
+import logging
+
+import diffusers
+import pytest
+import torch
+
+from schedules.analytic import GaussianDenoiser
+from schedules.conventions import FlowConvention, VPConvention, x0_to_prediction
+from schedules.diffusers_integration import apply_table, model_timesteps, pin_table, scheduler_for_table
+from schedules.io import StepsmithError
+from schedules.solvers import sample
+from schedules.table import TimestepTable
+
+torch.set_num_threads(1)
+
+VP_CFG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+VP = VPConvention.from_scheduler_config(VP_CFG)
+FLOW = FlowConvention(1000.0)
+PRED = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+def flow_table(solver="euler", sigmas=(1.0, 0.83, 0.6, 0.37, 0.15, 0.0)):
+    return TimestepTable.from_sigmas(list(sigmas), convention=FLOW, prediction="flow", solver=solver, method="test",
+                                     model="test")
+
+
+def vp_table(solver="euler", ts=(999.0, 751.0, 480.0, 233.0, 61.0), prediction="epsilon"):
+    sig = VP.sigma_from_model_time(torch.tensor(ts, dtype=torch.float64)).tolist() + [0.0]
+    return TimestepTable.from_sigmas(sig, convention=VP, prediction=prediction, solver=solver, method="test", model="test")
+
+
+class GaussianNet:
+    """A 'network' with diffusers' interface whose denoiser is exact for Gaussian data."""
+
+    def __init__(self, conv, prediction):
+        self.conv, self.prediction = conv, prediction
+        self.gauss = GaussianDenoiser(conv, data_std=0.5, mean=0.3)
+        self.timesteps: list[float] = []
+
+    def __call__(self, x, t):
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+        self.timesteps.append(float(t[0]))
+        s = self.conv.sigma_from_model_time(t).to(torch.float64).expand(x.shape[0])
+        x0 = self.gauss.denoise(x.double(), s).double()
+        sb = s.view(-1, *([1] * (x.ndim - 1)))
+        eps = (x.double() - self.conv.alpha(sb) * x0) / self.conv.sigma_t(sb)
+        return x0_to_prediction(self.conv, self.prediction, x0, eps, sb).float()
+
+
+def drive(scheduler, net, x_start):
+    """The standard diffusers loop. ``x_start`` is the state in the model's convention."""
+    s0 = float(scheduler.sigmas[0])
+    holds_y = type(scheduler).__name__ in ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "EDMEulerScheduler")
+    lat = x_start * (1 + s0**2) ** 0.5 if holds_y else x_start.clone()
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(lat, t) if hasattr(scheduler, "scale_model_input") else lat
+        lat = scheduler.step(net(inp, t), t, lat, return_dict=False)[0]
+    return lat
+
+
+def ours(table, conv, x_start):
+    return sample(GaussianDenoiser(conv, data_std=0.5, mean=0.3), x_start.double(), table.sigmas, table.solver).float()
+
+
+CASES = [
+    # (id, table factory, scheduler factory, swap)
+    ("flowmatch-shift3", lambda: flow_table(), lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), False),
+    ("flowmatch-dynamic", lambda: flow_table(),
+     lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), True),
+    ("unipc-flow", lambda: flow_table(),
+     lambda: diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=2.0, prediction_type="flow_prediction"),
+     True),
+    ("unipc-flow-native", lambda: flow_table(sigmas=(0.999, 0.8, 0.55, 0.3, 0.1, 0.0)),
+     lambda: diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=1.0, prediction_type="flow_prediction"),
+     True),
+    ("euler-vp-fractional", lambda: vp_table(ts=(999.0, 700.25, 420.5, 150.75, 20.5)),
+     lambda: diffusers.EulerDiscreteScheduler(**VP_CFG), False),
+    ("dpm1-ddim-int", lambda: vp_table("ddim"), lambda: diffusers.DPMSolverMultistepScheduler(**VP_CFG), True),
+    ("dpm1-ddim-fractional", lambda: vp_table("ddim", ts=(999.0, 700.25, 420.5, 150.75, 20.5)),
+     lambda: diffusers.DPMSolverMultistepScheduler(**VP_CFG, solver_order=1), False),
+    ("dpm2m-int", lambda: vp_table("dpmpp-2m"), lambda: diffusers.DPMSolverMultistepScheduler(**VP_CFG), False),
+    ("dpm2m-fractional-v", lambda: vp_table("dpmpp-2m", ts=(998.5, 700.25, 420.5, 150.75, 20.5), prediction="v"),
+     lambda: diffusers.DPMSolverMultistepScheduler(**VP_CFG, prediction_type="v_prediction"), False),
+    ("heun-int", lambda: vp_table("heun"), lambda: diffusers.HeunDiscreteScheduler(**VP_CFG), True),
+    ("heun-fractional", lambda: vp_table("heun", ts=(999.0, 700.25, 420.5, 150.75, 20.5)),
+     lambda: diffusers.HeunDiscreteScheduler(**VP_CFG, clip_sample=False), False),
+    ("ddpm-swapped", lambda: vp_table("euler"), lambda: diffusers.DDPMScheduler(**VP_CFG), True),
+    ("ddim-swapped", lambda: vp_table("ddim"), lambda: diffusers.DDIMScheduler(**VP_CFG), True),
+    ("flowheun-swapped", lambda: flow_table("heun"), lambda: diffusers.FlowMatchEulerDiscreteScheduler(), True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_scheduler_replays_table_like_our_solver(case):
+    _, make_table, make_sched, swap = case
+    table = make_table()
+    sched = apply_table(table, make_sched(), swap=swap)
+    conv = FLOW if table.convention == "flow" else VP
+    net = GaussianNet(conv, table.prediction)
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    got = drive(sched, net, x)
+    want = ours(table, conv, x)
+    assert len(net.timesteps) == table.nfe
+    assert net.timesteps == pytest.approx(model_timesteps(table, sched), abs=2e-3)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    # and the solvers really differ: the same schedule with another solver gives other samples
+    other = "dpmpp-2m" if table.solver in ("euler", "ddim", "heun") else "euler"
+    assert (ours(TimestepTable.from_sigmas(table.sigmas, convention=conv, prediction=table.prediction, solver=other,
+                                           method="t", model="t"), conv, x) - want).abs().max() > 1e-3
+
+
+def test_pinned_scheduler_ignores_step_count_and_mu_but_refuses_other_counts():
+    table = flow_table()
+    pinned = pin_table(table, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True))
+    pinned.set_timesteps(table.steps, mu=2.0)
+    assert pinned.timesteps.tolist() == pytest.approx(model_timesteps(table, pinned), abs=1e-3)
+    with pytest.raises(StepsmithError, match="num_inference_steps=5"):
+        pinned.set_timesteps(7)
+
+
+def test_flowmatch_shift_is_compensated_not_applied():
+    table = flow_table()
+    sch = apply_table(table, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert sch.sigmas.tolist() == pytest.approx(table.sigmas, abs=1e-6)
+    # without compensation the shift would have moved them
+    raw = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    raw.set_timesteps(sigmas=table.sigmas[:-1])
+    assert abs(float(raw.sigmas[1]) - table.sigmas[1]) > 0.05
+
+
+def test_edm_euler_takes_exact_sigmas():
+    sigs = [80.0, 20.0, 4.0, 0.9, 0.1, 0.0]
+    table = TimestepTable(sigmas=sigs, timesteps=[5.0, 4.0, 3.0, 2.0, 1.0], solver="euler", prediction="epsilon",
+                          convention="vp", method="t", model="edm")
+    for schedule in ("karras", "exponential"):
+        sch = apply_table(table, diffusers.EDMEulerScheduler(sigma_schedule=schedule))
+        assert sch.sigmas.tolist() == pytest.approx(sigs, rel=1e-5)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: diffusers.FlowMatchEulerDiscreteScheduler(), "vp model but"),
+    (lambda: diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+     "another VP noise schedule"),
+    (lambda: diffusers.EulerDiscreteScheduler(**VP_CFG, prediction_type="v_prediction"), "predicts v"),
+])
+def test_incompatible_scheduler_is_refused(make, match):
+    with pytest.raises(StepsmithError, match=match):
+        apply_table(vp_table(), make())
+
+
+def test_solver_mismatch_refused_without_swap_and_announced_with_swap(caplog):
+    with pytest.raises(StepsmithError, match="HeunDiscreteScheduler"):
+        apply_table(vp_table("heun"), diffusers.EulerDiscreteScheduler(**VP_CFG))
+    with pytest.raises(StepsmithError, match="supported|use one of"):
+        apply_table(vp_table("euler"), diffusers.PNDMScheduler(**VP_CFG))
+    with caplog.at_level(logging.WARNING, logger="stepsmith.diffusers"):
+        sch, msg = scheduler_for_table(vp_table("euler"), diffusers.LMSDiscreteScheduler(**VP_CFG))
+    assert type(sch).__name__ == "DPMSolverMultistepScheduler" and sch.config.solver_order == 1
+    assert "LMSDiscreteScheduler" in msg and "swapped" in caplog.text
