@@ -1,0 +1,96 @@
+"""``method="dp"``: teacher-state DP, student-state DP and final-error refinement behind one function.
+
+Modes (option ``mode``):
+
+* ``"teacher"`` — plain BOSS/GITS DP on teacher states (local one-step errors).
+* ``"student"`` — OSS student-state DP (cost = error of the student's own states).
+* ``"refined"`` (default) — the product default. Candidates: the teacher-DP table, the
+  student-DP table (not for Heun: its corrections would cost n² calls per level) and the
+  model's diffusers default / uniform spacing snapped to the grid; the one with the lowest
+  final-sample error against the teacher on the search samples seeds a coordinate descent
+  (:func:`~schedules.search.dp.refine_final_error`). Plain local DP loses to diffusers'
+  defaults on final error (REFERENCES.md); this mode optimises what is measured.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from schedules.baselines import BASELINES, steps_for
+from schedules.io import StepsmithError
+from schedules.search.common import make_grid, snap_path
+from schedules.search.dp import final_error, refine_final_error, student_dp, teacher_dp
+from schedules.table import TimestepTable
+
+MODES = ("refined", "teacher", "student")
+
+
+def grid_provenance(grid: list[float], kind: str, conv) -> dict:
+    d = {"nodes": len(grid), "kind": kind, "convention": conv.name}
+    if conv.name == "vp":
+        d["timesteps"] = [round(float(t)) for t in conv.model_time(torch.tensor(grid[:-1], dtype=torch.float64))]
+    return d
+
+
+def dp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, seed: int = 0, progress: bool = False,
+             mode: str = "refined", grid: int | None = None, grid_kind: str = "auto", micro_batch: int = 16,
+             late_weight: float = 1.0, substeps: int = 1, candidates: int = 12, max_sweeps: int = 4) -> TimestepTable:
+    if mode not in MODES:
+        raise StepsmithError(f"unknown dp mode {mode!r}; use one of {', '.join(MODES)}")
+    if not late_weight > 0:
+        raise StepsmithError("late_weight must be positive")
+    K = steps_for(adapter, nfe, solver)
+    n = int(grid or (100 if solver != "heun" else 50))
+    g = make_grid(adapter.convention, n, grid_kind)
+    n = len(g) - 1
+    if K > n:
+        raise StepsmithError(f"NFE {nfe} ({K} steps with {solver}) does not fit a grid of {n + 1} nodes; "
+                             "lower --nfe or raise --grid")
+    noise = adapter.noise(samples, seed)
+    t0 = time.perf_counter()
+    dps = teacher_dp(adapter, noise, g, solver, K, micro_batch=micro_batch, late_weight=late_weight,
+                     substeps=substeps, progress=progress)
+    if K not in dps.result.paths:
+        raise StepsmithError(f"no {K}-step path on the grid; raise --grid")
+    prov: dict = {"grid": grid_provenance(g, grid_kind, adapter.convention), "mode": mode,
+                  "reference_seconds": round(dps.ref_seconds, 3), "dp_seconds": round(dps.dp_seconds, 3),
+                  "dp_over_reference": round(dps.dp_seconds / max(dps.ref_seconds, 1e-9), 3),
+                  "micro_batch": micro_batch, "late_weight": late_weight, "teacher": f"heun on the grid x{substeps}"}
+    target = dps.teacher_final
+    path = dps.result.paths[K]
+    objective = dps.result.costs[K]
+    if mode == "student" or (mode == "refined" and solver != "heun"):
+        ref_states = _teacher_states(adapter, noise, g, substeps)
+        st = student_dp(adapter, noise, g, solver, K, ref_states, progress=progress)
+        if mode == "student":
+            path, objective = st.paths[K], st.costs[K]
+    if mode == "refined":
+        starts = {"dp-teacher": dps.result.paths[K]}
+        if solver != "heun":
+            starts["dp-student"] = st.paths[K]
+        for b in ("default", "uniform"):
+            tb = BASELINES[b](adapter, nfe, solver)
+            starts[b] = snap_path(g, tb.sigmas)
+        errs = {name: final_error(adapter, solver, [g[i] for i in p], noise, target) for name, p in starts.items()}
+        start = min(errs, key=errs.get)
+        path, objective, sweeps = refine_final_error(adapter, solver, g, starts[start], noise, target,
+                                                     candidates=candidates, max_sweeps=max_sweeps, progress=progress)
+        prov.update(start=start, start_final_errors={k: float(v) for k, v in errs.items()}, sweeps=sweeps,
+                    objective_kind="final mse vs teacher (search samples)")
+    else:
+        prov["objective_kind"] = "dp path cost (mean squared one-step error)" if mode == "teacher" else \
+            "final mse vs teacher (search samples)"
+    prov["search_seconds"] = round(time.perf_counter() - t0, 3)
+    prov["path"] = path
+    return TimestepTable.from_sigmas([g[i] for i in path], convention=adapter.convention,
+                                     prediction=adapter.prediction, solver=solver, method="dp", model=adapter.name,
+                                     objective=objective, provenance=prov)
+
+
+@torch.no_grad()
+def _teacher_states(adapter, noise, g, substeps):
+    from schedules.search.common import reference_pass
+
+    return reference_pass(adapter, noise, g, substeps).x

@@ -1,0 +1,226 @@
+"""Dynamic-programming search: exactness against brute force, cost matrices against the solvers, end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from schedules.io import StepsmithError
+from schedules.search import METHODS, make_table
+from schedules.search.common import RollState, make_grid, one_step, reference_pass, rollout
+from schedules.search.dp import (
+    _costs_dpmpp,
+    _costs_first_order,
+    _costs_heun,
+    bellman_all,
+    bellman_all_augmented,
+    refine_final_error,
+    teacher_dp,
+)
+from schedules.search.toys import gaussian_adapter
+from schedules.solvers import dpmpp_2m_step, sample
+
+
+def brute(C, n, K, w=1.0):
+    best, arg = math.inf, None
+    for mid in itertools.combinations(range(1, n), K - 1):
+        p = (0, *mid, n)
+        c = sum(float(C[p[m], p[m + 1]]) * w ** (-(K - m - 1)) for m in range(K))
+        if c < best:
+            best, arg = c, list(p)
+    return best, arg
+
+
+def brute_aug(C2, C3, n, K):
+    best = math.inf
+    for mid in itertools.combinations(range(1, n), K - 1):
+        p = (0, *mid, n)
+        c = C2[p[0], p[1]] + sum(C3[p[m - 1], p[m], p[m + 1]] for m in range(1, K))
+        best = min(best, float(c))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("w", [1.0, 1.2])
+def test_bellman_equals_brute_force_all_budgets(seed, w):
+    g = torch.Generator().manual_seed(seed)
+    n = 8
+    C = torch.rand(n + 1, n + 1, generator=g, dtype=torch.float64)
+    res = bellman_all(C, n, late_weight=w)
+    for K in range(1, n + 1):
+        b, _ = brute(C, n, K, w)
+        assert res.costs[K] == pytest.approx(b, rel=1e-12)
+        p = res.paths[K]
+        assert p[0] == 0 and p[-1] == n and len(p) == K + 1 and all(a < b for a, b in zip(p, p[1:]))
+        recomputed = sum(float(C[p[m], p[m + 1]]) * w ** (-(K - m - 1)) for m in range(K))
+        assert recomputed == pytest.approx(res.costs[K], rel=1e-12)
+
+
+def test_all_budget_answers_consistent():
+    g = torch.Generator().manual_seed(7)
+    C = torch.rand(13, 13, generator=g, dtype=torch.float64)
+    full = bellman_all(C, 12)
+    for K in (1, 3, 5, 12):
+        one = bellman_all(C, K)
+        assert one.costs[K] == pytest.approx(full.costs[K]) and one.paths[K] == full.paths[K]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_augmented_bellman_equals_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 7
+    C2 = torch.rand(n + 1, n + 1, generator=g, dtype=torch.float64)
+    C3 = torch.rand(n + 1, n + 1, n + 1, generator=g, dtype=torch.float64)
+    res = bellman_all_augmented(C2, C3, n)
+    for K in range(1, n + 1):
+        assert res.costs[K] == pytest.approx(brute_aug(C2, C3, n, K), rel=1e-12)
+        p = res.paths[K]
+        c = float(C2[p[0], p[1]]) + sum(float(C3[p[m - 1], p[m], p[m + 1]]) for m in range(1, K))
+        assert c == pytest.approx(res.costs[K], rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def curved():
+    ad = gaussian_adapter("flow", 0.3, mean=0.7, dim=3)
+    grid = make_grid(ad.convention, 12)
+    ref = reference_pass(ad, ad.noise(5, 1), grid)
+    return ad, grid, ref
+
+
+def test_first_order_and_heun_costs_match_solver_steps(curved):
+    ad, grid, ref = curved
+    C1 = _costs_first_order(ad.convention, grid, ref, None)
+    Ch = _costs_heun(ad, grid, ref)
+    b = ref.x.shape[1]
+    for i, j in [(0, 1), (0, 12), (3, 7), (5, 12), (11, 12)]:
+        st = RollState(ref.x[i], ref.d[i], None, None)
+        for solver, C in (("euler", C1), ("heun", Ch)):
+            x = one_step(ad, solver, st, grid[i], grid[j])
+            want = float(((x.double() - ref.x[j].double()) ** 2).sum()) / (ref.x[0].numel() / b)
+            assert float(C[i, j]) == pytest.approx(want, rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("conv", ["flow", "vp"])
+def test_dpmpp_costs_match_solver_step(conv):
+    ad = gaussian_adapter(conv, 0.4, mean=0.3, dim=3)
+    grid = make_grid(ad.convention, 10)
+    ref = reference_pass(ad, ad.noise(4, 2), grid)
+    C2, C3 = _costs_dpmpp(ad.convention, grid, ref)
+    numel_per = ref.x[0].numel() / ref.x.shape[1]
+    for p, i, j in [(0, 1, 2), (0, 3, 10), (1, 2, 9), (2, 5, 6), (4, 7, 10)]:
+        x = dpmpp_2m_step(ad.convention, ref.x[i].double(), ref.d[i].double(), grid[i], grid[j],
+                          ref.d[p].double(), grid[p])
+        want = float(((x - ref.x[j].double()) ** 2).sum()) / numel_per
+        assert float(C3[p, i, j]) == pytest.approx(want, rel=1e-6, abs=1e-10)
+
+
+def test_cost_matrix_independent_of_micro_batch():
+    ad = gaussian_adapter("vp", 0.5, dim=4)
+    grid = make_grid(ad.convention, 15)
+    noise = ad.noise(12, 0)
+    a = teacher_dp(ad, noise, grid, "dpmpp-2m", 6, micro_batch=12)
+    b = teacher_dp(ad, noise, grid, "dpmpp-2m", 6, micro_batch=5)
+    assert torch.allclose(a.extra["cost"], b.extra["cost"], rtol=1e-9, atol=1e-12)
+    assert a.result.paths == b.result.paths
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp-2m", "heun"])
+def test_straight_flow_costs_zero(solver):
+    ad = gaussian_adapter("flow", 0.0, mean=0.0, dim=3)  # point mass: every trajectory is a straight line
+    for mode in ("teacher", "refined"):
+        t = make_table(ad, "dp", 5, solver, samples=6, grid=20, mode=mode)
+        assert abs(t.objective) < 1e-10
+
+
+def test_refinement_never_worse_and_exact_final_error():
+    ad = gaussian_adapter("vp", 0.5, dim=4)
+    grid = make_grid(ad.convention, 30)
+    noise = ad.noise(8, 3)
+    target = ad.module.den.exact_solution(noise, ad.convention.sigma_max)
+    start = [0, 10, 20, 25, 30]
+    e0 = float(((rollout(ad, "euler", [grid[i] for i in start], x=noise) - target) ** 2).mean())
+    path, e, _ = refine_final_error(ad, "euler", grid, start, noise, target)
+    x = sample(ad, noise, [grid[i] for i in path], "euler")
+    assert e <= e0
+    assert e == pytest.approx(float(((x - target) ** 2).mean()), rel=1e-6)
+    assert path[0] == 0 and path[-1] == 30 and len(path) == 5
+
+
+def test_refined_dp_beats_or_matches_teacher_dp_on_final_error():
+    ad = gaussian_adapter("vp", 0.5, dim=4)
+    noise = ad.noise(256, 10_000)  # held-out seed
+    target = ad.module.den.exact_solution(noise, ad.convention.sigma_max)
+    errs = {}
+    for mode in ("teacher", "refined"):
+        t = make_table(ad, "dp", 4, "ddim", samples=32, grid=40, mode=mode)
+        errs[mode] = float(((sample(ad, noise, t.sigmas, "ddim") - target) ** 2).mean())
+    dflt = make_table(ad, "default", 4, "ddim")
+    e_default = float(((sample(ad, noise, dflt.sigmas, "ddim") - target) ** 2).mean())
+    assert errs["refined"] <= errs["teacher"] * 1.001
+    assert errs["refined"] < e_default
+
+
+def test_determinism_and_provenance():
+    ad = gaussian_adapter("flow", 0.3, mean=0.5, dim=3)
+    a = make_table(ad, "dp", 4, "euler", samples=8, grid=20, seed=5)
+    b = make_table(ad, "dp", 4, "euler", samples=8, grid=20, seed=5)
+    assert a.sigmas == b.sigmas and a.objective == b.objective
+    p = a.provenance
+    for key in ("seed", "samples", "grid", "model_calls", "seconds", "solver", "package_version"):
+        assert key in p
+    assert p["seed"] == 5 and p["samples"] == 8 and p["model_calls"] > 0
+
+
+def test_vp_dp_tables_use_integer_timesteps():
+    ad = gaussian_adapter("vp", 0.5, dim=2)
+    for solver in ("ddim", "dpmpp-2m"):
+        t = make_table(ad, "dp", 4, solver, samples=4, grid=25)
+        assert all(float(v).is_integer() for v in t.timesteps)
+
+
+class _NaNModule(torch.nn.Module):
+    def forward(self, x, t):
+        return x * float("nan")
+
+
+def test_nan_model_and_bad_budgets():
+    from schedules.adapters import ModelAdapter
+    from schedules.conventions import FlowConvention
+
+    bad = ModelAdapter(module=_NaNModule(), convention=FlowConvention(1.0), prediction="flow", sample_shape=(2,),
+                       name="nan")
+    with pytest.raises(StepsmithError, match="NaN"):
+        make_table(bad, "dp", 3, samples=2, grid=10)
+    ad = gaussian_adapter("flow", 0.3)
+    with pytest.raises(StepsmithError, match="grid"):
+        make_table(ad, "dp", 11, samples=2, grid=10)
+    with pytest.raises(StepsmithError):
+        make_table(ad, "dp", 0, samples=2)
+    with pytest.raises(StepsmithError, match="unknown method"):
+        make_table(ad, "magic", 3)
+    with pytest.raises(StepsmithError, match="unknown solver"):
+        make_table(ad, "dp", 3, "rk45")
+    assert "dp" in METHODS and "uniform" in METHODS and "evolution" in METHODS and "ays" in METHODS
+
+
+def test_cli_search_writes_table_and_rejects_bad_input(tmp_path, capsys):
+    from schedules.cli import main
+    from schedules.table import load_table
+
+    out = tmp_path / "t.json"
+    rc = main(["search", "--model", "builtin:toy2d-flow", "--nfe", "3", "--samples", "8", "--grid", "20",
+               "--no-progress", "--out", str(out)])
+    assert rc == 0
+    t = load_table(out)
+    assert t.method == "dp" and t.steps == 3 and t.provenance["samples"] == 8
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["out"] == str(out)
+    for bad in (["--nfe", "0"], ["--nfe", "21", "--grid", "20"], ["--nfe", "3", "--method", "nope"],
+                ["--nfe", "3", "--solver", "rk4"], ["--nfe", "3", "--method", "shift", "--grid", "5"]):
+        dst = tmp_path / "bad.json"
+        rc = main(["search", "--model", "builtin:toy2d-flow", "--no-progress", "--samples", "4", "--out", str(dst), *bad])
+        assert rc == 2 and not dst.exists()
+        assert "error:" in capsys.readouterr().err
