@@ -405,6 +405,9 @@ _PINNED: dict[type, type] = {}
 
 
 def _pinned_set_timesteps(self, num_inference_steps=None, device=None, *args, timesteps=None, sigmas=None, **kwargs):
+    if "_stepsmith_table" not in self.__dict__:  # called from the base __init__ (HeunDiscrete does)
+        extra = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
+        return self._stepsmith_base.set_timesteps(self, num_inference_steps, device, *args, **extra, **kwargs)
     table: TimestepTable = self._stepsmith_table
     K = table.steps
     if num_inference_steps is not None and int(num_inference_steps) not in (K, table.nfe):
@@ -463,6 +466,22 @@ def _call_params(pipe) -> set[str]:
         return set()
 
 
+_SCALED = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "EDMEulerScheduler")
+
+
+def _pipeline_scales_input(pipe) -> bool:
+    """Whether ``pipe.__call__`` applies ``init_noise_sigma`` and ``scale_model_input``.
+
+    Euler/Heun/EDM schedulers keep the state x/α and need both; DDPMPipeline and DDIMPipeline
+    use neither.
+    """
+    try:
+        src = inspect.getsource(type(pipe).__call__)
+    except (OSError, TypeError):
+        return True
+    return "scale_model_input" in src and "init_noise_sigma" in src
+
+
 def _pipe_name(pipe) -> str:
     src = getattr(getattr(pipe, "config", None), "_name_or_path", None) or ""
     return f"{type(pipe).__name__}({src})" if src else type(pipe).__name__
@@ -487,6 +506,15 @@ def pipeline_kwargs(table: TimestepTable, pipe, *, swap: bool = True) -> dict[st
     what = _pipe_name(pipe)
     original = getattr(pipe.scheduler, "_stepsmith_original", pipe.scheduler)
     sch, _ = scheduler_for_table(table, original, swap=swap, what=what)
+    if _base_class(sch).__name__ in _SCALED and not _pipeline_scales_input(pipe):
+        if table.solver in ("euler", "ddim") and table.convention == "vp":
+            sch, _ = scheduler_for_table(table, _fresh("DDIMScheduler", dict(original.config), {}), swap=True, what=what)
+        else:
+            raise StepsmithError(
+                f"{type(pipe).__name__} never calls scheduler.scale_model_input / init_noise_sigma, which "
+                f"{_base_class(sch).__name__} needs to replay a {table.solver} table; use a euler/ddim/dpmpp-2m "
+                "table (DPMSolverMultistep replays those without scaling) or a pipeline that scales its inputs"
+            )
     params = _call_params(pipe)
     kw = native_kwargs(table, sch)
     if kw is not None:
