@@ -202,8 +202,9 @@ def _load_diffusers(folder: Path, name: str, prediction: str | None, shape, sche
             raise StepsmithError(f"{index_file} has no unet or transformer component; cannot find the denoiser")
         model_dir = folder / comp
         sched_file = _scheduler_config_file(Path(scheduler_config) if scheduler_config else folder / "scheduler")
-    elif (folder / "config.json").is_file():
-        model_dir = folder
+    elif (folder / "config.json").is_file() or any((folder / c / "config.json").is_file() for c in ("unet", "transformer")):
+        model_dir = folder if (folder / "config.json").is_file() else next(
+            folder / c for c in ("unet", "transformer") if (folder / c / "config.json").is_file())
         if scheduler_config:
             sched_file = _scheduler_config_file(Path(scheduler_config))
         else:

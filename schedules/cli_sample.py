@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
             solver = args.solver or table.solver
         else:
             solver = args.solver or "euler"
-            table = uniform(model, args.nfe or 16, solver)
+            table = uniform(model, 16 if args.nfe is None else args.nfe, solver)
         get_solver(solver)
         x = sample(model, noise, table.sigmas, solver, progress=True)
         label = f"{table.method} {solver} NFE {get_solver(solver).nfe(table.steps)}"

@@ -130,10 +130,10 @@ class TimestepTable:
                     provenance: dict[str, Any] | None = None) -> TimestepTable:
         """Build a table from native sigmas (terminal 0 included); timesteps are derived."""
         s = [float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
-        if len(s) >= 2 and s[-1] == 0.0:
+        if len(s) >= 2 and s[-1] == 0.0 and all(math.isfinite(v) and v > 0 for v in s[:-1]):
             ts = convention.model_time(torch.tensor(s[:-1], dtype=torch.float64)).tolist()
             # discrete VP timesteps come back through a log-interpolation; snap float noise
-            ts = [round(t) if abs(t - round(t)) < 1e-6 else t for t in ts]
+            ts = [float(round(t)) if abs(t - round(t)) < 1e-6 else t for t in ts]
         else:
             ts = []  # let validation explain what is wrong with sigmas
         prov = {"package_version": package_version()}

@@ -1,8 +1,8 @@
 """Train the embedded default models (CPU, minutes, no download).
 
     python -m schedules.embedded.train toy2d-flow --steps 10000 --seed 0 --threads 1
-    python -m schedules.embedded.train digits-flow --steps 3000 --seed 0 --threads 1
-    python -m schedules.embedded.train digits-ddpm --steps 3000 --seed 0 --threads 1
+    python -m schedules.embedded.train digits-flow --steps 1500 --warmup 200 --seed 0 --threads 1
+    python -m schedules.embedded.train digits-ddpm --steps 1500 --warmup 200 --seed 0 --threads 1
     python -m schedules.embedded.train digits-features --steps 1500 --seed 0 --threads 1
 
 The weights are written (atomically) to ``schedules/embedded/<name>/`` together with
@@ -78,14 +78,15 @@ def _build(name: str):
 
 
 def train(name: str, steps: int, seed: int, batch_size: int, lr: float, work: Path,
-          ckpt_every: int, ema_decay: float = 0.998) -> dict:
+          ckpt_every: int, ema_decay: float = 0.998, warmup: int | None = None) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = _build(name)
     ema = _build(name)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    warmup = min(200, steps // 10)
+    if warmup is None:
+        warmup = min(200, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, warmup)))
 
     if name == "toy2d-flow":
@@ -109,7 +110,10 @@ def train(name: str, steps: int, seed: int, batch_size: int, lr: float, work: Pa
     ckpt = work / f"{name}.ckpt"
     if ckpt.exists():
         state = safe_torch_load(ckpt)
-        if state["config"] != [steps, seed, batch_size, lr]:
+        # the planned step count may change on resume (the LR is constant after warm-up); nothing else may
+        old_steps, *old_cfg = state["config"]
+        old_warmup = state.get("warmup", min(200, old_steps // 10))
+        if old_cfg != [seed, batch_size, lr] or old_warmup != warmup or state["step"] > steps:
             raise SystemExit(f"{ckpt} was written with other settings {state['config']}; delete it to restart")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -148,12 +152,12 @@ def train(name: str, steps: int, seed: int, batch_size: int, lr: float, work: Pa
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if (step + 1) % ckpt_every == 0 and step + 1 < steps:
             atomic_torch_save(ckpt, dict(
-                config=[steps, seed, batch_size, lr], step=step + 1, model=model.state_dict(),
+                config=[steps, seed, batch_size, lr], warmup=warmup, step=step + 1, model=model.state_dict(),
                 ema=ema.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
                 gen=gen.get_state(), torch_rng=torch.get_rng_state(),
             ))
     info = dict(
-        model=name, steps=steps, seed=seed, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
+        model=name, steps=steps, seed=seed, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
         final_loss=sum(losses[-200:]) / max(1, len(losses[-200:])),
         seconds_this_run=round(time.perf_counter() - t0, 1),
         torch=torch.__version__, threads=torch.get_num_threads(),
@@ -200,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="LR warm-up steps (default min(200, steps/10))")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=Path("runs/embedded-train"))
     p.add_argument("--ckpt-every", type=int, default=500)
@@ -208,18 +213,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     defaults = {
         "toy2d-flow": (10_000, 1024, 1e-3),
-        "digits-flow": (3000, 64, 1e-3),
-        "digits-ddpm": (3000, 64, 1e-3),
+        "digits-flow": (1500, 64, 1e-3),
+        "digits-ddpm": (1500, 64, 1e-3),
         "digits-features": (1500, 128, 1e-3),
     }[a.model]
     steps = a.steps or defaults[0]
     bs = a.batch_size or defaults[1]
     lr = a.lr or defaults[2]
     a.work.mkdir(parents=True, exist_ok=True)
-    res = train(a.model, steps, a.seed, bs, lr, a.work, a.ckpt_every)
+    warmup = a.warmup if a.warmup is not None else min(200, steps // 10)
+    res = train(a.model, steps, a.seed, bs, lr, a.work, a.ckpt_every, warmup=warmup)
     info = res["info"]
     info["command"] = "python -m schedules.embedded.train " + " ".join(
-        [a.model, f"--steps {steps}", f"--seed {a.seed}", f"--batch-size {bs}", f"--lr {lr}", f"--threads {a.threads}"])
+        [a.model, f"--steps {steps}", f"--seed {a.seed}", f"--batch-size {bs}", f"--lr {lr}", f"--warmup {warmup}",
+         f"--threads {a.threads}"])
     out = a.out or EMBEDDED_DIR / a.model
     export(a.model, res["model"], info, out)
     res["ckpt"].unlink(missing_ok=True)

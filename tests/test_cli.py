@@ -1,0 +1,61 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from schedules.cli import main
+
+from .test_adapters import MODEL_SRC, write_model_file
+
+
+def test_sample_toy2d_writes_png(tmp_path, capsys):
+    out = tmp_path / "g.png"
+    assert main(["sample", "--model", "builtin:toy2d-flow", "--nfe", "4", "--num", "64", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["model_calls"] == 4
+
+
+def test_sample_with_table_and_callable_model(tmp_path, capsys):
+    from schedules import FlowConvention, TimestepTable
+
+    f = write_model_file(tmp_path, MODEL_SRC)
+    TimestepTable.from_sigmas([1.0, 0.4, 0.0], convention=FlowConvention(1.0), prediction="flow", solver="heun",
+                              method="t", model="m").save(tmp_path / "t.json")
+    out = tmp_path / "s.png"
+    rc = main(["sample", "--model", f"{f}:net", "--prediction", "flow", "--shape", "2", "--table",
+               str(tmp_path / "t.json"), "--num", "16", "--out", str(out)])
+    assert rc == 0 and out.exists()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model_calls"] == 3  # heun, 2 steps
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--model", "nowhere/at/all"], "not found"),
+    (["--model", "builtin:toy2d-flow", "--nfe", "0"], "NFE must be"),
+    (["--model", "builtin:toy2d-flow", "--solver", "rk9"], "unknown solver"),
+])
+def test_errors_are_one_line_exit_2(tmp_path, args, match):
+    r = subprocess.run([sys.executable, "-m", "schedules.cli", "sample", *args, "--out", str(tmp_path / "x.png")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and match in err[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_wrong_convention_table_refused(tmp_path):
+    from schedules import TimestepTable, VPConvention
+
+    conv = VPConvention.default()
+    TimestepTable.from_sigmas([conv.sigma_max, 1.0, 0.0], convention=conv, prediction="epsilon", solver="euler",
+                              method="t", model="m").save(tmp_path / "vp.json")
+    r = subprocess.run([sys.executable, "-m", "schedules.cli", "sample", "--model", "builtin:toy2d-flow", "--table",
+                        str(tmp_path / "vp.json"), "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert r.returncode == 2 and "made for a vp model" in r.stderr
+
+
+def test_help_lists_subcommands():
+    r = subprocess.run([sys.executable, "-m", "schedules.cli", "--help"], capture_output=True, text=True)
+    for cmd in ("search", "sample", "eval", "distill"):
+        assert cmd in r.stdout
