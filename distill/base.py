@@ -1,0 +1,108 @@
+"""What every distillation method shares: the velocity in the solver's ODE coordinates.
+
+All samplers of :mod:`schedules.solvers` integrate y = x / c(s) against the native sigma
+s with dy/ds = (y - D(x, s)) / s; an Euler step from s to s' is y' = y + (s' - s)·dy/ds.
+A straightened model is one whose dy/ds at a node equals the *segment slope*
+(y(s') - y(s)) / (s' - s) of the teacher trajectory, so that one Euler step lands on the
+teacher. Every method here regresses
+
+    d_θ(x, s) = (x / c(s) - D_θ(x, s)) / s      onto a target slope,
+
+computed through :meth:`ModelAdapter.model_output` (gradients kept). For flow models
+(c = 1) d_θ *is* the network's velocity ε - x0, so the loss is the usual flow-matching
+MSE in the model's own convention; for ε-prediction VP models d_θ is exactly the
+predicted ε (y is the EDM state x0 + s·ε); v and x0 predictions go through
+:func:`schedules.conventions.prediction_to_x0`.
+
+Methods draw their *global* batch from a generator seeded by (seed, step): every process
+draws the same batch and takes its own slice, so 1 process and N processes at the same
+global batch see the same examples, and a resumed run draws the batches it would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from schedules.adapters import ModelAdapter
+from schedules.conventions import Convention, prediction_to_x0
+
+
+def _bcast(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return s.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+
+def ode_scale(conv: Convention, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """c(s) broadcast against ``x`` (1 for flow, α(s) for VP)."""
+    return _bcast(conv.ode_scale(s.to(torch.float64)), x)
+
+
+def ode_velocity(adapter: ModelAdapter, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """dy/ds of the model at (x, s), with gradients; s is a [B] tensor of native sigmas > 0."""
+    out = adapter.model_output(x, s)
+    if adapter.prediction in ("flow", "epsilon"):
+        return out  # exact: flow velocity ε - x0; for ε-prediction VP, dy/ds = ε̂
+    sb = _bcast(s, x)
+    x0 = prediction_to_x0(adapter.convention, adapter.prediction, x, sb, out)
+    return (x / ode_scale(adapter.convention, s, x) - x0) / sb
+
+
+@dataclass
+class Batch:
+    """Model inputs and regression targets: x at native sigma s, target slope dy/ds."""
+
+    x: torch.Tensor
+    s: torch.Tensor
+    slope: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def slice(self, sl: slice) -> Batch:
+        return Batch(self.x[sl], self.s[sl], self.slope[sl])
+
+    def to(self, device, dtype=None) -> Batch:
+        return Batch(self.x.to(device=device, dtype=dtype or self.x.dtype), self.s.to(device),
+                     self.slope.to(device=device, dtype=dtype or self.slope.dtype))
+
+
+class DistillMethod(Protocol):
+    """A distillation objective over fixed teacher data."""
+
+    name: str
+
+    def draw(self, gen: torch.Generator, batch_size: int) -> Batch:
+        """A global training batch (CPU tensors), reproducible from ``gen``."""
+        ...
+
+    def validation(self) -> Batch:
+        """The fixed held-out batch (same every call)."""
+        ...
+
+    def describe(self) -> dict: ...
+
+
+def straightening_loss(adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
+    """MSE between the model's dy/ds and the target slopes."""
+    d = ode_velocity(adapter, batch.x, batch.s)
+    return torch.mean((d.float() - batch.slope.float()) ** 2)
+
+
+def straight_path(conv: Convention, z0: torch.Tensor, x1: torch.Tensor, s: torch.Tensor,
+                  s_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point at sigma ``s`` on the straight line (in y) from noise ``z0`` to data ``x1``, and its slope.
+
+    Flow: x = (1 - s)·x1 + s·z0, dy/ds = z0 - x1 (rectified flow's interpolation with t = 1 - σ).
+    VP: the straight line in the EDM coordinates y = x / c(s) from the teacher's start
+    y(s_max) = z0 / c(s_max) to x1: y(s) = x1 + s·(y(s_max) - x1) / s_max, x = c(s)·y(s).
+    """
+    sb = _bcast(s, x1)
+    if conv.name == "flow":
+        x = (1 - sb) * x1 + sb * z0
+        return x, (z0 - x1).expand_as(x)
+    c_max = float(conv.ode_scale(torch.tensor(s_max, dtype=torch.float64)))
+    slope = (z0 / c_max - x1) / s_max
+    y = x1 + sb * slope
+    return y * ode_scale(conv, s, x1), slope.expand_as(y)

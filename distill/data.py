@@ -1,0 +1,173 @@
+"""Teacher data for distillation: many-step teacher trajectories recorded at table nodes.
+
+One teacher run serves every method, so that BOSS, reflow and k-step distillation see
+exactly the same teacher samples (equal budget):
+
+* the initial noise z0 (= the state at σ_max),
+* the states x_τ at the *nodes* of one or several timestep tables (the union of their
+  sigmas, terminal 0 included), integrated on a fine grid that contains those nodes, so
+  the recorded states are the teacher's own trajectory, not an interpolation,
+* the final sample x(0) = ODE(z0).
+
+The fine grid is :func:`schedules.solvers.reference_sigmas` (uniform in σ for flow models,
+EDM ρ=7 for VP) merged with the table nodes; the solver is Heun (default) or Euler (BOSS
+used 100-step Euler). States are stored in the model's native ``x``; trainers convert to
+the solver's ODE coordinates y = x / c(s) (see :mod:`schedules.solvers`).
+
+The last ``val_fraction`` of the trajectories is held out (split by trajectory, so no
+validation segment shares a trajectory with a training one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from schedules.adapters import ModelAdapter
+from schedules.io import StepsmithError, load_safetensors, save_safetensors
+from schedules.solvers import euler_step, heun_step, reference_sigmas
+from schedules.table import TimestepTable
+
+TEACHER_SOLVERS = ("heun", "euler")
+
+
+@dataclass
+class TeacherData:
+    """Teacher trajectories at the table nodes.
+
+    ``states[n, m]`` is trajectory ``n`` at sigma ``nodes[m]`` (``nodes`` strictly
+    decreasing, ``nodes[0]`` = the tables' start, ``nodes[-1] = 0``); ``states[:, 0]`` is
+    the noise z0 and ``states[:, -1]`` the teacher sample ODE(z0).
+    """
+
+    states: torch.Tensor
+    nodes: list[float]
+    n_val: int
+    fingerprint: str
+    teacher_calls: int = 0
+
+    @property
+    def n(self) -> int:
+        return self.states.shape[0]
+
+    @property
+    def n_train(self) -> int:
+        return self.n - self.n_val
+
+    def split(self, split: str) -> slice:
+        if split == "train":
+            return slice(0, self.n_train)
+        if split == "val":
+            return slice(self.n_train, self.n)
+        raise ValueError(split)
+
+    @property
+    def noise(self) -> torch.Tensor:
+        return self.states[:, 0]
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.states[:, -1]
+
+    def node_index(self, sigma: float) -> int:
+        for i, v in enumerate(self.nodes):
+            if math.isclose(v, sigma, rel_tol=1e-9, abs_tol=1e-12):
+                return i
+        raise KeyError(sigma)
+
+    def save(self, path) -> None:
+        meta = {"nodes": json.dumps(self.nodes), "n_val": str(self.n_val), "fingerprint": self.fingerprint,
+                "teacher_calls": str(self.teacher_calls)}
+        save_safetensors(path, {"states": self.states}, metadata=meta)
+
+    @classmethod
+    def load(cls, path) -> TeacherData:
+        from safetensors import safe_open
+
+        tensors = load_safetensors(path)
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            return cls(states=tensors["states"], nodes=json.loads(meta["nodes"]), n_val=int(meta["n_val"]),
+                       fingerprint=meta["fingerprint"], teacher_calls=int(meta.get("teacher_calls", 0)))
+        except (KeyError, ValueError) as exc:
+            raise StepsmithError(f"teacher data {path} is incomplete ({exc}); delete it to regenerate") from None
+
+
+def table_nodes(tables: Sequence[TimestepTable]) -> list[float]:
+    """Union of the tables' sigmas, strictly decreasing, terminal 0 included."""
+    if not tables:
+        raise StepsmithError("distillation needs at least one timestep table")
+    starts = {t.sigmas[0] for t in tables}
+    if len(starts) > 1:
+        raise StepsmithError(f"the tables start at different sigmas {sorted(starts)}; straighten tables that share σ_max")
+    nodes: list[float] = []
+    for v in sorted({v for t in tables for v in t.sigmas}, reverse=True):
+        if not nodes or not math.isclose(v, nodes[-1], rel_tol=1e-9, abs_tol=1e-12):
+            nodes.append(v)
+    return nodes
+
+
+def fine_grid(adapter: ModelAdapter, nodes: Sequence[float], steps: int) -> list[float]:
+    """The teacher's integration grid: the reference grid merged with the table nodes."""
+    def near_node(v: float) -> bool:
+        return any(math.isclose(v, u, rel_tol=1e-6, abs_tol=1e-9) for u in nodes)
+
+    ref = [v for v in reference_sigmas(adapter.convention, steps) if v < nodes[0] and not near_node(v)]
+    return sorted(set(ref) | set(nodes), reverse=True)
+
+
+def data_fingerprint(adapter: ModelAdapter, nodes: Sequence[float], n: int, seed: int, teacher_steps: int,
+                     teacher_solver: str, val_fraction: float) -> str:
+    key = json.dumps([adapter.name, adapter.describe(), [round(v, 12) for v in nodes], n, seed, teacher_steps,
+                      teacher_solver, val_fraction], sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def generate_teacher_data(adapter: ModelAdapter, tables: Sequence[TimestepTable], n: int, *, seed: int = 0,
+                          teacher_steps: int = 100, teacher_solver: str = "heun", val_fraction: float = 0.1,
+                          batch_size: int = 1024, progress: bool = False) -> TeacherData:
+    """Run the teacher from ``n`` noises (``adapter.noise(n, seed)``) and record the table nodes."""
+    if teacher_solver not in TEACHER_SOLVERS:
+        raise StepsmithError(f"teacher solver {teacher_solver!r}: use one of {', '.join(TEACHER_SOLVERS)}")
+    if n < 2:
+        raise StepsmithError(f"--pairs {n}: need at least 2 teacher trajectories (10% are held out)")
+    for t in tables:
+        t.check_compatible(adapter.convention, adapter.prediction, what=adapter.name)
+    nodes = table_nodes(tables)
+    grid = fine_grid(adapter, nodes, teacher_steps)
+    node_set = {v: i for i, v in enumerate(nodes)}
+    noise = adapter.noise(n, seed)
+    out = torch.empty((n, len(nodes), *adapter.sample_shape), dtype=torch.float32)
+    conv = adapter.convention
+    calls0 = adapter.calls
+    was_training = adapter.module.training
+    adapter.module.eval()
+    try:
+        for b0 in tqdm(range(0, n, batch_size), desc="teacher trajectories", disable=not progress, leave=False):
+            x = noise[b0:b0 + batch_size]
+            out[b0:b0 + len(x), 0] = x.float().cpu()
+            for i in range(len(grid) - 1):
+                s, s_next = grid[i], grid[i + 1]
+                sv = torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device)
+                x0 = adapter.denoise(x, sv)
+                if teacher_solver == "heun":
+                    x = heun_step(conv, adapter.denoise, x, x0, s, s_next)
+                else:
+                    x = euler_step(conv, x, x0, s, s_next)
+                if s_next in node_set:
+                    out[b0:b0 + len(x), node_set[s_next]] = x.float().cpu()
+    finally:
+        adapter.module.train(was_training)
+    n_val = max(1, int(round(n * val_fraction))) if val_fraction > 0 else 0
+    if n - n_val < 1:
+        raise StepsmithError(f"--pairs {n} leaves no training trajectories after holding out {n_val}")
+    fp = data_fingerprint(adapter, nodes, n, seed, teacher_steps, teacher_solver, val_fraction)
+    return TeacherData(states=out, nodes=list(nodes), n_val=n_val, fingerprint=fp, teacher_calls=adapter.calls - calls0)
