@@ -475,10 +475,14 @@ def _pipeline_scales_input(pipe) -> bool:
     Euler/Heun/EDM schedulers keep the state x/α and need both; DDPMPipeline and DDIMPipeline
     use neither.
     """
-    try:
-        src = inspect.getsource(type(pipe).__call__)
-    except (OSError, TypeError):
-        return True
+    src = ""
+    for cls in type(pipe).__mro__:
+        if cls.__module__.startswith("diffusers.pipelines.pipeline_utils") or cls is object:
+            continue
+        try:
+            src += inspect.getsource(cls)
+        except (OSError, TypeError):
+            return True
     return "scale_model_input" in src and "init_noise_sigma" in src
 
 
