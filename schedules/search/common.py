@@ -207,3 +207,9 @@ def validate_budget(K: int, n: int, what: str = "grid") -> None:
 
 def is_finite_number(v: float) -> bool:
     return isinstance(v, float) and math.isfinite(v)
+
+
+def reference_sigmas_for(conv, steps: int) -> list[float]:
+    from schedules.solvers import reference_sigmas
+
+    return reference_sigmas(conv, steps)
