@@ -184,10 +184,6 @@ class EMA:
             p.copy_(s)
 
 
-def _lr_lambda(warmup: int):
-    return lambda i: min(1.0, (i + 1) / max(1, warmup))
-
-
 def _checkpoints(work: Path) -> list[tuple[int, Path]]:
     out = []
     for p in work.glob("ckpt-*"):
@@ -317,8 +313,10 @@ def distill(adapter: ModelAdapter, tables: TimestepTable | Sequence[TimestepTabl
     params = [p for p in module.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.warmup))
-    model, opt, sched = accelerator.prepare(module, opt, sched)
+    # the LR schedule is a pure function of the step (linear warm-up, then constant), set by
+    # hand each step: nothing to checkpoint, and no prepared scheduler that accelerate would
+    # step once per process
+    model, opt = accelerator.prepare(module, opt)
     ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
     student = dataclasses.replace(adapter, module=model, calls=0)
 
@@ -347,20 +345,22 @@ def distill(adapter: ModelAdapter, tables: TimestepTable | Sequence[TimestepTabl
     for step in range(start, end):
         batch = method.draw(_step_generator(config.seed, step), config.batch_size)
         batch = batch.slice(slice(rank * local, (rank + 1) * local)).to(accelerator.device)
+        lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
+        for group in opt.param_groups:
+            group["lr"] = lr
         with accelerator.autocast():
             loss = straightening_loss(student, batch)
         accelerator.backward(loss)
         if config.grad_clip > 0:
             accelerator.clip_grad_norm_(params, config.grad_clip)
         opt.step()
-        sched.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(params)
         running.append(float(accelerator.reduce(loss.detach(), reduction="mean")))
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
-            rec = {"step": done, "loss": sum(running) / len(running), "lr": sched.get_last_lr()[0],
+            rec = {"step": done, "loss": sum(running) / len(running), "lr": lr,
                    "seconds": round(time.perf_counter() - t1, 2)}
             running = []
             if done % config.eval_every == 0 or done == config.steps:

@@ -211,3 +211,34 @@ def test_cli_refuses_table_of_another_convention(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "vp" in err and "flow" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(toy, tmp_path):
+    """accelerate launch with 2 CPU processes (gloo) = 1 process at the same global batch."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("accelerate") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")):
+        pytest.skip("accelerate CLI not installed")
+    table = uniform(toy, 3)
+    table.save(tmp_path / "t.json")
+    args = ["--model", "builtin:toy2d-flow", "--table", str(tmp_path / "t.json"), "--steps", "12", "--pairs", "80",
+            "--teacher-steps", "8", "--batch-size", "64", "--lr", "1e-3", "--warmup", "5", "--checkpoint-every", "6",
+            "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "distill", *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert cli_main(["distill", *args, "--out", str(tmp_path / "one")]) == 0
+    two = json.loads((tmp_path / "two" / "distill.json").read_text())
+    assert two["processes"] == 2
+    a, b = load_safetensors(tmp_path / "one" / "model.safetensors"), load_safetensors(tmp_path / "two" / "model.safetensors")
+    teacher = toy.module.state_dict()
+    assert any(not torch.allclose(a[k], teacher[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
