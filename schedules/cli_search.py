@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> None:
         if args.method not in SEARCHED:
             raise StepsmithError(f"--grid applies to searched methods ({', '.join(SEARCHED)}), not {args.method!r}")
         options["grid"] = args.grid
+    rank = _init_distributed()
     model = model_from_args(args)
     t0 = time.perf_counter()
     kw = {} if args.method not in SEARCHED else {"samples": args.samples, "seed": args.seed,
@@ -74,8 +75,27 @@ def run(args: argparse.Namespace) -> None:
     table = make_table(model, args.method, args.nfe, args.solver, **kw, **options)
     if table.model != args.model:
         table.model = args.model
+    if rank != 0:  # under accelerate launch only the main process writes
+        return
     table.save(args.out)
     print(json.dumps({"out": args.out, "method": table.method, "solver": table.solver, "nfe": table.nfe,
                       "steps": table.steps, "timesteps": [round(t, 4) for t in table.timesteps],
                       "objective": table.objective, "model_calls": table.provenance.get("model_calls", 0),
                       "seconds": round(time.perf_counter() - t0, 2)}))
+
+
+def _init_distributed() -> int:
+    """Under a multi-process launcher (WORLD_SIZE > 1: ``accelerate launch --multi_gpu``, ``torchrun``) join
+    the process group (accelerate's PartialState; gloo on CPU if that did not initialise it); returns this rank."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    PartialState()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()

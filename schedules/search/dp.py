@@ -265,8 +265,13 @@ class DPSearch:
 @torch.no_grad()
 def teacher_dp(denoiser, noise: torch.Tensor, grid: list[float], solver: str, kmax: int, *,
                micro_batch: int = 16, late_weight: float = 1.0, substeps: int = 1,
-               progress: bool = False) -> DPSearch:
-    """BOSS/GITS teacher-state DP for every budget ≤ kmax, streaming costs over micro-batches."""
+               progress: bool = False, keep_states: bool = False) -> DPSearch:
+    """BOSS/GITS teacher-state DP for every budget ≤ kmax, streaming costs over micro-batches.
+
+    Memory grows with the micro-batch (n·b·D for one micro-batch's trajectories), not with the
+    number of samples. ``keep_states`` additionally returns all teacher states (n·B·D, for the
+    student-state DP, which needs them anyway) in ``extra["states"]``.
+    """
     get_solver(solver)
     n = len(grid) - 1
     validate_budget(kmax, n)
@@ -276,6 +281,7 @@ def teacher_dp(denoiser, noise: torch.Tensor, grid: list[float], solver: str, km
     C = torch.zeros(n + 1, n + 1, dtype=torch.float64)
     C3 = torch.zeros(n + 1, n + 1, n + 1, dtype=torch.float64) if solver == "dpmpp-2m" else None
     finals = torch.zeros_like(noise)
+    states = torch.zeros((n + 1, *noise.shape), dtype=noise.dtype) if keep_states else None
     t_ref = t_dp = 0.0
     chunks = list(range(0, noise.shape[0], micro_batch))
     for ci in tqdm(range(len(chunks)), desc=f"dp ({solver})", disable=not progress or rank != 0, leave=False):
@@ -286,6 +292,8 @@ def teacher_dp(denoiser, noise: torch.Tensor, grid: list[float], solver: str, km
         ref = reference_pass(denoiser, noise[sl], grid, substeps)
         t1 = time.perf_counter()
         finals[sl] = ref.x[-1]
+        if states is not None:
+            states[:, sl] = ref.x
         if solver in ("euler", "ddim"):
             C += _costs_first_order(conv, grid, ref, None)
         elif solver == "heun":
@@ -300,6 +308,8 @@ def teacher_dp(denoiser, noise: torch.Tensor, grid: list[float], solver: str, km
     if C3 is not None:
         C3 = reduce(C3) / noise.shape[0]
     finals = reduce(finals)
+    if states is not None:
+        states = reduce(states)
     calls = int(reduce(torch.tensor(float(getattr(denoiser, "calls", 0) - calls0))).item())
     check_finite(C, "the cost matrix")
     t2 = time.perf_counter()
@@ -308,7 +318,7 @@ def teacher_dp(denoiser, noise: torch.Tensor, grid: list[float], solver: str, km
     else:
         res = bellman_all(C, kmax, late_weight)
     t_dp += time.perf_counter() - t2
-    return DPSearch(grid, res, noise, finals, t_ref, t_dp, calls, {"cost": C})
+    return DPSearch(grid, res, noise, finals, t_ref, t_dp, calls, {"cost": C, "states": states, "world": world})
 
 
 # --------------------------------------------------------------------------- student-state DP (OSS)

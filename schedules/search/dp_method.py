@@ -4,6 +4,10 @@ Modes (option ``mode``):
 
 * ``"teacher"`` — plain BOSS/GITS DP on teacher states (local one-step errors).
 * ``"student"`` — OSS student-state DP (cost = error of the student's own states).
+Several processes (``accelerate launch``, or any initialised torch.distributed group) split the
+reference trajectories and the cost accumulation and sum-reduce the cost matrix; the student
+DP and the refinement then run identically on every rank.
+
 * ``"refined"`` (default) — the product default. Candidates: the teacher-DP table, the
   student-DP table (not for Heun: its corrections would cost n² calls per level) and the
   model's diffusers default / uniform spacing snapped to the grid; the one with the lowest
@@ -50,20 +54,21 @@ def dp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, see
                              "lower --nfe or raise --grid")
     noise = adapter.noise(samples, seed)
     t0 = time.perf_counter()
+    need_states = mode == "student" or (mode == "refined" and solver != "heun")
     dps = teacher_dp(adapter, noise, g, solver, K, micro_batch=micro_batch, late_weight=late_weight,
-                     substeps=substeps, progress=progress)
+                     substeps=substeps, progress=progress, keep_states=need_states)
     if K not in dps.result.paths:
         raise StepsmithError(f"no {K}-step path on the grid; raise --grid")
     prov: dict = {"grid": grid_provenance(g, grid_kind, adapter.convention), "mode": mode,
                   "reference_seconds": round(dps.ref_seconds, 3), "dp_seconds": round(dps.dp_seconds, 3),
                   "dp_over_reference": round(dps.dp_seconds / max(dps.ref_seconds, 1e-9), 3),
-                  "micro_batch": micro_batch, "late_weight": late_weight, "teacher": f"heun on the grid x{substeps}"}
+                  "micro_batch": micro_batch, "late_weight": late_weight, "teacher": f"heun on the grid x{substeps}",
+                  "processes": dps.extra["world"], "reference_calls": dps.model_calls}
     target = dps.teacher_final
     path = dps.result.paths[K]
     objective = dps.result.costs[K]
-    if mode == "student" or (mode == "refined" and solver != "heun"):
-        ref_states = _teacher_states(adapter, noise, g, substeps)
-        st = student_dp(adapter, noise, g, solver, K, ref_states, progress=progress)
+    if need_states:
+        st = student_dp(adapter, noise, g, solver, K, dps.extra["states"], progress=progress)
         if mode == "student":
             path, objective = st.paths[K], st.costs[K]
     if mode == "refined":
@@ -87,10 +92,3 @@ def dp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, see
     return TimestepTable.from_sigmas([g[i] for i in path], convention=adapter.convention,
                                      prediction=adapter.prediction, solver=solver, method="dp", model=adapter.name,
                                      objective=objective, provenance=prov)
-
-
-@torch.no_grad()
-def _teacher_states(adapter, noise, g, substeps):
-    from schedules.search.common import reference_pass
-
-    return reference_pass(adapter, noise, g, substeps).x
