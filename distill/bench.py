@@ -36,7 +36,7 @@ import torch
 SEARCH_SEED, EVAL_SEED, DATA_SEED = 0, 10_000, 20_000
 
 
-def build_tables(adapter, nfes, method: str, search_samples: int):
+def build_tables(adapter, nfes, method: str, search_samples: int, options: dict):
     from schedules.baselines import uniform
 
     dp, uni, info = {}, {}, {}
@@ -45,7 +45,7 @@ def build_tables(adapter, nfes, method: str, search_samples: int):
         try:
             from schedules.search import make_table
 
-            dp[k] = make_table(adapter, method, k, "euler", samples=search_samples, seed=SEARCH_SEED)
+            dp[k] = make_table(adapter, method, k, "euler", samples=search_samples, seed=SEARCH_SEED, **options)
         except ImportError:
             dp[k] = uniform(adapter, k, "euler")
         info[k] = {"sigmas": dp[k].sigmas, "method": dp[k].method, "seconds": round(time.perf_counter() - t0, 1)}
@@ -54,13 +54,14 @@ def build_tables(adapter, nfes, method: str, search_samples: int):
 
 
 class Evaluator:
-    def __init__(self, adapter, n: int, straight_n: int):
+    def __init__(self, adapter, n: int, straight_n: int, reference_steps: int = 100, straight_steps: int = 100):
         from schedules.solvers import reference_sample
 
         self.adapter = adapter
         self.noise = adapter.noise(n, EVAL_SEED)
         t0 = time.perf_counter()
-        self.reference = reference_sample(adapter, self.noise, 100)
+        self.reference = reference_sample(adapter, self.noise, reference_steps)
+        self.straight_steps = straight_steps
         self.ref_seconds = time.perf_counter() - t0
         self.straight_noise = adapter.noise(straight_n, EVAL_SEED + 1)
         if adapter.sample_shape == (2,):
@@ -92,7 +93,7 @@ class Evaluator:
     def straightness(self, model) -> float:
         from eval.metrics import flow_straightness
 
-        return flow_straightness(model, self.straight_noise, steps=100)
+        return flow_straightness(model, self.straight_noise, steps=self.straight_steps)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=["boss", "reflow", "kstep"])
     p.add_argument("--table-method", default="dp")
     p.add_argument("--search-samples", type=int, default=64)
+    p.add_argument("--table-options", type=json.loads, default={}, help='JSON options for make_table, e.g. {"grid": 50}')
+    p.add_argument("--reference-steps", type=int, default=100, help="Heun steps of the teacher reference sample")
+    p.add_argument("--straight-steps", type=int, default=100, help="Euler steps of the straightness integral")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -125,14 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     adapter = load_model(a.model)
     log = lambda *m: print(f"[{time.perf_counter() - t_start:7.1f}s]", *m, file=sys.stderr, flush=True)  # noqa: E731
-    dp, uni, table_info = build_tables(adapter, a.nfe, a.table_method, a.search_samples)
+    dp, uni, table_info = build_tables(adapter, a.nfe, a.table_method, a.search_samples, a.table_options)
     log("tables", {k: [round(v, 4) for v in t.sigmas] for k, t in dp.items()})
     t0 = time.perf_counter()
     data = generate_teacher_data(adapter, list(dp.values()), a.pairs, seed=DATA_SEED, teacher_steps=a.teacher_steps,
                                  teacher_solver="heun", batch_size=256)
     teacher_seconds = time.perf_counter() - t0
     log(f"teacher data: {a.pairs} trajectories, {len(data.nodes)} nodes, {teacher_seconds:.1f}s")
-    ev = Evaluator(adapter, a.eval_samples, a.straight_samples)
+    ev = Evaluator(adapter, a.eval_samples, a.straight_samples, a.reference_steps, a.straight_steps)
     log(f"reference samples: {ev.ref_seconds:.1f}s")
 
     def cfg(method: str) -> DistillConfig:
@@ -167,13 +171,20 @@ def main(argv: list[str] | None = None) -> None:
         for k in a.nfe:
             add("reflow", m, "uniform", k, uni[k].sigmas)
             add("reflow", m, "dp", k, dp[k].sigmas)
+        _write(a, rows, runs, straight, table_info, teacher_seconds, ev, t_start, atomic_write_json)
     for k in a.nfe:
         if "boss" in a.methods:
             m = train(f"boss@{k}", "boss", [dp[k]])
             add(f"boss@{k}", m, "dp", k, dp[k].sigmas)
         if "kstep" in a.methods:
-            m = train(f"kstep@{k}", "kstep", [dp[k]])
-            add(f"kstep@{k}", m, "uniform", k, uni[k].sigmas)
+            if k == 1 and f"boss@{k}" in runs:
+                # one step: BOSS's only segment (σ=1 → 0) and the 1-grid give the same examples,
+                # targets and batch stream, so the trained model is identical; reuse it
+                runs["kstep@1"] = {**runs["boss@1"], "same_as": "boss@1"}
+                add("kstep@1", m, "uniform", k, uni[k].sigmas)
+            else:
+                m = train(f"kstep@{k}", "kstep", [dp[k]])
+                add(f"kstep@{k}", m, "uniform", k, uni[k].sigmas)
         _write(a, rows, runs, straight, table_info, teacher_seconds, ev, t_start, atomic_write_json)
     ref_q = ev.quality(ev.reference)
     result = _write(a, rows, runs, straight, table_info, teacher_seconds, ev, t_start, atomic_write_json, ref_q)
