@@ -14,7 +14,7 @@ from schedules.adapters import load_model
 from schedules.embedded import embedded_path
 from schedules.solvers import reference_sigmas, sample
 
-N = 300  # per side; real digits are split into disjoint halves of this size
+N = 200  # per side; real digits are split into disjoint halves of this size
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +35,15 @@ def test_digits_teacher_close_to_real_far_from_noise(name, digits_setup):
     net, f_real_a, f_real_b = digits_setup
     model = load_model(f"builtin:{name}")
     noise = model.noise(N, 10_000)
-    # a 20-step Heun teacher keeps the test fast; the full reference uses 200 steps
-    x = sample(model, noise, reference_sigmas(model.convention, 20), "heun").clamp(-1, 1)
+    # a 10-step Heun teacher keeps the test fast (the full reference uses 200 steps; measured with
+    # N=200: digits-flow 186 at 8 steps, 184 at 20; digits-ddpm 321 and 275; real half 173; noise 3047)
+    x = sample(model, noise, reference_sigmas(model.convention, 10), "heun").clamp(-1, 1)
     fid_teacher = fid_from_features(f_real_a, extract_features(net, x))
     fid_real = fid_from_features(f_real_a, f_real_b)
     fid_noise = fid_from_features(f_real_a, extract_features(net, noise.clamp(-1, 1)))
-    assert fid_teacher < 3 * fid_real, (fid_teacher, fid_real)
-    assert fid_noise > 10 * fid_teacher, (fid_noise, fid_teacher)
+    # FID is strongly biased at N=200 < 128·2: real-half vs real-half is ~170 here, hence ratios
+    assert fid_teacher < 2.5 * fid_real, (fid_teacher, fid_real)
+    assert fid_noise > 8 * fid_teacher, (fid_noise, fid_teacher)
 
 
 def test_toy2d_teacher_close_to_data_far_from_noise():
