@@ -16,5 +16,16 @@ from schedules.table import FORMAT, TimestepTable, load_table
 
 __all__ = [
     "FORMAT", "SOLVERS", "FlowConvention", "ModelAdapter", "StepsmithError", "TimestepTable", "VPConvention",
-    "load_model", "load_table", "reference_sample", "sample",
+    "load_model", "load_table", "reference_sample", "sample", "pipeline_kwargs", "apply_table",
 ]
+
+_LAZY = {"pipeline_kwargs": "schedules.diffusers_integration", "apply_table": "schedules.diffusers_integration"}
+
+
+def __getattr__(name: str):
+    """``schedules.pipeline_kwargs`` / ``schedules.apply_table`` without importing diffusers up front."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'schedules' has no attribute {name!r}")

@@ -63,9 +63,12 @@ the calls).
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
+import json
 import logging
 import math
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -507,8 +510,32 @@ def pipeline_kwargs(table: TimestepTable, pipe, *, swap: bool = True) -> dict[st
     """
     if not hasattr(pipe, "scheduler"):
         raise StepsmithError(f"{type(pipe).__name__} has no scheduler; pass a diffusers pipeline")
-    what = _pipe_name(pipe)
     original = getattr(pipe.scheduler, "_stepsmith_original", pipe.scheduler)
+    key = (_table_key(table), json.dumps(dict(original.config), sort_keys=True, default=str), type(pipe), swap)
+    cache = _PLANS.setdefault(original, {})
+    if key not in cache:
+        cache.clear()  # one plan per scheduler is enough; tables change rarely
+        cache[key] = _plan(table, pipe, original, swap)
+    sch, kw = cache[key]
+    if sch is not pipe.scheduler and sch is not original:
+        pipe.scheduler = sch
+    elif sch is original and pipe.scheduler is not original:
+        pipe.scheduler = original
+    return copy.deepcopy(kw)
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _table_key(table: TimestepTable) -> str:
+    d = table.to_dict()
+    d.pop("provenance", None)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _plan(table: TimestepTable, pipe, original, swap: bool) -> tuple[Any, dict[str, Any]]:
+    """(scheduler to put on the pipe, kwargs for the call) — all checks happen here."""
+    what = _pipe_name(pipe)
     sch, _ = scheduler_for_table(table, original, swap=swap, what=what)
     if _base_class(sch).__name__ in _SCALED and not _pipeline_scales_input(pipe):
         if table.solver in ("euler", "ddim") and table.convention == "vp":
@@ -532,19 +559,17 @@ def pipeline_kwargs(table: TimestepTable, pipe, *, swap: bool = True) -> dict[st
             probe = type(sch).from_config(sch.config)
             probe.set_timesteps(**kw)
             verify_scheduler(table, probe)
-            if sch is not pipe.scheduler:
+            if sch is not original:
                 sch._stepsmith_original = original
-                pipe.scheduler = sch
-            return kw
+            return sch, kw
     if "num_inference_steps" not in params:
         raise StepsmithError(f"{type(pipe).__name__}.__call__ takes neither timesteps=, sigmas= nor "
                              "num_inference_steps=; drive its scheduler with apply_table()")
     pinned = pin_table(table, sch)
     pinned._stepsmith_original = original
-    pipe.scheduler = pinned
     logger.warning("stepsmith: %s takes no custom schedule for this table; installed it on pipe.scheduler "
                    "(%s) — call with num_inference_steps=%d", type(pipe).__name__, _base_class(pinned).__name__, table.steps)
-    return {"num_inference_steps": table.steps}
+    return pinned, {"num_inference_steps": table.steps}
 
 
 def remove_table(pipe) -> None:

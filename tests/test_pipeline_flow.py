@@ -281,3 +281,19 @@ def test_euler_discrete_pipeline_scheduler_is_kept_for_an_euler_table(ddpm_pipe)
     table = vp_table(solver="euler")
     kw = pipeline_kwargs(table, pipe)
     assert pipe.scheduler is sch and len(kw["sigmas"]) == table.steps + 1
+
+
+def test_repeated_plugging_reuses_the_checked_plan(ddpm_pipe):
+    table = vp_table()
+    try:
+        kw = pipeline_kwargs(table, ddpm_pipe)
+        first = ddpm_pipe.scheduler
+        remove_table(ddpm_pipe)
+        assert type(ddpm_pipe.scheduler).__name__ == "DDPMScheduler"
+        assert pipeline_kwargs(table, ddpm_pipe) == kw and ddpm_pipe.scheduler is first
+        other = vp_table((999.0, 500.0, 20.0))
+        assert pipeline_kwargs(other, ddpm_pipe) == {"num_inference_steps": 3} and ddpm_pipe.scheduler is not first
+        ddpm_pipe.scheduler.set_timesteps(3)
+        assert ddpm_pipe.scheduler.timesteps.tolist() == pytest.approx(other.timesteps)
+    finally:
+        remove_table(ddpm_pipe)
