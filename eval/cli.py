@@ -54,7 +54,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=10_000, help="evaluation noise seed (must differ from search seeds)")
     p.add_argument("--real", default=None, help="real data: safetensors tensor [N, ...] or a folder of PNGs "
                                                 "(default: the embedded model's data)")
-    p.add_argument("--features", default=None, help="feature network: digits-features (default for digits) or inception")
+    p.add_argument("--features", default=None,
+                   help="feature network: digits-features (default for digits), inception, or path/to/file.py:attr")
     p.add_argument("--inception-weights", default=None, help="local Inception weights file (never downloaded)")
     p.add_argument("--teacher-steps", type=int, default=50, help="Heun steps of the reference sampler (default 50)")
     p.add_argument("--no-teacher", action="store_true", help="skip the reference sampler (no teacher row / PSNR)")

@@ -203,12 +203,36 @@ def load_feature_network(spec: str | nn.Module | None = "digits-features", *,
         fn = digits_features()
     elif spec in ("inception", "inception-v3", "2048"):
         fn = inception_features(inception_weights)
+    elif isinstance(spec, str) and ".py:" in spec:
+        fn = _user_file_network(spec)
     elif isinstance(spec, str):
         raise StepsmithError(
-            f"unknown feature network {spec!r}: use digits-features, inception (with local weights), or pass an "
-            "nn.Module to eval.run_sweep(feature_net=...) from Python"
+            f"unknown feature network {spec!r}: use digits-features, inception (with local weights), "
+            "path/to/file.py:attr (an nn.Module returning [B, D]), or pass an nn.Module from Python"
         )
     else:
         raise StepsmithError(f"feature network must be a name or an nn.Module, got {type(spec).__name__}")
     fn.net.to(device)
     return fn
+
+
+def _user_file_network(spec: str) -> FeatureNetwork:
+    """``path/to/file.py:attr`` — an nn.Module or a zero-argument factory returning one."""
+    from schedules.adapters import _import_file
+
+    file, attr = spec.rsplit(":", 1)
+    if not Path(file).is_file():
+        raise StepsmithError(f"feature network file {file} does not exist")
+    obj = _import_file(Path(file))
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise StepsmithError(f"{file} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, nn.Module) and callable(obj):
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise StepsmithError(f"{spec}() failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, nn.Module):
+        raise StepsmithError(f"{spec} is not an nn.Module or a function returning one")
+    return FeatureNetwork(obj, spec)

@@ -287,7 +287,7 @@ def run_sweep(model, *, tables=None, methods=None, nfe=(2, 4, 6, 8, 10), solver:
               batch_size: int = 500, grid: int = 64, cache: str | os.PathLike | None = None, use_cache: bool = True,
               search_seed: int = 0, search_samples: int | None = None, search_options: dict | None = None,
               kid_subsets: int = 100, kid_subset_size: int = 1000, data_range: float = 2.0,
-              progress: bool = True, command: str | None = None) -> dict[str, Any]:
+              progress: bool = True, command: str | None = None, sampler=None) -> dict[str, Any]:
     """Score tables or methods across NFE; returns the report dict (and writes it to ``out``).
 
     ``model``: a spec (``builtin:digits-flow``...) or a :class:`~schedules.adapters.ModelAdapter`.
@@ -297,6 +297,9 @@ def run_sweep(model, *, tables=None, methods=None, nfe=(2, 4, 6, 8, 10), solver:
     vectors). ``real``: real samples (tensor or path; default: the embedded model's data).
     ``features``: feature network name or nn.Module (default digits-features for 16x16
     digits, else inception, which needs local weights).
+    ``sampler``: optional ``sampler(table, noise) -> samples`` used instead of
+    :func:`schedules.solvers.sample` for the table rows (e.g. a diffusers pipeline driven by
+    the table); the teacher always uses the built-in reference sampler.
     """
     from schedules.adapters import ModelAdapter, load_model
 
@@ -435,7 +438,15 @@ def run_sweep(model, *, tables=None, methods=None, nfe=(2, 4, 6, 8, 10), solver:
         bar.set_postfix_str(f"{c.label} NFE {t.nfe}")
         calls0 = adapter.calls
         t0 = time.perf_counter()
-        x = sample_batched(adapter, noise, t.sigmas, t.solver, batch_size, lambda c=c: bar.update(c.table.nfe))
+        if sampler is None:
+            x = sample_batched(adapter, noise, t.sigmas, t.solver, batch_size, lambda c=c: bar.update(c.table.nfe))
+        else:
+            x = torch.cat([sampler(t, noise[i:i + batch_size]).detach().cpu() for i in range(0, noise.shape[0], batch_size)]
+                          or [noise[:0].cpu()])
+            bar.update(t.nfe * n_batches)
+            if tuple(x.shape) != tuple(noise.shape):
+                raise StepsmithError(f"sampler returned {list(x.shape)} for noise {list(noise.shape)}; it must return "
+                                     "one sample per noise, of the model's shape")
         if x.shape[0]:
             check_samples(x, f"samples of {c.label} at NFE {t.nfe}", min_n=1)
         t_sample = time.perf_counter() - t0

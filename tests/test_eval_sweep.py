@@ -181,3 +181,25 @@ def test_cli_eval(tmp_path, capsys):
                  "--out", str(tmp_path / "p")]) == 2
     with pytest.raises(SystemExit):
         main(["eval", "--model", "builtin:toy2d-flow", "--methods", "uniform", "--nfe", "two", "--out", "x"])
+
+
+def test_custom_sampler_and_file_feature_network(tmp_path):
+    model, real = gauss_model(), gauss_real(200)
+    (tmp_path / "feat.py").write_text(
+        "import torch\n\nclass Pool(torch.nn.Module):\n    def forward(self, x):\n"
+        "        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3)), x.flatten(1)[:, :6]], 1)\n")
+    kw = dict(methods=["uniform"], nfe=[2, 4], num=120, real=real, teacher=False, grid=0, use_cache=False,
+              features=f"{tmp_path / 'feat.py'}:Pool", progress=False)
+    base = run_sweep(model, **kw)
+    assert base["real"]["feature_network"]["num_features"] == 8
+    calls = []
+
+    def my_sampler(table, noise):
+        calls.append(table.nfe)
+        return sample(model, noise, table.sigmas, table.solver)
+
+    hooked = run_sweep(model, sampler=my_sampler, **kw)
+    assert calls == [2, 4]
+    assert [r["value"] for r in hooked["results"]] == pytest.approx([r["value"] for r in base["results"]], rel=1e-9)
+    with pytest.raises(StepsmithError, match="one sample per noise"):
+        run_sweep(model, sampler=lambda t, z: z[:1], **kw)
