@@ -143,6 +143,9 @@ def check_table(table: TimestepTable, scheduler, what: str = "this pipeline") ->
         logger.warning("EDM scheduler: stepsmith cannot compare ᾱ (EDM models have none); the network receives "
                        "EDM c_noise(σ), not the table's discrete timesteps")
         return
+    if cfg.get("invert_sigmas"):
+        raise StepsmithError(f"{cfg['_class_name']} with invert_sigmas=True (Mochi) feeds the network 1-σ; "
+                             "stepsmith's flow convention does not model it")
     if cfg.get("timestep_type", "discrete") != "discrete":
         raise StepsmithError(f"{cfg['_class_name']} with timestep_type={cfg['timestep_type']!r} feeds the network "
                              "EDM-style continuous time, which stepsmith's VP convention does not model")
@@ -185,8 +188,7 @@ def _neutral_overrides(name: str, cfg: dict, table: TimestepTable) -> dict[str, 
     """Config values that make ``name`` do exactly the table solver's arithmetic."""
     no_sched = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
     if name == "FlowMatchEulerDiscreteScheduler":
-        return {**no_sched, "use_dynamic_shifting": False, "shift_terminal": None, "stochastic_sampling": False,
-                "invert_sigmas": False}
+        return {**no_sched, "use_dynamic_shifting": False, "shift_terminal": None, "stochastic_sampling": False}
     if name == "UniPCMultistepScheduler":
         return {**no_sched, "use_dynamic_shifting": False, "shift_terminal": None, "solver_order": 1,
                 "predict_x0": True, "thresholding": False, "final_sigmas_type": "zero",

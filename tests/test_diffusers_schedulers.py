@@ -163,3 +163,28 @@ def test_solver_mismatch_refused_without_swap_and_announced_with_swap(caplog):
         sch, msg = scheduler_for_table(vp_table("euler"), diffusers.LMSDiscreteScheduler(**VP_CFG))
     assert type(sch).__name__ == "DPMSolverMultistepScheduler" and sch.config.solver_order == 1
     assert "LMSDiscreteScheduler" in msg and "swapped" in caplog.text
+
+
+@pytest.mark.parametrize("schedule", ["karras", "exponential"])
+def test_edm_euler_replays_our_euler(schedule):
+    """EDMEuler (EDM-preconditioned models): Euler in EDM σ, the same arithmetic as our VP euler."""
+    sigs = [60.0, 20.0, 4.0, 0.9, 0.1, 0.0]
+    table = TimestepTable(sigmas=sigs, timesteps=[5.0, 4.0, 3.0, 2.0, 1.0], solver="euler", prediction="epsilon",
+                          convention="vp", method="t", model="edm")
+    sch = apply_table(table, diffusers.EDMEulerScheduler(sigma_schedule=schedule, prediction_type="epsilon"))
+    gauss = GaussianDenoiser(VP, data_std=0.5, mean=0.3)
+    sd = sch.config.sigma_data
+    seen = []
+
+    def net(inp, c_noise):  # the network output that EDM preconditioning turns into the exact x0
+        sigma = float(torch.exp(4 * torch.as_tensor(c_noise, dtype=torch.float64)))
+        seen.append(sigma)
+        y = inp.double() * (sigma**2 + sd**2) ** 0.5
+        x0 = gauss.denoise(y / (1 + sigma**2) ** 0.5, torch.full((y.shape[0],), sigma, dtype=torch.float64)).double()
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2) ** 0.5
+        return ((x0 - c_skip * y) / c_out).float()
+
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+    got = drive(sch, net, x) / 1.0  # EDMEuler ends in the data space (σ=0: y = x)
+    assert seen == pytest.approx(sigs[:-1], rel=1e-5)
+    torch.testing.assert_close(got, ours(table, VP, x), atol=2e-4, rtol=2e-4)
