@@ -70,6 +70,7 @@ import logging
 import math
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -496,7 +497,33 @@ def _pipe_name(pipe) -> str:
     return f"{type(pipe).__name__}({src})" if src else type(pipe).__name__
 
 
-def pipeline_kwargs(table: TimestepTable, pipe, *, swap: bool = True) -> dict[str, Any]:
+def _local_model_path(spec: str) -> Path | None:
+    if not spec:
+        return None
+    if spec.startswith("builtin:"):
+        from schedules.embedded import embedded_path
+
+        return embedded_path(spec.split(":", 1)[1]).resolve()
+    p = Path(spec)
+    return p.resolve() if p.is_dir() else None
+
+
+def check_model(table: TimestepTable, pipe) -> None:
+    """Refuse a table recorded for another *local* model folder than the one ``pipe`` was loaded from.
+
+    Only compares when both sides name a builtin model or an existing folder (flow models share
+    one convention, so the name is the only identity a flow table carries).
+    """
+    mine = _local_model_path(table.model)
+    theirs = _local_model_path(str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or ""))
+    if mine is not None and theirs is not None and mine != theirs:
+        raise StepsmithError(
+            f"table was searched for {table.model} ({mine}) but the pipeline was loaded from {theirs}; "
+            "search a table for this model, or pass allow_other_model=True if it is the same model copied elsewhere"
+        )
+
+
+def pipeline_kwargs(table: TimestepTable, pipe, *, swap: bool = True, allow_other_model: bool = False) -> dict[str, Any]:
     """Keyword arguments that make ``pipe(..., **kwargs)`` run exactly ``table``.
 
     * Pipelines taking ``sigmas=``/``timesteps=`` (SD, SDXL, SD3, Flux, stepsmith's
@@ -508,10 +535,14 @@ def pipeline_kwargs(table: TimestepTable, pipe, *, swap: bool = True) -> dict[st
 
     If ``pipe.scheduler`` cannot replay the table's solver, it is replaced by the
     equivalent scheduler with a logged warning (``swap=False`` raises instead). All checks
-    (convention, prediction, ᾱ, solver) run here, before any model call.
+    (convention, prediction, ᾱ, solver, local model folder — see :func:`check_model`) run
+    here, before any model call. The checked plan is cached per (table, scheduler config), so
+    calling this before every generation costs well under a millisecond.
     """
     if not hasattr(pipe, "scheduler"):
         raise StepsmithError(f"{type(pipe).__name__} has no scheduler; pass a diffusers pipeline")
+    if not allow_other_model:
+        check_model(table, pipe)
     original = getattr(pipe.scheduler, "_stepsmith_original", pipe.scheduler)
     key = (_table_key(table), json.dumps(dict(original.config), sort_keys=True, default=str), type(pipe), swap)
     cache = _PLANS.setdefault(original, {})
@@ -582,9 +613,9 @@ def remove_table(pipe) -> None:
 
 
 @contextlib.contextmanager
-def plugged(table: TimestepTable, pipe, *, swap: bool = True) -> Iterator[dict[str, Any]]:
+def plugged(table: TimestepTable, pipe, **options) -> Iterator[dict[str, Any]]:
     """``with plugged(table, pipe) as kw: pipe(prompt, **kw)`` — restores the scheduler afterwards."""
     try:
-        yield pipeline_kwargs(table, pipe, swap=swap)
+        yield pipeline_kwargs(table, pipe, **options)
     finally:
         remove_table(pipe)

@@ -153,6 +153,60 @@ def test_embedded_digits_flow_loads_as_our_pipeline():
     finally:
         rec.handle.remove()
     assert out.shape == (2, 1, 16, 16) and rec.values == pytest.approx([1000.0, 600.0, 250.0], abs=1e-3)
+    # the pipeline's samples are our solver's samples on the trained model
+    from schedules.adapters import load_model
+
+    adapter = load_model("builtin:digits-flow", probe=False)
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, (sample(adapter, noise, table.sigmas, "euler") / 2 + 0.5).clamp(0, 1),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not (embedded_path("digits-ddpm") / "model_index.json").is_file(), reason="digits-ddpm not trained yet")
+def test_embedded_digits_ddpm_pipeline_matches_our_dpmpp_2m():
+    from schedules.adapters import load_model
+    from schedules.baselines import karras
+
+    adapter = load_model("builtin:digits-ddpm", probe=False)
+    table = karras(adapter, 5, "dpmpp-2m")  # fractional timesteps: installed on a pinned DPMSolverMultistep
+    pipe = DDPMPipeline.from_pretrained(embedded_path("digits-ddpm"), use_safetensors=True)
+    rec = Recorder(pipe.unet)
+    try:
+        out = pipe(batch_size=2, generator=torch.Generator().manual_seed(1), output_type="pt",
+                   **pipeline_kwargs(table, pipe)).images
+    finally:
+        rec.handle.remove()
+    assert rec.values == pytest.approx(table.timesteps, abs=1e-3)
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, (sample(adapter, noise, table.sigmas, "dpmpp-2m") / 2 + 0.5).clamp(0, 1),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_a_table_for_another_local_model_is_refused(flow_pipe, tmp_path):
+    flow_pipe.save_pretrained(tmp_path / "mine")
+    pipe = UnconditionalFlowMatchPipeline.from_pretrained(tmp_path / "mine")
+    with pytest.raises(StepsmithError, match="searched for builtin:digits-flow"):
+        pipeline_kwargs(flow_table(model="builtin:digits-flow"), pipe)
+    assert set(pipeline_kwargs(flow_table(model="builtin:digits-flow"), pipe, allow_other_model=True)) == {"sigmas"}
+    assert set(pipeline_kwargs(flow_table(model=str(tmp_path / "mine")), pipe)) == {"sigmas"}
+
+
+def test_flow_heun_table_on_the_flow_pipeline(flow_pipe, caplog):
+    table = flow_table((1.0, 0.7, 0.4, 0.15, 0.0), solver="heun")
+    rec = Recorder(flow_pipe.unet)
+    noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    try:
+        with caplog.at_level(logging.WARNING, logger="stepsmith.diffusers"), plugged(table, flow_pipe) as kw:
+            assert kw == {"num_inference_steps": 4}  # FlowMatchHeun takes no custom schedule: installed
+            out = flow_pipe(latents=noise, output_type="latent", **kw).images
+    finally:
+        rec.handle.remove()
+    assert "FlowMatchHeunDiscreteScheduler" in caplog.text
+    assert len(rec.values) == table.nfe == 7
+    assert rec.values == pytest.approx([1000, 700, 700, 400, 400, 150, 150], abs=1e-3)
+    adapter = ModelAdapter(module=flow_pipe.unet, convention=FlowConvention(1000.0), prediction="flow",
+                           sample_shape=(1, 8, 8), name="tiny")
+    torch.testing.assert_close(out, sample(adapter, noise, table.sigmas, "heun"), atol=1e-4, rtol=1e-4)
 
 
 def test_flow_pipeline_dynamic_shift_is_disabled_on_a_copy_and_restored(flow_pipe, caplog):
