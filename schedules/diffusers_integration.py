@@ -264,6 +264,8 @@ def scheduler_for_table(table: TimestepTable, scheduler, *, swap: bool = True,
         logger.warning(msg)
         return new, msg
     target = _target_class(table)
+    if _is_edm(scheduler):  # EDM-preconditioned networks need an EDM scheduler (c_in, c_noise)
+        target = "EDMEulerScheduler" if table.solver in ("euler", "ddim") else ""
     if not target:
         raise StepsmithError(f"no diffusers scheduler replays a {table.convention} {table.solver} table; "
                              f"supported: {supported_schedulers()}")

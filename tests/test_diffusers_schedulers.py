@@ -188,3 +188,13 @@ def test_edm_euler_replays_our_euler(schedule):
     got = drive(sch, net, x) / 1.0  # EDMEuler ends in the data space (σ=0: y = x)
     assert seen == pytest.approx(sigs[:-1], rel=1e-5)
     torch.testing.assert_close(got, ours(table, VP, x), atol=2e-4, rtol=2e-4)
+
+
+def test_edm_multistep_scheduler_swaps_to_edm_euler_never_to_a_vp_scheduler():
+    table = TimestepTable(sigmas=[60.0, 4.0, 0.5, 0.0], timesteps=[3.0, 2.0, 1.0], solver="ddim", prediction="epsilon",
+                          convention="vp", method="t", model="edm")
+    sch, msg = scheduler_for_table(table, diffusers.EDMDPMSolverMultistepScheduler())
+    assert type(sch).__name__ == "EDMEulerScheduler" and "EDMDPMSolverMultistepScheduler" in msg
+    with pytest.raises(StepsmithError, match="no diffusers scheduler"):
+        scheduler_for_table(TimestepTable(**{**table.to_dict(), "solver": "dpmpp-2m", "nfe": 3}),
+                            diffusers.EDMDPMSolverMultistepScheduler())
