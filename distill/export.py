@@ -47,11 +47,8 @@ def check_output_free(out: Path, overwrite: bool) -> None:
 
 
 def _is_diffusers(module: torch.nn.Module) -> bool:
-    try:
-        from diffusers import ModelMixin
-    except ImportError:
-        return False
-    return isinstance(module, ModelMixin)
+    """A diffusers ``ModelMixin`` (checked by class, without importing diffusers)."""
+    return any(c.__name__ == "ModelMixin" and c.__module__.startswith("diffusers") for c in type(module).__mro__)
 
 
 def _source_folder(adapter: ModelAdapter) -> Path | None:

@@ -242,3 +242,36 @@ def test_two_processes_match_one_process(toy, tmp_path):
     assert any(not torch.allclose(a[k], teacher[k]) for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_to_the_same_weights(toy, tmp_path):
+    """A real ``kill -9`` of ``stepsmith distill`` after a checkpoint; ``--resume`` finishes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    table = uniform(toy, 2)
+    table.save(tmp_path / "t.json")
+    args = ["--model", "builtin:toy2d-flow", "--table", str(tmp_path / "t.json"), "--steps", "300", "--pairs", "40",
+            "--teacher-steps", "8", "--batch-size", "8", "--lr", "1e-3", "--warmup", "5", "--checkpoint-every", "25",
+            "--no-progress"]
+    out = tmp_path / "killed"
+    work = tmp_path / "killed.work"
+    proc = subprocess.Popen([sys.executable, "-m", "distill", *args, "--out", str(out)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(work.glob("ckpt-*")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if out.exists():
+        pytest.skip("the run finished before it could be killed")
+    assert list(work.glob("ckpt-*")), proc.stderr.read().decode()[-2000:]
+    assert cli_main(["distill", *args, "--out", str(out), "--resume"]) == 0
+    assert cli_main(["distill", *args, "--out", str(tmp_path / "straight")]) == 0
+    a, b = load_safetensors(out / "model.safetensors"), load_safetensors(tmp_path / "straight" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
