@@ -194,15 +194,18 @@ def _neutral_overrides(name: str, cfg: dict, table: TimestepTable) -> dict[str, 
         return {**no_sched, "use_dynamic_shifting": False, "shift_terminal": None, "solver_order": 1,
                 "predict_x0": True, "thresholding": False, "final_sigmas_type": "zero",
                 "disable_corrector": list(range(max(table.steps, 1) + 1))}
+    # Euler/Heun keep the state x/α. Their init_noise_sigma is sqrt(σ0²+1) (unit-variance x, as our
+    # solvers start) except with timestep_spacing linspace/trailing, where it is σ0; the spacing has
+    # no other effect once the table sets the schedule.
     if name == "EulerDiscreteScheduler":
-        return {}
+        return {"timestep_spacing": "leading"}
     if name == "DPMSolverMultistepScheduler":
         order = 2 if table.solver == "dpmpp-2m" else 1
         return {**no_sched, "use_lu_lambdas": False, "use_flow_sigmas": False, "solver_order": order,
                 "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "final_sigmas_type": "zero",
                 "thresholding": False, "lower_order_final": True, "euler_at_final": False, "variance_type": None}
     if name == "HeunDiscreteScheduler":
-        return {**no_sched, "clip_sample": False}
+        return {**no_sched, "clip_sample": False, "timestep_spacing": "leading"}
     if name == "EDMEulerScheduler":
         return {"final_sigmas_type": "zero"}
     if name == "FlowMatchHeunDiscreteScheduler":

@@ -80,7 +80,7 @@ CASES = [
      lambda: diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=1.0, prediction_type="flow_prediction"),
      True),
     ("euler-vp-fractional", lambda: vp_table(ts=(999.0, 700.25, 420.5, 150.75, 20.5)),
-     lambda: diffusers.EulerDiscreteScheduler(**VP_CFG), False),
+     lambda: diffusers.EulerDiscreteScheduler(**VP_CFG, timestep_spacing="leading"), False),
     ("dpm1-ddim-int", lambda: vp_table("ddim"), lambda: diffusers.DPMSolverMultistepScheduler(**VP_CFG), True),
     ("dpm1-ddim-fractional", lambda: vp_table("ddim", ts=(999.0, 700.25, 420.5, 150.75, 20.5)),
      lambda: diffusers.DPMSolverMultistepScheduler(**VP_CFG, solver_order=1), False),
@@ -89,7 +89,7 @@ CASES = [
      lambda: diffusers.DPMSolverMultistepScheduler(**VP_CFG, prediction_type="v_prediction"), False),
     ("heun-int", lambda: vp_table("heun"), lambda: diffusers.HeunDiscreteScheduler(**VP_CFG), True),
     ("heun-fractional", lambda: vp_table("heun", ts=(999.0, 700.25, 420.5, 150.75, 20.5)),
-     lambda: diffusers.HeunDiscreteScheduler(**VP_CFG, clip_sample=False), False),
+     lambda: diffusers.HeunDiscreteScheduler(**VP_CFG, clip_sample=False, timestep_spacing="leading"), False),
     ("ddpm-swapped", lambda: vp_table("euler"), lambda: diffusers.DDPMScheduler(**VP_CFG), True),
     ("ddim-swapped", lambda: vp_table("ddim"), lambda: diffusers.DDIMScheduler(**VP_CFG), True),
     ("flowheun-swapped", lambda: flow_table("heun"), lambda: diffusers.FlowMatchEulerDiscreteScheduler(), True),
@@ -198,3 +198,14 @@ def test_edm_multistep_scheduler_swaps_to_edm_euler_never_to_a_vp_scheduler():
     with pytest.raises(StepsmithError, match="no diffusers scheduler"):
         scheduler_for_table(TimestepTable(**{**table.to_dict(), "solver": "dpmpp-2m", "nfe": 3}),
                             diffusers.EDMDPMSolverMultistepScheduler())
+
+
+@pytest.mark.parametrize("cls", [diffusers.EulerDiscreteScheduler, diffusers.HeunDiscreteScheduler])
+def test_initial_noise_scale_matches_our_solver_start(cls):
+    # with trailing spacing diffusers would scale the start by σ0 instead of sqrt(σ0²+1)
+    table = vp_table("heun" if cls is diffusers.HeunDiscreteScheduler else "euler")
+    extra = {"clip_sample": False} if cls is diffusers.HeunDiscreteScheduler else {}
+    with pytest.raises(StepsmithError, match="timestep_spacing"):
+        apply_table(table, cls(**VP_CFG, timestep_spacing="trailing", **extra))
+    sch = apply_table(table, cls(**VP_CFG, timestep_spacing="trailing"), swap=True)
+    assert float(sch.init_noise_sigma) == pytest.approx((table.sigmas[0] ** 2 + 1) ** 0.5, rel=1e-6)
