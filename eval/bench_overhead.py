@@ -4,7 +4,8 @@ Same pipeline, same batch, same NFE: the pipeline's default schedule versus a st
 table passed through :func:`schedules.diffusers_integration.pipeline_kwargs` (the
 ``pipeline_kwargs`` call is inside the timed region). Runs are interleaved (ABBA order) after
 a warm-up; the script prints the median seconds per call and the ratio plugged/default
-(target ≤ 1.02)::
+(target ≤ 1.02), on wall-clock and on process CPU time (less sensitive to other processes
+sharing the cores)::
 
     python eval/bench_overhead.py --nfe 8 --batch 8 --repeats 20
 
@@ -65,22 +66,24 @@ def bench(which: str, nfe: int, batch: int, repeats: int, warmup: int) -> dict:
         kw = pipeline_kwargs(table, pipe)
         pipe(batch_size=batch, generator=torch.Generator().manual_seed(0), output_type="np", **kw)
 
-    def timed(fn) -> tuple[float, int]:
+    def timed(fn) -> tuple[float, float, int]:
         calls["n"] = 0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        return time.perf_counter() - t0, calls["n"]
+        return time.perf_counter() - t0, time.process_time() - c0, calls["n"]
 
     for _ in range(warmup):
         timed(default)
         timed(plugged)
     times: dict[str, list[float]] = {"default": [], "plugged": []}
+    cpu: dict[str, list[float]] = {"default": [], "plugged": []}
     ncalls: dict[str, set[int]] = {"default": set(), "plugged": set()}
     order = [("default", default), ("plugged", plugged)]
     for r in range(repeats):
         for name, fn in order if r % 2 == 0 else order[::-1]:
-            dt, n = timed(fn)
+            dt, dc, n = timed(fn)
             times[name].append(dt)
+            cpu[name].append(dc)
             ncalls[name].add(n)
     hook.remove()
     kw_times = []
@@ -91,11 +94,14 @@ def bench(which: str, nfe: int, batch: int, repeats: int, warmup: int) -> dict:
     remove_table(pipe)
     assert pipe.scheduler is original
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     return {
         "pipeline": type(pipe).__name__, "model": f"builtin:digits-{which}", "nfe": nfe, "batch": batch,
         "repeats": repeats, "table": f"{table.method} {table.solver}", "unet_calls": {k: sorted(v) for k, v in ncalls.items()},
         "median_s": {k: round(v, 5) for k, v in med.items()},
         "ratio_plugged_over_default": round(med["plugged"] / med["default"], 4),
+        "median_cpu_s": {k: round(v, 5) for k, v in med_cpu.items()},
+        "cpu_ratio_plugged_over_default": round(med_cpu["plugged"] / med_cpu["default"], 4),
         "pipeline_kwargs_ms": round(1000 * statistics.median(kw_times), 3),
         "ratio_of_means": round(statistics.fmean(times["plugged"]) / statistics.fmean(times["default"]), 4),
     }
