@@ -102,6 +102,8 @@ def bench(which: str, nfe: int, batch: int, repeats: int, warmup: int) -> dict:
         "ratio_plugged_over_default": round(med["plugged"] / med["default"], 4),
         "median_cpu_s": {k: round(v, 5) for k, v in med_cpu.items()},
         "cpu_ratio_plugged_over_default": round(med_cpu["plugged"] / med_cpu["default"], 4),
+        "min_ratio_wall": round(min(times["plugged"]) / min(times["default"]), 4),
+        "min_ratio_cpu": round(min(cpu["plugged"]) / min(cpu["default"]), 4),
         "pipeline_kwargs_ms": round(1000 * statistics.median(kw_times), 3),
         "ratio_of_means": round(statistics.fmean(times["plugged"]) / statistics.fmean(times["default"]), 4),
     }
