@@ -1,8 +1,10 @@
 """``stepsmith distill``: straighten a model to a timestep table (BOSS), or the reflow / k-step baselines.
 
 Runs the same as plain ``stepsmith distill ...``, ``python -m distill ...`` and under
-``accelerate launch [--cpu] [--num_processes N] -m distill ...`` (data parallel; the global
-``--batch-size`` is split across processes).
+``accelerate launch --multi_gpu --num_processes N -m distill ...`` (data parallel; the global
+``--batch-size`` is split across processes). Without a GPU the processes use the CPU with
+gloo; note that ``accelerate launch --cpu`` starts a *single* process whatever
+``--num_processes`` says.
 """
 
 from __future__ import annotations
