@@ -91,19 +91,20 @@ class Evaluator:
         return {"teacher_mse": float(((x.double() - self.teacher.double()) ** 2).mean()), "metric": self.metric(x)}
 
 
-def direct_w2_table(ad, nfe: int, solver: str):
+def direct_w2_table(ad, nfe: int, solver: str, n: int = 1024, population: int = 32, generations: int = 20):
     """Long evolutionary search with W2 (search seed 1 vs true samples of seed 777) as fitness."""
     from eval.metrics import wasserstein
     from schedules.embedded.nets import toy2d_data
 
-    noise = ad.noise(1024, 1)
-    real = toy2d_data(1024, seed=777)
+    noise = ad.noise(n, 1)
+    real = toy2d_data(n, seed=777)
 
     def fit(sig):
         with torch.no_grad():
             return wasserstein(sample(ad, noise, sig, solver), real)
 
-    return make_table(ad, "evolution", nfe, solver, grid=100, population=32, generations=20, fitness=fit, seed=1)
+    return make_table(ad, "evolution", nfe, solver, grid=100, population=population, generations=generations,
+                      fitness=fit, seed=1)
 
 
 def main() -> None:
@@ -115,6 +116,7 @@ def main() -> None:
     p.add_argument("--eval-n", type=int, default=512)
     p.add_argument("--methods", default="dp,dp-teacher,evolution,ays")
     p.add_argument("--no-direct", action="store_true")
+    p.add_argument("--direct", default="1024,32,20", help="direct search: samples,population,generations")
     p.add_argument("--grid", type=int, default=None, help="grid for dp/evolution (default 100 toy2d, 60 digits)")
     p.add_argument("--teacher-steps", type=int, default=200, help="Heun steps of the evaluation teacher")
     p.add_argument("--out", default="bench_search.json")
@@ -155,7 +157,8 @@ def main() -> None:
                              "timesteps": t.timesteps})
             if model == "builtin:toy2d-flow" and not args.no_direct:
                 t0 = time.perf_counter()
-                t = direct_w2_table(ad, nfe, solver)
+                dn, dpop, dgen = (int(v) for v in args.direct.split(","))
+                t = direct_w2_table(ad, nfe, solver, dn, dpop, dgen)
                 rows.append({"method": "direct-w2", "kind": "direct", "sigmas": t.sigmas, **ev(t.sigmas, solver),
                              "seconds": round(time.perf_counter() - t0, 1)})
             for r in rows:
