@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from schedules.conventions import Convention, FlowConvention
+from schedules.conventions import Convention
 from schedules.io import StepsmithError
 from schedules.table import TimestepTable
 
@@ -74,10 +74,10 @@ def _resolve(adapter, scheduler, convention, prediction) -> tuple[Convention, st
         if isinstance(scheduler, dict):
             conv, pred = convention_from_scheduler_config(scheduler)
         else:
-            from schedules.diffusers_integration import scheduler_convention
+            from schedules.diffusers_integration import _EDMConventionMarker, scheduler_convention
 
             conv, pred = scheduler_convention(scheduler)
-            if not isinstance(conv, (FlowConvention,)) and conv.__class__.__name__ == "_EDMConventionMarker":
+            if isinstance(conv, _EDMConventionMarker):
                 raise StepsmithError("EDM schedulers have no ᾱ: build the table with TimestepTable(...) directly")
         if prediction is not None and prediction != pred:
             raise StepsmithError(f"prediction={prediction!r} contradicts the scheduler's {pred!r}")
