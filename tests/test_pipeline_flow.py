@@ -330,11 +330,16 @@ def test_unsupported_scheduler_without_swap_lists_the_supported_ones(ddpm_pipe):
 
 
 def test_euler_discrete_pipeline_scheduler_is_kept_for_an_euler_table(ddpm_pipe):
-    sch = EulerDiscreteScheduler(**{k: v for k, v in DDPM_CFG.items() if k != "clip_sample"})
+    cfg = {k: v for k, v in DDPM_CFG.items() if k != "clip_sample"}
+    sch = EulerDiscreteScheduler(**cfg, timestep_spacing="leading")
     pipe = UnconditionalFlowMatchPipeline(ddpm_pipe.unet, sch)  # any pipeline taking sigmas= works
     table = vp_table(solver="euler")
     kw = pipeline_kwargs(table, pipe)
     assert pipe.scheduler is sch and len(kw["sigmas"]) == table.steps + 1
+    # with linspace spacing its init_noise_sigma would be σ0, not sqrt(σ0²+1): a copy runs the table
+    pipe.scheduler = EulerDiscreteScheduler(**cfg, timestep_spacing="linspace")
+    pipeline_kwargs(table, pipe)
+    assert pipe.scheduler.config.timestep_spacing == "leading"
 
 
 def test_repeated_plugging_reuses_the_checked_plan(ddpm_pipe):
