@@ -18,7 +18,8 @@ def ddpm_folder(tmp_path_factory):
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("ddpm")
-    pipe = DDPMPipeline(UNet2DModel(**TINY_UNET), DDPMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    sched = DDPMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    pipe = DDPMPipeline(UNet2DModel(**TINY_UNET), sched)
     pipe.save_pretrained(d)
     return d
 
