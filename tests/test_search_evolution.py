@@ -83,7 +83,10 @@ def test_evolution_table_deterministic_and_valid():
     a = make_table(ad, "evolution", 4, "euler", samples=4, grid=20, population=6, generations=3, seed=3)
     b = make_table(ad, "evolution", 4, "euler", samples=4, grid=20, population=6, generations=3, seed=3)
     assert a.sigmas == b.sigmas and a.objective == b.objective
-    assert a.sigmas[0] == 1.0 and len(set(a.sigmas)) == len(a.sigmas)
+    assert len(set(a.sigmas)) == len(a.sigmas)
+    pinned = make_table(ad, "evolution", 4, "euler", samples=4, grid=20, population=6, generations=2, seed=3,
+                        fix_start=True)
+    assert pinned.sigmas[0] == 1.0
     # the initial population contains the baselines, so the result is at least as good as each of them
     assert a.provenance["genomes_evaluated"] >= 6
 

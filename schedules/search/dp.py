@@ -418,13 +418,15 @@ def final_error(denoiser, solver: str, sigmas: list[float], noise: torch.Tensor,
 
 @torch.no_grad()
 def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int], noise: torch.Tensor,
-                       target: torch.Tensor, *, candidates: int = 12, max_sweeps: int = 4,
+                       target: torch.Tensor, *, candidates: int = 12, max_sweeps: int = 4, free_start: bool = False,
                        progress: bool = False) -> tuple[list[int], float, int]:
     """Coordinate descent of the interior nodes of ``path`` on the final error against ``target``.
 
     For each interior node m, try up to ``candidates`` grid nodes strictly between its neighbours
     (evenly spread, the current one included), roll the solver out from the cached state before m,
-    keep the argmin; sweep until no node moves (or ``max_sweeps``). Returns (path, error, sweeps).
+    keep the argmin; sweep until no node moves (or ``max_sweeps``). With ``free_start`` the first
+    node moves too (the noise is then taken as the state at a later node, like diffusers' 'leading'
+    spacing). Returns (path, error, sweeps).
     """
     path = list(path)
     K = len(path) - 1
@@ -438,18 +440,19 @@ def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int]
     for _sweep in tqdm(range(max_sweeps), desc="refine", disable=not progress, leave=False):
         sweeps += 1
         moved = False
-        for m in range(1, K):
-            lo, hi = path[m - 1] + 1, path[m + 1] - 1
+        for m in range(0 if free_start else 1, K):
+            lo, hi = (path[m - 1] + 1 if m > 0 else 0), path[m + 1] - 1
             if hi <= lo:
                 continue
             opts = sorted(set(torch.linspace(lo, hi, min(candidates, hi - lo + 1)).round().long().tolist()) | {path[m]})
-            st = states[m - 1]
             for c in opts:
                 if c == path[m]:
                     continue
                 trial = path[:m] + [c] + path[m + 1:]
-                sig = [grid[i] for i in trial[m - 1:]]
-                xf = rollout(denoiser, solver, sig, start=st)
+                if m == 0:
+                    xf = rollout(denoiser, solver, [grid[i] for i in trial], x=noise)
+                else:
+                    xf = rollout(denoiser, solver, [grid[i] for i in trial[m - 1:]], start=states[m - 1])
                 e = mse(xf, target)
                 if e < best - 1e-12 * max(1.0, abs(best)):
                     best, path, moved = e, trial, True

@@ -12,7 +12,9 @@ DP and the refinement then run identically on every rank.
   student-DP table (not for Heun: its corrections would cost n² calls per level) and the
   model's diffusers default / uniform spacing snapped to the grid; the one with the lowest
   final-sample error against the teacher on the search samples seeds a coordinate descent
-  (:func:`~schedules.search.dp.refine_final_error`). Plain local DP loses to diffusers'
+  (:func:`~schedules.search.dp.refine_final_error`). With ``free_start`` (default) the first
+  node may move as well, and diffusers' 'leading' spacing is one of the seeds: starting below
+  σ_max (noise read as a later state) can cut the final error of few-step samplers. Plain local DP loses to diffusers'
   defaults on final error (REFERENCES.md); this mode optimises what is measured.
 """
 
@@ -26,6 +28,7 @@ from schedules.baselines import BASELINES, steps_for
 from schedules.io import StepsmithError
 from schedules.search.common import make_grid, snap_path
 from schedules.search.dp import final_error, refine_final_error, student_dp, teacher_dp
+from schedules.search.evolution import snap_genome
 from schedules.table import TimestepTable
 
 MODES = ("refined", "teacher", "student")
@@ -40,7 +43,8 @@ def grid_provenance(grid: list[float], kind: str, conv) -> dict:
 
 def dp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, seed: int = 0, progress: bool = False,
              mode: str = "refined", grid: int | None = None, grid_kind: str = "auto", micro_batch: int = 16,
-             late_weight: float = 1.0, substeps: int = 1, candidates: int = 12, max_sweeps: int = 4) -> TimestepTable:
+             late_weight: float = 1.0, substeps: int = 1, candidates: int = 12, max_sweeps: int = 4,
+             free_start: bool = True) -> TimestepTable:
     if mode not in MODES:
         raise StepsmithError(f"unknown dp mode {mode!r}; use one of {', '.join(MODES)}")
     if not late_weight > 0:
@@ -75,14 +79,15 @@ def dp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, see
         starts = {"dp-teacher": dps.result.paths[K]}
         if solver != "heun":
             starts["dp-student"] = st.paths[K]
-        for b in ("default", "uniform"):
+        for b in ("default", "uniform") + (("leading",) if free_start else ()):
             tb = BASELINES[b](adapter, nfe, solver)
-            starts[b] = snap_path(g, tb.sigmas)
+            starts[b] = (list(snap_genome(g, tb.sigmas, n, False)) + [n]) if free_start else snap_path(g, tb.sigmas)
         errs = {name: final_error(adapter, solver, [g[i] for i in p], noise, target) for name, p in starts.items()}
         start = min(errs, key=errs.get)
         path, objective, sweeps = refine_final_error(adapter, solver, g, starts[start], noise, target,
-                                                     candidates=candidates, max_sweeps=max_sweeps, progress=progress)
-        prov.update(start=start, start_final_errors={k: float(v) for k, v in errs.items()}, sweeps=sweeps,
+                                                     candidates=candidates, max_sweeps=max_sweeps,
+                                                     free_start=free_start, progress=progress)
+        prov.update(start=start, free_start=free_start, start_final_errors={k: float(v) for k, v in errs.items()}, sweeps=sweeps,
                     objective_kind="final mse vs teacher (search samples)")
     else:
         prov["objective_kind"] = "dp path cost (mean squared one-step error)" if mode == "teacher" else \

@@ -201,13 +201,13 @@ def evolve(fitness: Callable[[Genome], float], K: int, n: int, *, seed: int = 0,
 def evolution_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, seed: int = 0,
                     progress: bool = False, grid: int | None = None, grid_kind: str = "auto",
                     population: int = 24, generations: int = 12, elite: int = 6, p_mutation: float = 0.25,
-                    p_crossover: float = 0.5, fix_start: bool = True, checkpoint: str | None = None,
+                    p_crossover: float = 0.5, fix_start: bool = False, checkpoint: str | None = None,
                     fitness: Callable[[list[float]], float] | None = None,
                     on_generation: Callable[[int], None] | None = None) -> TimestepTable:
     """AutoDiffusion search for ``make_table(method="evolution")``.
 
-    ``fix_start`` (default) keeps the first node at the noise end (σ_max); set it False to let the
-    search also choose where sampling starts (like diffusers' 'leading' spacing).
+    By default the search also chooses where sampling starts (the noise may be read as the state at
+    a later node, like diffusers' 'leading' spacing); ``fix_start=True`` pins the first node to σ_max.
     """
     K = steps_for(adapter, nfe, solver)
     n = int(grid or 100)
