@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     results = [measure(m, a.steps, a.seed, a.batch_size) for m in a.models.split(",")]
-    text = json.dumps({"command": "python -m eval.measure_embedded " + " ".join(argv or []), "results": results},
+    args = sys.argv[1:] if argv is None else argv
+    text = json.dumps({"command": " ".join(["python -m eval.measure_embedded", *args]), "threads": a.threads,
+                       "results": results},
                       indent=2)
     print(text)
     if a.out:
