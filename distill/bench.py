@@ -228,7 +228,8 @@ def markdown(result: dict) -> str:
                       and r["nfe"] == k), None)
             cells.append("" if r is None else f"{r[kind]:.4g} ({r['teacher_rmse']:.3g})")
         lines.append(f"| {model} | {table} | " + " | ".join(cells) + " |")
-    lines.append(f"\n{kind} (RMSE to the teacher's 100-step Heun sample); reference sampler {kind}: "
+    ref_steps = result.get("config", {}).get("reference_steps", 100)
+    lines.append(f"\n{kind} (RMSE to the teacher's {ref_steps}-step Heun sample); reference sampler {kind}: "
                  f"{result['reference_quality']}")
     lines.append("straightness: " + ", ".join(f"{k} {v:.4g}" for k, v in result["straightness"].items() if v is not None))
     lines.append("BOSS / uniform reflow: " + ", ".join(f"NFE {k}: {v:.3f}" for k, v in result["boss_over_uniform_reflow"].items()))
