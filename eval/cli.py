@@ -87,8 +87,7 @@ def run(args: argparse.Namespace) -> None:
         inception_weights=args.inception_weights, teacher=not args.no_teacher, teacher_steps=args.teacher_steps,
         batch_size=args.batch_size, grid=args.grid, cache=args.cache_dir, use_cache=not args.no_cache,
         search_seed=args.search_seed, search_samples=args.search_samples,
-        command="stepsmith " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["eval"]
-        else " ".join(shlex.quote(a) for a in sys.argv),
+        command=getattr(args, "invocation", None) or "stepsmith " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     if current_dist().main:
         from eval.report import markdown

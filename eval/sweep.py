@@ -239,7 +239,15 @@ class Scorer:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # torchmetrics' compute-before-update on empty shards
                 v = fid_from_metric(self.fid)
-            return v, {}
+            extra: dict[str, float] = {}
+            # KID from the same features at no extra sampling cost (unbiased, so it reads well at small N)
+            f_all = self.dist.gather_cat(f)
+            real_f = self.real_stats.features if self.real_stats is not None else None
+            if real_f is not None and f_all.shape[0] >= 2 and real_f.shape[0] >= 2:
+                size = min(self.kid_subset_size, f_all.shape[0], real_f.shape[0])
+                extra["kid"], extra["kid_std"] = kid_from_features(real_f, f_all, subsets=self.kid_subsets,
+                                                                   subset_size=size, seed=self.seed)
+            return v, extra
         if self.metric == "kid":
             f = extract_features(self.net, x_shard) if x_shard.shape[0] else torch.zeros(0, self.net.num_features,
                                                                                             dtype=torch.float64)

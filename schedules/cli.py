@@ -8,12 +8,13 @@ reverse). Every user-facing error is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from importlib.metadata import entry_points
 
 from schedules.io import StepsmithError
 
-COMMAND_ORDER = ("search", "sample", "eval", "distill", "bench")
+COMMAND_ORDER = ("quickstart", "search", "sample", "eval", "distill", "bench")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -50,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    # The exact invocation, recorded in reports so a table or a sweep can be reproduced.
+    args.invocation = "stepsmith " + " ".join(shlex.quote(a) for a in argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
