@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import threading
 import time
@@ -329,8 +330,9 @@ def markdown(result: dict[str, Any], md_dir: Path) -> str:
         lines += ["", f"![P2]({_rel(out / 'p2_gap_closed.png', md_dir)})", ""]
     if "p3" in result["config"]["parts"] and quality:
         lines += ["## P3 — search cost", "",
-                  "Model calls are batched network evaluations (batch = search samples). Peak memory = growth of the "
-                  "process's resident memory during the search. `dp ÷ ref` = cost-accumulation seconds ÷ reference-pass "
+                  "Model calls are batched network evaluations (batch = search samples). Peak MB = growth of the "
+                  "process's resident memory above its level at the start of the search (memory freed by an earlier "
+                  "search and reused reads as 0). `dp ÷ ref` = cost-accumulation seconds ÷ reference-pass "
                   "seconds; `search ÷ ref` = the whole search (teacher DP, student DP, final-error refinement) ÷ "
                   "reference-pass seconds.", "",
                   "| config | method | NFE | model calls | seconds | peak MB | dp ÷ ref | search ÷ ref |",
@@ -357,7 +359,7 @@ def markdown(result: dict[str, Any], md_dir: Path) -> str:
 
         d = result["distill"]
         lines += ["## P5 — straightening: BOSS vs reflow vs k-step at equal budget", "",
-                  f"`python -m distill.bench {' '.join(result['config']['distill'])}`: every student gets the same "
+                  f"`python -m distill.bench {shlex.join(result['config']['distill'])}`: every student gets the same "
                   "teacher trajectories, optimizer steps, batch size and learning rate. Cells: metric "
                   "(RMSE to the teacher's sample from the same noise).", "", distill_md(d), ""]
     return "\n".join(lines) + "\n"
@@ -409,6 +411,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reduced", action="store_true", help="tiny sizes: a smoke run that finishes in seconds")
     p.add_argument("--parts", default="p1,p2,p3,p4,p5", help="comma-separated subset of p1..p5")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--render", metavar="BENCH_JSON", default=None,
+                   help="only re-write the Markdown from an earlier run's bench.json (no measurement)")
     p.set_defaults(func=_run)
 
 
@@ -417,6 +421,12 @@ def _run(args: argparse.Namespace) -> None:
 
     import torch
 
+    if args.render:
+        result = json.loads(Path(args.render).read_text())
+        md = Path(args.markdown) if args.markdown else Path(result["out"]) / "BENCHMARKS.md"
+        atomic_write(md, markdown(result, md.resolve().parent))
+        print(f"wrote {md} from {args.render}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = dataclasses.replace(REDUCED if args.reduced else FULL, parts=tuple(p for p in args.parts.split(",") if p))
