@@ -3,6 +3,7 @@
 import ast
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,11 @@ def test_embedded_weights_are_small_safetensors():
         assert (d / "training.json").is_file(), f"{d.name} lacks training.json (command and seed)"
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed")
+# the venv's ruff sits beside its python, which is not on PATH when tests run as .venv/bin/python -m pytest
+RUFF = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+
+
+@pytest.mark.skipif(RUFF is None, reason="ruff not installed (pip install -e '.[test]')")
 def test_ruff_clean():
-    r = subprocess.run(["ruff", "check", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([RUFF, "check", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:]
