@@ -149,14 +149,12 @@ def run_quality(cfg: BenchConfig, out: Path, progress: bool) -> list[dict[str, A
         tables, costs, skipped = [], [], {}
         for method in cfg.searched:
             for n in cfg.nfe:
-                calls0 = adapter.calls
-                t0 = time.perf_counter()
                 with PeakRSS() as mem:
                     t = make_table(adapter, method, n, solver, samples=cfg.search_samples, seed=0, progress=progress,
                                    **_search_options(cfg, method, adapter))
-                p = t.provenance
-                cost = {"method": method, "nfe": n, "model_calls": adapter.calls - calls0,
-                        "seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": mem.peak_mb}
+                p = t.provenance  # make_table records the search's model calls and seconds
+                cost = {"method": method, "nfe": n, "model_calls": p["model_calls"],
+                        "seconds": round(float(p["seconds"]), 2), "peak_rss_mb": mem.peak_mb}
                 if "reference_seconds" in p:
                     ref = max(float(p["reference_seconds"]), 1e-9)
                     cost.update(reference_seconds=p["reference_seconds"],
@@ -365,6 +363,11 @@ def markdown(result: dict[str, Any], md_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resolve_markdown_path(out: str | Path, given: str | Path | None = None) -> Path:
+    """Where BENCHMARKS.md goes: ``given``, else inside the run's output folder."""
+    return Path(given) if given else Path(out) / "BENCHMARKS.md"
+
+
 def run_bench(cfg: BenchConfig = FULL, out: str | Path = "runs/bench", *, markdown_path: str | Path | None = None,
               reduced: bool = False, progress: bool = True, command: str = "stepsmith bench") -> dict[str, Any]:
     import diffusers
@@ -377,7 +380,7 @@ def run_bench(cfg: BenchConfig = FULL, out: str | Path = "runs/bench", *, markdo
     if unknown:
         raise StepsmithError(f"unknown benchmark parts {sorted(unknown)}; choose from p1,p2,p3,p4,p5")
     out = Path(out)
-    md_path = Path(markdown_path) if markdown_path else out / "BENCHMARKS.md"
+    md_path = resolve_markdown_path(out, markdown_path)
     t0 = time.perf_counter()
     result: dict[str, Any] = {
         "format": "stepsmith.bench/v1", "command": command, "reduced": reduced, "out": str(out),
@@ -423,14 +426,14 @@ def _run(args: argparse.Namespace) -> None:
 
     if args.render:
         result = json.loads(Path(args.render).read_text())
-        md = Path(args.markdown) if args.markdown else Path(result["out"]) / "BENCHMARKS.md"
+        md = resolve_markdown_path(result["out"], args.markdown)
         atomic_write(md, markdown(result, md.resolve().parent))
         print(f"wrote {md} from {args.render}")
         return
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = dataclasses.replace(REDUCED if args.reduced else FULL, parts=tuple(p for p in args.parts.split(",") if p))
-    result = run_bench(cfg, args.out, markdown_path=args.markdown, reduced=args.reduced,
+    md = resolve_markdown_path(args.out, args.markdown)
+    result = run_bench(cfg, args.out, markdown_path=md, reduced=args.reduced,
                        command=getattr(args, "invocation", "stepsmith bench"))
-    md = Path(args.markdown) if args.markdown else Path(args.out) / "BENCHMARKS.md"
     print(f"wrote {md} and {Path(args.out) / 'bench.json'} in {result['seconds']:.0f} s")
