@@ -1,10 +1,20 @@
-"""Pure parts of the benchmark script (the script itself runs reduced in .ci/run)."""
+"""Pure parts of the benchmarks (the suite itself runs reduced in .ci/run)."""
 
 from __future__ import annotations
 
+import json
+import shlex
+from pathlib import Path
+
 import pytest
 
-from eval.bench import PeakRSS, markdown, teacher_gap
+from benchmarks.distill import DistillBenchConfig, boss_over_uniform_reflow, build_parser, cli_command
+from benchmarks.options import argv_for, config_from_args, config_from_dict
+from benchmarks.overhead import OverheadConfig
+from benchmarks.report import markdown, teacher_gap
+from benchmarks.suite import COMMITTED, FULL, REDUCED, PeakRSS, _run_dir
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _report():
@@ -46,3 +56,51 @@ def test_markdown_marks_best_and_ratios(tmp_path):
     # best searched (dp) ÷ best baseline (uniform 10 at NFE 4, karras 5 at NFE 8)
     assert "| best searched ÷ best baseline | 0.4 | 1.3 |" in md
     assert "75% (dp)" in md and "25% (karras)" in md
+
+
+def test_committed_benchmarks_md_renders_from_committed_bench_json():
+    """``stepsmith bench --render`` rewrites BENCHMARKS.md byte for byte from the committed run."""
+    result = json.loads(COMMITTED.read_text())
+    assert _run_dir(COMMITTED.parent, Path(result["out"])) == ROOT and result["markdown"] == "BENCHMARKS.md"
+    md = markdown({**result, "out": str(COMMITTED.parent)}, ROOT)
+    assert md == (ROOT / "BENCHMARKS.md").read_text()
+
+
+def _committed_commands() -> list[str]:
+    bench = json.loads(COMMITTED.read_text())
+    folder = COMMITTED.parent
+    files = [folder / "p5" / "distill.json", *sorted(folder.glob("p1/*/report.json"))]
+    return [bench["command"], bench["distill"]["command"], *(json.loads(f.read_text())["command"] for f in files)]
+
+
+def test_every_committed_command_is_a_stepsmith_command_line():
+    from schedules.cli import build_parser as stepsmith_parser
+
+    for command in _committed_commands():
+        argv = shlex.split(command)
+        assert argv[0] == "stepsmith", command
+        args = stepsmith_parser().parse_args(argv[1:])
+        assert args.command == "bench" and args.out == "benchmarks/results/bench", command
+
+
+@pytest.mark.parametrize("preset", [FULL, REDUCED], ids=["full", "reduced"])
+def test_distill_command_line_rebuilds_the_config(preset):
+    cfg = preset.distill
+    argv = shlex.split(cli_command(cfg, "--out", "d.json"))
+    assert argv[:3] == ["python", "-m", "benchmarks.distill"]
+    assert config_from_args(DistillBenchConfig, build_parser().parse_args(argv[3:])) == cfg
+
+
+def test_config_round_trips_through_json_and_flags():
+    from dataclasses import asdict
+
+    cfg = DistillBenchConfig(nfe=(1, 3), methods=("boss",), table_options={"grid": 8}, lr=5e-4)
+    assert config_from_dict(DistillBenchConfig, json.loads(json.dumps(asdict(cfg)))) == cfg
+    assert argv_for(cfg) == ["--nfe", "1", "3", "--methods", "boss", "--table-options", '{"grid": 8}', "--lr", "0.0005"]
+    assert argv_for(DistillBenchConfig()) == [] and argv_for(OverheadConfig(nfe=2)) == ["--nfe", "2"]
+
+
+def test_boss_over_uniform_reflow_ratio():
+    rows = [{"model": "reflow", "table": "uniform", "nfe": 2, "w2": 0.5}, {"model": "reflow", "table": "dp", "nfe": 2, "w2": 9},
+            {"model": "boss@2", "table": "dp", "nfe": 2, "w2": 0.4}, {"model": "boss@4", "table": "dp", "nfe": 4, "w2": 1}]
+    assert boss_over_uniform_reflow(rows, (2, 4), "w2") == {2: pytest.approx(0.8)}

@@ -12,21 +12,42 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_top_level_layout():
-    for name in ("pyproject.toml", "README.md", "schedules", "distill", "eval", "tests", "notebooks"):
+    for name in ("pyproject.toml", "README.md", "schedules", "distill", "eval", "benchmarks", "tests", "notebooks"):
         assert (ROOT / name).exists(), name
 
 
-def test_core_never_imports_eval_or_distill():
-    offenders = []
-    for f in (ROOT / "schedules").rglob("*.py"):
-        for node in ast.walk(ast.parse(f.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            offenders += [f"{f.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("eval", "distill")]
-    assert not offenders
+# package → top-level packages it must never import: schedules is the core; eval and distill build on it and
+# never on each other; benchmarks (which may import everything) is imported by none of them
+FORBIDDEN = {
+    "schedules": ("eval", "distill", "benchmarks"),
+    "eval": ("distill", "benchmarks"),
+    "distill": ("eval", "benchmarks"),
+}
+
+
+def imported_modules(path: Path) -> list[str]:
+    """Every absolute module an ``import`` statement in ``path`` names, function-local imports included."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_layering(package):
+    offenders = [f"{f.relative_to(ROOT)}: {name}"
+                 for f in sorted((ROOT / package).rglob("*.py"))
+                 for name in imported_modules(f) if name.split(".")[0] in FORBIDDEN[package]]
+    assert not offenders, f"{package} may not import {', '.join(FORBIDDEN[package])}: {offenders}"
+
+
+def test_layering_check_sees_function_local_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import os\n\ndef g():\n    from eval.metrics import fid\n    import distill.trainer as t\n")
+    assert imported_modules(f) == ["os", "eval.metrics", "distill.trainer"]
 
 
 def test_embedded_weights_are_small_safetensors():

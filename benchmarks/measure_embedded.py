@@ -4,13 +4,16 @@ For each model: FID against one half of the real digits of (a) the reference sam
 (Heun, ``--steps`` steps) from N held-out noises, (b) pure noise, (c) the other half of the
 real digits — all at equal N (N = half the data set, 898). Prints and writes JSON.
 
-    python -m eval.measure_embedded --out runs/measure_embedded.json [--steps 200]
+    python -m benchmarks.measure_embedded --out runs/measure_embedded.json [--steps 200]
+
+``benchmarks/results/measure_embedded_20steps.json`` is the committed run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 
@@ -18,6 +21,7 @@ import torch
 
 
 def measure(name: str, steps: int, seed: int, batch_size: int) -> dict:
+    """FID and KID of the reference sampler, of pure noise and of real digits, against the same real half."""
     from eval.features import load_feature_network
     from eval.metrics import extract_features, fid_from_features, kid_from_features
     from eval.sweep import reference_batched
@@ -45,20 +49,19 @@ def measure(name: str, steps: int, seed: int, batch_size: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.measure_embedded", description=__doc__.splitlines()[0])
     p.add_argument("--models", default="digits-flow,digits-ddpm")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=449)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     results = [measure(m, a.steps, a.seed, a.batch_size) for m in a.models.split(",")]
-    args = sys.argv[1:] if argv is None else argv
-    text = json.dumps({"command": " ".join(["python -m eval.measure_embedded", *args]), "threads": a.threads,
-                       "results": results},
-                      indent=2)
+    command = shlex.join(["python", "-m", "benchmarks.measure_embedded", *argv])
+    text = json.dumps({"command": command, "threads": a.threads, "results": results}, indent=2)
     print(text)
     if a.out:
         from schedules.io import atomic_write

@@ -1,0 +1,214 @@
+"""BENCHMARKS.md and the P2 figure, rendered from a suite result (``bench.json``).
+
+Pure functions of the result dict, so ``stepsmith bench --render`` rewrites the Markdown of an
+earlier run byte for byte without measuring anything.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+SEARCHED = ("dp", "evolution", "ays")
+
+
+def teacher_gap(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """P2: per NFE, (uniform - best) / (uniform - teacher), and which table is best."""
+    rep = result["report"]
+    teacher = rep["teacher"]["value"]
+    gap: dict[int, dict[str, Any]] = {}
+    for n in rep["nfe"]:
+        rows = [r for r in rep["results"] if r["nfe"] == n]
+        uni = next((r["value"] for r in rows if r["label"] == "uniform"), None)
+        best = min(rows, key=lambda r: r["value"])
+        frac = None if uni is None or uni == teacher else (uni - best["value"]) / (uni - teacher)
+        gap[n] = {"uniform": uni, "best": best["value"], "best_label": best["label"], "teacher": teacher,
+                  "closed": None if frac is None else round(frac, 4)}
+    return gap
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.{digits}g}"
+
+
+def _rel(path: Path, md_dir: Path) -> str:
+    return os.path.relpath(path, md_dir).replace(os.sep, "/")
+
+
+def plot_gap(quality: list[dict[str, Any]], path: Path) -> Path:
+    """P2 figure: share of the uniform → teacher gap closed by the best table, per config and NFE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from schedules.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    for res in quality:
+        g = teacher_gap(res)
+        xs = [n for n in g if g[n]["closed"] is not None]
+        ax.plot(xs, [100 * g[n]["closed"] for n in xs], marker="o", label=res["name"])
+    ax.axhline(100, color="k", lw=0.8, ls="--")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("uniform → teacher gap closed (%)")
+    ax.set_title("P2: share of the gap to the teacher closed by the best table", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def _header(result: dict[str, Any]) -> list[str]:
+    m, cfg = result["machine"], result["config"]
+    return ["# stepsmith benchmarks", "",
+            f"Written by `{result['command']}` on {result['date']} in {result['seconds']:.0f} s"
+            + (" — **reduced preset (CI smoke run): numbers are not meaningful**" if result["reduced"] else "") + ".",
+            "", f"- machine: {m['platform']}, {m['cpus']} CPUs, torch threads {m['threads']}, no GPU",
+            "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+            f"- tables searched on noise seed 0 with {cfg['search_samples']} search samples; every "
+            f"cell evaluated on held-out noise seed 10 000 (N = {cfg['num']} per cell, the same noises "
+            f"for every row); teacher = Heun, {cfg['teacher_steps']} steps, same noises",
+            "- NFE = network evaluations per sample (Heun: 2K-1, DPM++(2M): K, Euler/DDIM: K); the final jump to "
+            "σ = 0 is a step and counts", ""]
+
+
+def _cell(v: float | None, kid: float | None, best: float) -> str:
+    if v is None:
+        return "–"
+    s = _fmt(v) + (f" ({kid:.3g})" if kid is not None else "")
+    return f"**{s}**" if v == best else s
+
+
+def _ratio_rows(labels: list[str], nfes: list[int], cells: dict[tuple[str, int], float]) -> list[str]:
+    """Best searched table ÷ best baseline, and ÷ the diffusers default schedule, per NFE."""
+    searched_best = {n: min((cells[(s, n)] for s in SEARCHED if (s, n) in cells), default=None) for n in nfes}
+    base_best = {n: min((cells[(lab, n)] for lab in labels if lab not in SEARCHED and (lab, n) in cells),
+                        default=None) for n in nfes}
+    default_v = {n: cells.get(("default", n)) for n in nfes}
+
+    def ratio(den: dict) -> str:
+        return " | ".join(_fmt(searched_best[n] / den[n], 3) if searched_best[n] and den[n] else "–" for n in nfes)
+
+    return ["", "| | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|",
+            "| best searched ÷ best baseline | " + ratio(base_best) + " |",
+            "| best searched ÷ diffusers default | " + ratio(default_v) + " |"]
+
+
+def _quality_config(res: dict[str, Any], out: Path, md_dir: Path) -> list[str]:
+    """P1 for one config: the table × NFE grid with the teacher row, the ratio rows and the figure."""
+    from eval.report import METRIC_NAMES, grid_table
+
+    rep = res["report"]
+    labels, nfes, cells = grid_table(rep)
+    kid = {(r["label"], r["nfe"]): r["extra"].get("kid") for r in rep["results"]}
+    best = {n: min(cells[(lab, n)] for lab in labels if (lab, n) in cells) for n in nfes}
+    metric = METRIC_NAMES.get(rep["metric"], rep["metric"])
+    lines = [f"### {res['name']} — {metric}, solver {res['solver']}", "",
+             "| table | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
+    for lab in labels:
+        row = [_cell(cells.get((lab, n)), kid.get((lab, n)), best[n]) for n in nfes]
+        name = f"*{lab}*" if lab in SEARCHED else lab
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    t = rep["teacher"]
+    tk = t.get("extra", {}).get("kid")
+    tv = _fmt(t["value"]) + (f" ({tk:.3g})" if tk is not None else "")
+    lines.append(f"| teacher (Heun NFE {t['nfe']}) | " + " | ".join(tv for _ in nfes) + " |")
+    if res["skipped_baselines"]:
+        lines.append("")
+        lines.append("Not applicable here: " + "; ".join(f"`{b}` ({why})" for b, why in res["skipped_baselines"].items()))
+    lines += _ratio_rows(labels, nfes, cells)
+    plot = out / "p1" / res["name"] / "quality_vs_nfe.png"
+    return lines + ["", f"![{res['name']}]({_rel(plot, md_dir)})", ""]
+
+
+def _quality(quality: list[dict[str, Any]], out: Path, md_dir: Path) -> list[str]:
+    lines = ["## P1 — quality vs NFE", "",
+             "Lower is better; **bold** = best per column. Digits: FID (KID in brackets) on the 128-d "
+             "digits-features network against real digits (N is small, so FID is biased upward: compare rows, "
+             "not papers). 2-D: exact Wasserstein-2 (POT) against true samples.", ""]
+    for res in quality:
+        lines += _quality_config(res, out, md_dir)
+    return lines
+
+
+def _gap(quality: list[dict[str, Any]], nfes: list[int], out: Path, md_dir: Path) -> list[str]:
+    lines = ["## P2 — share of the uniform → teacher gap closed by the best table", "",
+             "(uniform − best) ÷ (uniform − teacher); 100% = the best table at this NFE scores like the teacher.",
+             "", "| config | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
+    for res in quality:
+        g = teacher_gap(res)
+        lines.append(f"| {res['name']} | " + " | ".join(
+            "–" if g[n]["closed"] is None else f"{100 * g[n]['closed']:.0f}% ({g[n]['best_label']})" for n in g) + " |")
+    return lines + ["", f"![P2]({_rel(out / 'p2_gap_closed.png', md_dir)})", ""]
+
+
+def _search_cost(quality: list[dict[str, Any]]) -> list[str]:
+    lines = ["## P3 — search cost", "",
+             "Model calls are batched network evaluations (batch = search samples). Peak MB = growth of the "
+             "process's resident memory above its level at the start of the search (memory freed by an earlier "
+             "search and reused reads as 0). `dp ÷ ref` = cost-accumulation seconds ÷ reference-pass "
+             "seconds; `search ÷ ref` = the whole search (teacher DP, student DP, final-error refinement) ÷ "
+             "reference-pass seconds.", "",
+             "| config | method | NFE | model calls | seconds | peak MB | dp ÷ ref | search ÷ ref |",
+             "|---|---|---|---|---|---|---|---|"]
+    for res in quality:
+        for c in res["costs"]:
+            lines.append(f"| {res['name']} | {c['method']} | {c['nfe']} | {c['model_calls']} | {c['seconds']:.1f} | "
+                         f"{_fmt(c['peak_rss_mb'], 3)} | {_fmt(c.get('dp_over_reference'), 3)} | "
+                         f"{_fmt(c.get('search_over_reference'), 3)} |")
+    return lines + [""]
+
+
+def _overhead(overhead: list[dict[str, Any]]) -> list[str]:
+    lines = ["## P4 — run-time cost of a plugged table", "",
+             "Same pipeline, same seed, equal NFE; default schedule vs `pipe(**pipeline_kwargs(table, pipe))`, "
+             "interleaved repeats, median wall time.", "",
+             "| pipeline | NFE | batch | repeats | UNet calls default / plugged | median s default | median s plugged "
+             "| ratio | pipeline_kwargs ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for o in overhead:
+        lines.append(f"| {o['pipeline']} | {o['nfe']} | {o['batch']} | {o['repeats']} | "
+                     f"{o['unet_calls']['default']} / {o['unet_calls']['plugged']} | {o['median_s']['default']} | "
+                     f"{o['median_s']['plugged']} | **{o['ratio_plugged_over_default']}** | {o['pipeline_kwargs_ms']} |")
+    return lines + [""]
+
+
+def _straightening(distill: dict[str, Any], config: dict[str, Any] | list[str]) -> list[str]:
+    import shlex
+
+    from benchmarks.distill import DistillBenchConfig, cli_command, markdown
+    from benchmarks.options import config_from_dict
+
+    if isinstance(config, list):  # bench.json written before the config became a dataclass: its flags
+        command = shlex.join(["python", "-m", "benchmarks.distill", *config])
+    else:
+        command = cli_command(config_from_dict(DistillBenchConfig, config))
+    return ["## P5 — straightening: BOSS vs reflow vs k-step at equal budget", "",
+            f"`{command}`: every student gets the same "
+            "teacher trajectories, optimizer steps, batch size and learning rate. Cells: metric "
+            "(L2 distance to the teacher's sample from the same noise).", "", markdown(distill), ""]
+
+
+def markdown(result: dict[str, Any], md_dir: Path) -> str:
+    """BENCHMARKS.md for a suite result; figure links are relative to ``md_dir``."""
+    out, parts = Path(result["out"]), result["config"]["parts"]
+    lines = _header(result)
+    quality = result.get("quality") or []
+    if quality:
+        lines += _quality(quality, out, md_dir)
+    if "p2" in parts and quality:
+        lines += _gap(quality, result["config"]["nfe"], out, md_dir)
+    if "p3" in parts and quality:
+        lines += _search_cost(quality)
+    if result.get("overhead"):
+        lines += _overhead(result["overhead"])
+    if result.get("distill"):
+        lines += _straightening(result["distill"], result["config"]["distill"])
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,313 @@
+"""``stepsmith bench``: the benchmark suite, in one run, on the embedded models.
+
+    stepsmith bench --out runs/bench                  # full run (about an hour on 2 CPU cores)
+    stepsmith bench --reduced --out runs/bench-ci     # seconds; CI runs it so the suite never rots
+    stepsmith bench --render                          # re-write BENCHMARKS.md from the committed bench.json
+
+Writes ``BENCHMARKS.md`` (or ``--markdown PATH``), ``bench.json`` and the figures under ``--out``:
+
+* **P1 quality** — every searched method (dp, evolution, ays) and every baseline × NFE × solver
+  (Euler for flow models; DDIM and DPM-Solver++(2M) for the VP model), scored on held-out noises
+  (seed 10 000; tables are searched on seed 0): FID and KID on the digits-features network for
+  the digits models, exact Wasserstein-2 for the 2-D model, with the teacher row
+  (:func:`eval.sweep.run_sweep`).
+* **P2 teacher gap** — fraction of the uniform → teacher gap closed by the best table per NFE.
+* **P3 search cost** — model calls (batched network evaluations), seconds and peak resident-memory
+  growth per search; for ``dp`` its seconds ÷ the seconds of its reference pass.
+* **P4 run-time cost** — a plugged table vs the pipeline's default schedule in the real diffusers
+  pipeline at equal NFE (:mod:`benchmarks.overhead`).
+* **P5 straightening** — BOSS vs reflow vs k-step distillation at equal training budget
+  (:mod:`benchmarks.distill`).
+
+Every number in the file is measured by the run that writes it; the machine, versions, seeds and
+N are written next to them. The committed run is ``benchmarks/results/bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.distill import DistillBenchConfig, run_distill_bench
+from benchmarks.overhead import OverheadConfig, run_overhead
+from benchmarks.report import SEARCHED, markdown, plot_gap
+from schedules.io import StepsmithError, atomic_write, atomic_write_json
+
+PARTS = ("p1", "p2", "p3", "p4", "p5")
+COMMITTED = Path(__file__).resolve().parent / "results" / "bench" / "bench.json"
+
+
+@dataclass
+class BenchConfig:
+    """What one benchmark run measures. :data:`FULL` and :data:`REDUCED` are the presets."""
+
+    configs: tuple[tuple[str, str], ...] = (
+        ("builtin:toy2d-flow", "euler"), ("builtin:digits-flow", "euler"),
+        ("builtin:digits-ddpm", "ddim"), ("builtin:digits-ddpm", "dpmpp-2m"))
+    nfe: tuple[int, ...] = (2, 4, 6, 8, 10)
+    num: int = 500                      # evaluation samples per cell
+    teacher_steps: int = 50             # Heun steps of the evaluation teacher
+    search_samples: int = 32
+    searched: tuple[str, ...] = SEARCHED
+    # per-method search options; "grid" is replaced by grid_2d for the 2-D model
+    options: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "dp": {"grid": 60, "candidates": 6, "max_sweeps": 2},
+        "evolution": {"grid": 60, "population": 16, "generations": 8},
+        "ays": {"draws": 1, "candidates": 9, "max_sweeps": 3, "teacher_steps": 50},
+    })
+    grid_2d: int = 100
+    overhead: OverheadConfig = OverheadConfig()
+    distill: DistillBenchConfig = DistillBenchConfig(
+        nfe=(1, 2, 3, 4, 5, 6), steps=300, pairs=4000, teacher_steps=100, eval_samples=2000,
+        table_options={"free_start": False})
+    parts: tuple[str, ...] = PARTS
+
+
+FULL = BenchConfig()
+REDUCED = BenchConfig(
+    configs=(("builtin:toy2d-flow", "euler"), ("builtin:digits-ddpm", "ddim")), nfe=(2, 4), num=64, teacher_steps=8,
+    search_samples=8,
+    options={"dp": {"grid": 16, "candidates": 2, "max_sweeps": 1},
+             "evolution": {"grid": 16, "population": 6, "generations": 2},
+             "ays": {"draws": 1, "candidates": 3, "max_sweeps": 1, "teacher_steps": 8}},
+    grid_2d=16,
+    overhead=OverheadConfig(pipelines=("flow",), nfe=2, batch=2, repeats=2, warmup=1),
+    distill=DistillBenchConfig(
+        nfe=(1, 2), steps=20, pairs=256, teacher_steps=10, reference_steps=10, straight_steps=10, eval_samples=128,
+        straight_samples=64, search_samples=8, batch_size=64, warmup=5,
+        table_options={"grid": 16, "candidates": 2, "max_sweeps": 1, "free_start": False}),
+)
+
+
+class PeakRSS:
+    """Peak growth of this process's resident memory (MB) while the block runs (Linux /proc)."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval, self.peak_mb = interval, None
+
+    @staticmethod
+    def _rss_mb() -> float | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __enter__(self) -> PeakRSS:
+        self._start = self._rss_mb()
+        self._max = self._start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            v = self._rss_mb()
+            if v is not None and self._max is not None:
+                self._max = max(self._max, v)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._start is not None:
+            end = self._rss_mb() or self._start
+            self.peak_mb = round(max(self._max, end) - self._start, 1)
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def _config_name(model: str, solver: str) -> str:
+    return f"{model.split(':', 1)[-1]}-{solver}"
+
+
+def _search_options(cfg: BenchConfig, method: str, adapter) -> dict[str, Any]:
+    opts = dict(cfg.options.get(method, {}))
+    if "grid" in opts and len(adapter.sample_shape) == 1:
+        opts["grid"] = cfg.grid_2d
+    return opts
+
+
+def _search_cost(method: str, nfe: int, provenance: dict[str, Any], peak_mb: float | None) -> dict[str, Any]:
+    """P3 row of one search, from the model calls and seconds ``make_table`` records in the table."""
+    p = provenance
+    cost = {"method": method, "nfe": nfe, "model_calls": p["model_calls"], "seconds": round(float(p["seconds"]), 2),
+            "peak_rss_mb": peak_mb}
+    if "reference_seconds" in p:
+        ref = max(float(p["reference_seconds"]), 1e-9)
+        cost.update(reference_seconds=p["reference_seconds"], dp_over_reference=p.get("dp_over_reference"),
+                    search_over_reference=round(cost["seconds"] / ref, 2))
+    return cost
+
+
+def _searched_tables(cfg: BenchConfig, adapter, solver: str, name: str, progress: bool) -> tuple[list, list[dict]]:
+    """Every searched method at every NFE (search seed 0), with its P3 cost."""
+    from schedules.search import make_table
+
+    tables, costs = [], []
+    for method in cfg.searched:
+        for n in cfg.nfe:
+            with PeakRSS() as mem:
+                t = make_table(adapter, method, n, solver, samples=cfg.search_samples, seed=0, progress=progress,
+                               **_search_options(cfg, method, adapter))
+            costs.append(_search_cost(method, n, t.provenance, mem.peak_mb))
+            tables.append(t)
+            if progress:
+                print(f"[bench] {name}: {method} NFE {n}: {costs[-1]['seconds']} s, {costs[-1]['model_calls']} calls",
+                      file=sys.stderr, flush=True)
+    return tables, costs
+
+
+def _baseline_tables(cfg: BenchConfig, adapter, solver: str) -> tuple[list, dict[str, str]]:
+    """Every baseline at every NFE, and why the baselines that do not apply to this model were skipped."""
+    from schedules.baselines import BASELINES
+    from schedules.search import make_table
+
+    tables, skipped = [], {}
+    for b in BASELINES:
+        for n in cfg.nfe:
+            try:
+                tables.append(make_table(adapter, b, n, solver))
+            except StepsmithError as exc:
+                skipped.setdefault(b, str(exc).split(";")[0])
+    return tables, skipped
+
+
+def run_quality(cfg: BenchConfig, out: Path, progress: bool, command: str) -> list[dict[str, Any]]:
+    """P1 and P3: search every method, build every baseline, score them all in one sweep per config."""
+    from eval.sweep import run_sweep
+    from schedules.adapters import load_model
+
+    results = []
+    for model, solver in cfg.configs:
+        name = _config_name(model, solver)
+        adapter = load_model(model)
+        searched, costs = _searched_tables(cfg, adapter, solver, name, progress)
+        baselines, skipped = _baseline_tables(cfg, adapter, solver)
+        report = run_sweep(adapter, tables=searched + baselines, num=cfg.num, teacher_steps=cfg.teacher_steps,
+                           out=out / "p1" / name, progress=progress, command=command)
+        results.append({"name": name, "model": model, "solver": solver, "report": report, "costs": costs,
+                        "skipped_baselines": skipped})
+    return results
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def resolve_markdown_path(out: str | Path, given: str | Path | None = None) -> Path:
+    """Where BENCHMARKS.md goes: ``given``, else inside the run's output folder."""
+    return Path(given) if given else Path(out) / "BENCHMARKS.md"
+
+
+def _machine() -> dict[str, Any]:
+    import diffusers
+    import torch
+    import torchmetrics
+
+    from schedules.table import package_version
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "versions": {"stepsmith": package_version(), "python": platform.python_version(),
+                         "torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "torchmetrics": torchmetrics.__version__}}
+
+
+def run_bench(cfg: BenchConfig = FULL, out: str | Path = "runs/bench", *, markdown_path: str | Path | None = None,
+              reduced: bool = False, progress: bool = True, command: str = "stepsmith bench") -> dict[str, Any]:
+    """Run the parts of ``cfg``; writes ``out/bench.json``, the figures and the Markdown, returns the result.
+
+    ``command`` is recorded in every results file as the command that reproduces it.
+    """
+    from eval.report import _jsonable
+
+    unknown = set(cfg.parts) - set(PARTS)
+    if unknown:
+        raise StepsmithError(f"unknown benchmark parts {sorted(unknown)}; choose from {','.join(PARTS)}")
+    out = Path(out)
+    md_path = resolve_markdown_path(out, markdown_path)
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {
+        "format": "stepsmith.bench/v1", "command": command, "reduced": reduced, "out": str(out),
+        "markdown": str(md_path), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "config": asdict(cfg), "machine": _machine(),
+    }
+    if {"p1", "p2", "p3"} & set(cfg.parts):
+        result["quality"] = run_quality(cfg, out, progress, command)
+        plot_gap(result["quality"], out / "p2_gap_closed.png")
+    if "p4" in cfg.parts:
+        result["overhead"] = run_overhead(cfg.overhead)
+    if "p5" in cfg.parts:
+        result["distill"] = run_distill_bench(cfg.distill, out / "p5" / "distill.json", command=command,
+                                              progress=progress)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    atomic_write_json(out / "bench.json", _jsonable(result))
+    atomic_write(md_path, markdown(result, md_path.resolve().parent))
+    return result
+
+
+def render(bench_json: str | Path = COMMITTED, markdown_path: str | Path | None = None) -> Path:
+    """Re-write the Markdown of an earlier run from its ``bench.json`` (no measurement); returns its path.
+
+    Figures are linked from the folder that holds ``bench_json``; the Markdown goes to
+    ``markdown_path``, else where that run wrote it (resolved against the folder the run started
+    in, so this works from any directory), else beside ``bench_json``.
+    """
+    bench_json = Path(bench_json).resolve()
+    result = json.loads(bench_json.read_text())
+    folder = bench_json.parent
+    if markdown_path is None and result.get("markdown"):
+        markdown_path = _run_dir(folder, Path(result["out"])) / result["markdown"]
+    md = resolve_markdown_path(folder, markdown_path)
+    atomic_write(md, markdown({**result, "out": str(folder)}, md.resolve().parent))
+    return md
+
+
+def _run_dir(folder: Path, out: Path) -> Path:
+    """The folder a run started in, given where its ``--out`` folder is now (``out`` as it recorded it)."""
+    n = len(out.parts)
+    if not out.is_absolute() and n and folder.parts[-n:] == out.parts:
+        return Path(*folder.parts[:-n])
+    return Path.cwd()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark suite P1-P5 on the embedded models → BENCHMARKS.md",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json, figures and per-config reports")
+    p.add_argument("--markdown", default=None, help="where to write BENCHMARKS.md (default OUT/BENCHMARKS.md)")
+    p.add_argument("--reduced", action="store_true", help="tiny sizes: a smoke run that finishes in seconds")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of p1..p5")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--render", metavar="BENCH_JSON", nargs="?", const=str(COMMITTED), default=None,
+                   help="only re-write the Markdown from an earlier run's bench.json (default: the committed run, "
+                        "benchmarks/results/bench/bench.json), to where that run wrote it unless --markdown; "
+                        "no measurement")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.render:
+        md = render(args.render, args.markdown)
+        print(f"wrote {md} from {args.render}")
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = replace(REDUCED if args.reduced else FULL, parts=tuple(p for p in args.parts.split(",") if p))
+    md = resolve_markdown_path(args.out, args.markdown)
+    result = run_bench(cfg, args.out, markdown_path=md, reduced=args.reduced,
+                       command=getattr(args, "invocation", "stepsmith bench"))
+    print(f"wrote {md} and {Path(args.out) / 'bench.json'} in {result['seconds']:.0f} s")
