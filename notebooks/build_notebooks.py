@@ -51,7 +51,7 @@ dp.save("digits-flow-dp6.json")"""),
 `pipeline_kwargs(table, pipe)` returns the `sigmas=` / `timesteps=` arguments for this pipeline's
 scheduler. A forward hook on the UNet checks that the pipeline evaluates the model exactly at the
 table's timesteps, NFE times."""),
-    ("code", """from schedules.diffusers_integration import pipeline_kwargs
+    ("code", """from schedules.diffusers import pipeline_kwargs
 from schedules.embedded import embedded_path
 from schedules.pipeline import UnconditionalFlowMatchPipeline
 from diffusers.utils import logging as diffusers_logging
@@ -177,7 +177,7 @@ plt.show()"""),
     stepsmith search --model builtin:toy2d-flow --method dp --nfe 2 --solver euler --out t.json
     stepsmith distill --model builtin:toy2d-flow --table t.json --method boss --steps 2000 --out straight/
 
-`python -m distill.bench` compares BOSS, reflow and k-step distillation at equal budget."""),
+`python -m benchmarks.distill` compares BOSS, reflow and k-step distillation at equal budget."""),
 ]
 
 NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "distillation.ipynb": DISTILL}

@@ -74,10 +74,11 @@ def _resolve(adapter, scheduler, convention, prediction) -> tuple[Convention, st
         if isinstance(scheduler, dict):
             conv, pred = convention_from_scheduler_config(scheduler)
         else:
-            from schedules.diffusers_integration import _EDMConventionMarker, scheduler_convention
+            from schedules.conventions import EDMConvention
+            from schedules.diffusers import scheduler_convention
 
             conv, pred = scheduler_convention(scheduler)
-            if isinstance(conv, _EDMConventionMarker):
+            if isinstance(conv, EDMConvention):
                 raise StepsmithError("EDM schedulers have no ᾱ: build the table with TimestepTable(...) directly")
         if prediction is not None and prediction != pred:
             raise StepsmithError(f"prediction={prediction!r} contradicts the scheduler's {pred!r}")

@@ -80,7 +80,7 @@ class UnconditionalFlowMatchPipeline(DiffusionPipeline):
             num_inference_steps: steps of the scheduler's default schedule.
             timesteps / sigmas: a custom schedule passed to ``scheduler.set_timesteps``
                 (FlowMatch: N sigmas, 0 appended, the scheduler's ``shift`` applied — use
-                :func:`schedules.diffusers_integration.pipeline_kwargs` to pass a table exactly).
+                :func:`schedules.diffusers.pipeline_kwargs` to pass a table exactly).
             generator: torch generator(s) for the initial noise.
             latents: initial noise (overrides ``generator``), shape [B, C, H, W].
             mu: dynamic-shifting parameter, for schedulers configured with it.

@@ -39,7 +39,7 @@ from transformers import (
 )
 
 from schedules.conventions import FlowConvention, VPConvention
-from schedules.diffusers_integration import model_timesteps, pipeline_kwargs, remove_table
+from schedules.diffusers import model_timesteps, pipeline_kwargs, remove_table
 from schedules.io import StepsmithError
 from schedules.table import TimestepTable
 
@@ -185,7 +185,7 @@ class Recorder:
         self.scale = scale
         self.handle = module.register_forward_pre_hook(self, with_kwargs=True)
 
-    def __call__(self, module, args, kwargs):
+    def __call__(self, _module, args, kwargs):
         t = kwargs["timestep"] if "timestep" in kwargs else args[1]
         t = torch.as_tensor(t).reshape(-1).to(torch.float64)
         assert torch.all(t == t[0])

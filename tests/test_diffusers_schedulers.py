@@ -12,7 +12,7 @@ import torch
 
 from schedules.analytic import GaussianDenoiser
 from schedules.conventions import FlowConvention, VPConvention, x0_to_prediction
-from schedules.diffusers_integration import apply_table, model_timesteps, pin_table, scheduler_for_table
+from schedules.diffusers import apply_table, model_timesteps, pin_table, scheduler_for_table
 from schedules.io import StepsmithError
 from schedules.solvers import sample
 from schedules.table import TimestepTable
@@ -209,3 +209,36 @@ def test_initial_noise_scale_matches_our_solver_start(cls):
         apply_table(table, cls(**VP_CFG, timestep_spacing="trailing", **extra))
     sch = apply_table(table, cls(**VP_CFG, timestep_spacing="trailing"), swap=True)
     assert float(sch.init_noise_sigma) == pytest.approx((table.sigmas[0] ** 2 + 1) ** 0.5, rel=1e-6)
+
+
+def test_edm_scheduler_describes_an_edm_convention():
+    from schedules.conventions import EDMConvention
+    from schedules.diffusers import scheduler_convention
+
+    sch = diffusers.EDMEulerScheduler(sigma_min=0.01, sigma_max=50.0, sigma_data=0.6, prediction_type="v_prediction")
+    conv, pred = scheduler_convention(sch)
+    assert isinstance(conv, EDMConvention) and pred == "v"
+    assert (conv.sigma_min, conv.sigma_max, conv.sigma_data) == (0.01, 50.0, 0.6)
+    s = torch.tensor([50.0, 3.0, 0.02], dtype=torch.float64)
+    torch.testing.assert_close(conv.model_time(s), sch.precondition_noise(s))  # the network's c_noise
+    torch.testing.assert_close(conv.sigma_from_model_time(conv.model_time(s)), s)
+    assert conv.alpha(s).tolist() == [1.0] * 3 and conv.sigma_t(s) is s  # x = x0 + σ·ε
+    assert conv.check_sigmas([80.0, 1.0, 0.0]) is not None and conv.check_sigmas([40.0, 1.0, 0.0]) is None
+
+
+def test_every_record_names_a_diffusers_class_and_its_config_keys():
+    import inspect
+
+    from schedules.diffusers import RECORDS, record_for
+
+    for table in (flow_table(), vp_table()):
+        for rec in RECORDS:
+            params = set(inspect.signature(rec.cls.__init__).parameters)
+            assert set(rec.neutral(table)) <= params, rec.name
+            assert rec.solvers and rec.entries and set(rec.replaces) <= set(rec.solvers)
+    # subclasses (and pinned copies) resolve to their diffusers base class's record
+    sub = type("MyEuler", (diffusers.EulerDiscreteScheduler,), {})
+    assert record_for(sub(**VP_CFG)).name == "EulerDiscreteScheduler"
+    assert record_for(pin_table(flow_table(), diffusers.FlowMatchEulerDiscreteScheduler())).name == \
+        "FlowMatchEulerDiscreteScheduler"
+    assert record_for(diffusers.DDPMScheduler(**VP_CFG)) is None

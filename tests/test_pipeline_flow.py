@@ -23,7 +23,7 @@ from diffusers import (
 
 from schedules.adapters import ModelAdapter
 from schedules.conventions import FlowConvention, VPConvention
-from schedules.diffusers_integration import model_timesteps, pipeline_kwargs, plugged, remove_table
+from schedules.diffusers import model_timesteps, pipeline_kwargs, plugged, remove_table
 from schedules.embedded import embedded_path
 from schedules.embedded.nets import digits_unet_config
 from schedules.io import StepsmithError
@@ -53,7 +53,7 @@ class Recorder:
         self.key, self.pos = key, pos
         self.handle = module.register_forward_pre_hook(self, with_kwargs=True)
 
-    def __call__(self, module, args, kwargs):
+    def __call__(self, _module, args, kwargs):
         t = kwargs[self.key] if self.key in kwargs else args[self.pos]
         t = torch.as_tensor(t).reshape(-1)
         assert torch.all(t == t[0]), "every sample in a call must get the same timestep"
@@ -356,3 +356,19 @@ def test_repeated_plugging_reuses_the_checked_plan(ddpm_pipe):
         assert ddpm_pipe.scheduler.timesteps.tolist() == pytest.approx(other.timesteps)
     finally:
         remove_table(ddpm_pipe)
+
+
+def test_input_scaling_is_read_from_the_pipeline_code_not_its_text(ddpm_pipe, flow_pipe):
+    from schedules.diffusers import pipeline_scales_input
+
+    assert pipeline_scales_input(flow_pipe)
+    assert not pipeline_scales_input(ddpm_pipe)
+    assert not pipeline_scales_input(DDIMPipeline(ddpm_pipe.unet, DDIMScheduler(**DDPM_CFG)))
+    # a docstring that mentions the names does not count; code without a source file does
+    mentions = type("Mentions", (DDPMPipeline,), {"__doc__": "calls scale_model_input and init_noise_sigma"})
+    assert not pipeline_scales_input(mentions(ddpm_pipe.unet, DDPMScheduler(**DDPM_CFG)))
+    namespace: dict = {}
+    exec("def __call__(self, x):\n    x = x * self.scheduler.init_noise_sigma\n"
+         "    return self.scheduler.scale_model_input(x, 0)\n", namespace)
+    scaling = type("Scaling", (DDPMPipeline,), {"__call__": namespace["__call__"]})
+    assert pipeline_scales_input(scaling(ddpm_pipe.unet, DDPMScheduler(**DDPM_CFG)))
