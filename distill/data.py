@@ -9,10 +9,11 @@ exactly the same teacher samples (equal budget):
   the recorded states are the teacher's own trajectory, not an interpolation,
 * the final sample x(0) = ODE(z0).
 
-The fine grid is :func:`schedules.solvers.reference_sigmas` (uniform in σ for flow models,
-EDM ρ=7 for VP) merged with the table nodes; the solver is Heun (default) or Euler (BOSS
-used 100-step Euler). States are stored in the model's native ``x``; trainers convert to
-the solver's ODE coordinates y = x / c(s) (see :mod:`schedules.solvers`).
+The teacher is :mod:`schedules.teacher`'s, on the convention's reference grid (uniform in σ for
+flow models, EDM ρ=7 for VP) merged with the table nodes (:func:`distill_teacher`); the solver is
+Heun (default) or Euler (BOSS used 100-step Euler); its description is recorded with the data.
+States are stored in the model's native ``x``; trainers convert to the solver's ODE coordinates
+y = x / c(s) (see :mod:`schedules.solvers`).
 
 The last ``val_fraction`` of the trajectories is held out (split by trajectory, so no
 validation segment shares a trajectory with a training one).
@@ -24,15 +25,15 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from schedules.adapters import ModelAdapter
 from schedules.io import StepsmithError, load_safetensors, save_safetensors
-from schedules.solvers import euler_step, heun_step, reference_sigmas
 from schedules.table import TimestepTable
+from schedules.teacher import Teacher, teacher_sample
 
 TEACHER_SOLVERS = ("heun", "euler")
 
@@ -43,7 +44,8 @@ class TeacherData:
 
     ``states[n, m]`` is trajectory ``n`` at sigma ``nodes[m]`` (``nodes`` strictly
     decreasing, ``nodes[0]`` = the tables' start, ``nodes[-1] = 0``); ``states[:, 0]`` is
-    the noise z0 and ``states[:, -1]`` the teacher sample ODE(z0).
+    the noise z0 and ``states[:, -1]`` the teacher sample ODE(z0). ``teacher`` is the teacher's
+    :meth:`~schedules.teacher.Teacher.describe`.
     """
 
     states: torch.Tensor
@@ -51,6 +53,7 @@ class TeacherData:
     n_val: int
     fingerprint: str
     teacher_calls: int = 0
+    teacher: dict = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -83,7 +86,7 @@ class TeacherData:
 
     def save(self, path) -> None:
         meta = {"nodes": json.dumps(self.nodes), "n_val": str(self.n_val), "fingerprint": self.fingerprint,
-                "teacher_calls": str(self.teacher_calls)}
+                "teacher_calls": str(self.teacher_calls), "teacher": json.dumps(self.teacher)}
         save_safetensors(path, {"states": self.states}, metadata=meta)
 
     @classmethod
@@ -95,7 +98,8 @@ class TeacherData:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
             return cls(states=tensors["states"], nodes=json.loads(meta["nodes"]), n_val=int(meta["n_val"]),
-                       fingerprint=meta["fingerprint"], teacher_calls=int(meta.get("teacher_calls", 0)))
+                       fingerprint=meta["fingerprint"], teacher_calls=int(meta.get("teacher_calls", 0)),
+                       teacher=json.loads(meta.get("teacher", "{}")))
         except (KeyError, ValueError) as exc:
             raise StepsmithError(f"teacher data {path} is incomplete ({exc}); delete it to regenerate") from None
 
@@ -119,8 +123,13 @@ def fine_grid(adapter: ModelAdapter, nodes: Sequence[float], steps: int) -> list
     def near_node(v: float) -> bool:
         return any(math.isclose(v, u, rel_tol=1e-6, abs_tol=1e-9) for u in nodes)
 
-    ref = [v for v in reference_sigmas(adapter.convention, steps) if v < nodes[0] and not near_node(v)]
+    ref = [v for v in adapter.convention.reference_sigmas(steps) if v < nodes[0] and not near_node(v)]
     return sorted(set(ref) | set(nodes), reverse=True)
+
+
+def distill_teacher(adapter: ModelAdapter, nodes: Sequence[float], steps: int, solver: str = "heun") -> Teacher:
+    """The distillation teacher: ``solver`` along :func:`fine_grid`, so its states at the nodes are its own."""
+    return Teacher.on_grid(fine_grid(adapter, nodes, steps), solver, label=f"reference-{steps}+nodes")
 
 
 def data_fingerprint(adapter: ModelAdapter, nodes: Sequence[float], n: int, seed: int, teacher_steps: int,
@@ -142,32 +151,21 @@ def generate_teacher_data(adapter: ModelAdapter, tables: Sequence[TimestepTable]
     for t in tables:
         t.check_compatible(adapter.convention, adapter.prediction, what=adapter.name)
     nodes = table_nodes(tables)
-    grid = fine_grid(adapter, nodes, teacher_steps)
-    node_set = {v: i for i, v in enumerate(nodes)}
+    teacher = distill_teacher(adapter, nodes, teacher_steps, teacher_solver)
     noise = adapter.noise(n, seed)
     out = torch.empty((n, len(nodes), *adapter.sample_shape), dtype=torch.float32)
-    conv = adapter.convention
     calls0 = adapter.calls
     was_training = adapter.module.training
     adapter.module.eval()
     try:
         for b0 in tqdm(range(0, n, batch_size), desc="teacher trajectories", disable=not progress, leave=False):
-            x = noise[b0:b0 + batch_size]
-            out[b0:b0 + len(x), 0] = x.float().cpu()
-            for i in range(len(grid) - 1):
-                s, s_next = grid[i], grid[i + 1]
-                sv = torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device)
-                x0 = adapter.denoise(x, sv)
-                if teacher_solver == "heun":
-                    x = heun_step(conv, adapter.denoise, x, x0, s, s_next)
-                else:
-                    x = euler_step(conv, x, x0, s, s_next)
-                if s_next in node_set:
-                    out[b0:b0 + len(x), node_set[s_next]] = x.float().cpu()
+            run = teacher_sample(adapter, noise[b0:b0 + batch_size], teacher, nodes=nodes)
+            out[b0:b0 + len(run.x)] = run.states.transpose(0, 1).float().cpu()
     finally:
         adapter.module.train(was_training)
     n_val = max(1, int(round(n * val_fraction))) if val_fraction > 0 else 0
     if n - n_val < 1:
         raise StepsmithError(f"--pairs {n} leaves no training trajectories after holding out {n_val}")
     fp = data_fingerprint(adapter, nodes, n, seed, teacher_steps, teacher_solver, val_fraction)
-    return TeacherData(states=out, nodes=list(nodes), n_val=n_val, fingerprint=fp, teacher_calls=adapter.calls - calls0)
+    return TeacherData(states=out, nodes=list(nodes), n_val=n_val, fingerprint=fp, teacher_calls=adapter.calls - calls0,
+                       teacher=teacher.describe())

@@ -9,6 +9,11 @@ evaluates the model at K nodes and ends with the jump to σ = 0.
   ``timesteps=`` (DDPM, DPMSolverMultistep). Collisions after rounding are pushed apart.
 * **Flow models**: any σ in [0, 1]; the first node is σ = 1 (pure noise).
 
+Where a baseline needs the model's time — its σ range, EDM σ, snapping, where sampling
+starts — it asks the convention (:mod:`schedules.conventions`); only the emulations of
+diffusers' own schedulers (``default`` and the ``timestep_spacing`` family) are defined per
+convention class, and refuse a convention they have no definition for.
+
 References: DDIM (Song et al. 2021, uniform/quadratic), EDM (Karras et al. 2022, ρ=7),
 DPM-Solver (Lu et al. 2022, logSNR-uniform), SD3 (Esser et al. 2024, shift), Align Your
 Steps (Sabour et al. 2024, Gaussian closed form and published lists), diffusers
@@ -25,45 +30,23 @@ import numpy as np
 import torch
 
 from schedules.adapters import ModelAdapter
-from schedules.conventions import apply_shift, edm_to_flow, flow_to_edm
+from schedules.conventions import FlowConvention, VPConvention, apply_shift, distinct_descending_ints, karras_sigmas
 from schedules.io import StepsmithError
-from schedules.solvers import get_solver, karras_sigmas
+from schedules.solvers import get_solver
 from schedules.table import TimestepTable
-
-FLOW_SIGMA_MIN = 1e-3  # diffusers FlowMatch default last nonzero σ (1/num_train_timesteps)
 
 
 def steps_for(adapter: ModelAdapter, nfe: int, solver: str) -> int:
     if not isinstance(nfe, int) or nfe < 1:
         raise StepsmithError(f"NFE must be a positive integer, got {nfe!r}")
     K = get_solver(solver).steps_for_nfe(nfe)
-    if adapter.convention.name == "vp" and K > adapter.convention.num_train_timesteps:
-        raise StepsmithError(f"{K} steps exceed the model's {adapter.convention.num_train_timesteps} timesteps")
+    T = adapter.convention.discrete_timesteps
+    if T is not None and K > T:
+        raise StepsmithError(f"{K} steps exceed the model's {T} timesteps")
     return K
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def distinct_descending_ints(ts: Sequence[float], T: int) -> list[int]:
-    """Round to integers in [0, T-1], strictly decreasing; collisions are pushed apart.
-
-    Pushes toward t=0 first, then (if the tail runs out of room) back toward T-1.
-    """
-    K = len(ts)
-    if K > T:
-        raise StepsmithError(f"{K} distinct timesteps do not fit in {T} training timesteps")
-    r = [int(min(max(round(float(t)), 0), T - 1)) for t in ts]
-    for i in range(1, K):  # forward pass: each strictly below its predecessor
-        if r[i] >= r[i - 1]:
-            r[i] = r[i - 1] - 1
-    for i in range(K - 1, -1, -1):  # backward pass: keep within [0, ...] room
-        lo = K - 1 - i
-        if r[i] < lo:
-            r[i] = lo
-        if i < K - 1 and r[i] <= r[i + 1]:
-            r[i] = r[i + 1] + 1
-    return r
 
 
 def _table(adapter: ModelAdapter, sigmas: Sequence[float], solver: str, method: str,
@@ -75,15 +58,7 @@ def _table(adapter: ModelAdapter, sigmas: Sequence[float], solver: str, method: 
 def table_from_nodes(adapter: ModelAdapter, nodes: Sequence[float], solver: str, method: str,
                      provenance: dict | None = None) -> TimestepTable:
     """K evaluated native sigmas (descending) → table; VP nodes snap to distinct integer timesteps."""
-    conv = adapter.convention
-    nodes = [float(v) for v in nodes]
-    if conv.name == "vp":
-        lo, hi = conv.sigma_min, conv.sigma_max
-        clipped = torch.tensor([min(max(v, lo), hi) for v in nodes], dtype=torch.float64)
-        ts = distinct_descending_ints(conv.model_time(clipped).tolist(), conv.num_train_timesteps)
-        return table_from_timesteps(adapter, ts, solver, method, provenance)
-    nodes = [min(max(v, 0.0), 1.0) for v in nodes]
-    return _table(adapter, nodes + [0.0], solver, method, provenance)
+    return _table(adapter, adapter.convention.snap_nodes([float(v) for v in nodes]), solver, method, provenance)
 
 
 def table_from_timesteps(adapter: ModelAdapter, timesteps: Sequence[float], solver: str, method: str,
@@ -94,23 +69,17 @@ def table_from_timesteps(adapter: ModelAdapter, timesteps: Sequence[float], solv
     return _table(adapter, sig + [0.0], solver, method, provenance)
 
 
-def _flow_sigma_min(adapter: ModelAdapter) -> float:
-    cfg = adapter.scheduler_config or {}
-    return 1.0 / float(cfg.get("num_train_timesteps", 1000)) if cfg else FLOW_SIGMA_MIN
+def _train_timesteps(adapter: ModelAdapter) -> int | None:
+    return (adapter.scheduler_config or {}).get("num_train_timesteps")
 
 
 def _range(adapter: ModelAdapter) -> tuple[float, float]:
-    """(σ_min, σ_max) of evaluated nodes in native sigma."""
-    conv = adapter.convention
-    if conv.name == "vp":
-        return conv.sigma_min, conv.sigma_max
-    return _flow_sigma_min(adapter), 1.0
+    """(σ_min, σ_max) of evaluated nodes in native sigma (the convention's, with the scheduler's T)."""
+    return adapter.convention.sampling_range(_train_timesteps(adapter))
 
 
-def _with_noise_start(adapter: ModelAdapter, nodes: list[float]) -> list[float]:
-    if adapter.convention.name == "flow" and nodes:
-        nodes[0] = 1.0
-    return nodes
+def _from_noise(adapter: ModelAdapter, nodes: list[float]) -> list[float]:
+    return adapter.convention.pin_noise_start(nodes)
 
 
 # --------------------------------------------------------------------------- baselines
@@ -119,10 +88,10 @@ def _with_noise_start(adapter: ModelAdapter, nodes: list[float]) -> list[float]:
 def uniform(adapter: ModelAdapter, nfe: int, solver: str = "euler") -> TimestepTable:
     """Uniform in the model's own time: σ = 1, (K-1)/K, ..., 1/K for flow; t = T-1..0 for VP (DDIM 'uniform')."""
     K = steps_for(adapter, nfe, solver)
-    conv = adapter.convention
-    if conv.name == "flow":
-        return _table(adapter, torch.linspace(1.0, 0.0, K + 1, dtype=torch.float64).tolist(), solver, "uniform")
-    T = conv.num_train_timesteps
+    T = adapter.convention.discrete_timesteps
+    if T is None:  # continuous time: uniform in σ from the top of the range to the terminal 0
+        return _table(adapter, torch.linspace(_range(adapter)[1], 0.0, K + 1, dtype=torch.float64).tolist(), solver,
+                      "uniform")
     ts = np.linspace(T - 1, 0, K) if K > 1 else np.array([T - 1.0])
     return table_from_timesteps(adapter, distinct_descending_ints(ts, T), solver, "uniform")
 
@@ -130,11 +99,10 @@ def uniform(adapter: ModelAdapter, nfe: int, solver: str = "euler") -> TimestepT
 def quadratic(adapter: ModelAdapter, nfe: int, solver: str = "euler") -> TimestepTable:
     """DDIM's quadratic time (Song et al. 2021): nodes at u² of the time range, u uniform, denser near data."""
     K = steps_for(adapter, nfe, solver)
-    conv = adapter.convention
-    if conv.name == "flow":
+    T = adapter.convention.discrete_timesteps
+    if T is None:  # continuous time: u² of the σ range, the terminal u = 0 included
         u = torch.linspace(1.0, 0.0, K + 1, dtype=torch.float64)
-        return _table(adapter, (u**2).tolist(), solver, "quadratic")
-    T = conv.num_train_timesteps
+        return _table(adapter, (u**2 * _range(adapter)[1]).tolist(), solver, "quadratic")
     u = np.linspace(1.0, 0.0, K) if K > 1 else np.array([1.0])
     return table_from_timesteps(adapter, distinct_descending_ints((T - 1) * u**2, T), solver, "quadratic")
 
@@ -144,7 +112,7 @@ def karras(adapter: ModelAdapter, nfe: int, solver: str = "euler", rho: float = 
     K = steps_for(adapter, nfe, solver)
     lo, hi = _range(adapter)
     nodes = karras_sigmas(lo, hi, K, rho) if K > 1 else [hi]
-    return table_from_nodes(adapter, _with_noise_start(adapter, nodes), solver, "karras")
+    return table_from_nodes(adapter, _from_noise(adapter, nodes), solver, "karras")
 
 
 def exponential(adapter: ModelAdapter, nfe: int, solver: str = "euler") -> TimestepTable:
@@ -152,26 +120,22 @@ def exponential(adapter: ModelAdapter, nfe: int, solver: str = "euler") -> Times
     K = steps_for(adapter, nfe, solver)
     lo, hi = _range(adapter)
     nodes = np.exp(np.linspace(math.log(hi), math.log(lo), K)).tolist() if K > 1 else [hi]
-    return table_from_nodes(adapter, _with_noise_start(adapter, nodes), solver, "exponential")
+    return table_from_nodes(adapter, _from_noise(adapter, nodes), solver, "exponential")
 
 
 def logsnr(adapter: ModelAdapter, nfe: int, solver: str = "euler") -> TimestepTable:
     """Uniform in logSNR λ = -2·log σ_edm (DPM-Solver's default). Flow: λ range of σ ∈ [σ_min, 1-σ_min], first node σ=1."""
     K = steps_for(adapter, nfe, solver)
-    lo, hi = _range(adapter)
-    if adapter.convention.name == "flow":
-        lo_e, hi_e = flow_to_edm(lo), flow_to_edm(1.0 - lo)
-    else:
-        lo_e, hi_e = lo, hi
+    conv = adapter.convention
+    lo_e, hi_e = conv.edm_range(_train_timesteps(adapter))
     lam = np.linspace(-2 * math.log(hi_e), -2 * math.log(lo_e), K) if K > 1 else np.array([-2 * math.log(hi_e)])
-    edm = np.exp(-lam / 2)
-    nodes = (edm_to_flow(edm) if adapter.convention.name == "flow" else edm).tolist()
-    return table_from_nodes(adapter, _with_noise_start(adapter, nodes), solver, "logsnr")
+    nodes = [conv.from_edm(float(v)) for v in np.exp(-lam / 2)]
+    return table_from_nodes(adapter, _from_noise(adapter, nodes), solver, "logsnr")
 
 
 def shift(adapter: ModelAdapter, nfe: int, solver: str = "euler", shift: float = 3.0) -> TimestepTable:
     """SD3 time shift (Esser et al. 2024): σ' = shift·σ/(1+(shift-1)σ) applied to uniform σ. Flow models only."""
-    if adapter.convention.name != "flow":
+    if not isinstance(adapter.convention, FlowConvention):
         raise StepsmithError("the 'shift' baseline is defined for flow (FlowMatch) models; use karras or logsnr for VP")
     if not shift > 0:
         raise StepsmithError(f"shift must be positive, got {shift}")
@@ -215,6 +179,39 @@ def _flow_default_sigmas(adapter: ModelAdapter, K: int, shift_value: float | Non
     return s
 
 
+def _vp_spacing_sigmas(adapter: ModelAdapter, K: int, spacing: str | None) -> list[float]:
+    """VP: the integer timesteps of DDIM/DDPM ``set_timesteps(K)`` (``spacing`` None: the config's own)."""
+    return adapter.convention.timesteps_to_table(_vp_scheduler_timesteps(adapter, K, spacing))
+
+
+def _flow_spacing_sigmas(adapter: ModelAdapter, K: int, spacing: str | None) -> list[float]:
+    """Flow: FlowMatchEuler ``set_timesteps(K)`` (``spacing`` None: with the config's shift), or a spacing rule."""
+    if spacing is None:
+        return _flow_default_sigmas(adapter, K)
+    if spacing == "linspace":
+        return _flow_default_sigmas(adapter, K, 1.0)
+    if spacing == "trailing":
+        return torch.linspace(1.0, 0.0, K + 1, dtype=torch.float64).tolist()
+    T = int((adapter.scheduler_config or {}).get("num_train_timesteps", 1000))
+    step = T // K
+    return [(k * step + 1) / T for k in range(K)][::-1] + [0.0]
+
+
+_DIFFUSERS_SPACINGS: dict[type, Callable[[ModelAdapter, int, str | None], list[float]]] = {
+    VPConvention: _vp_spacing_sigmas,
+    FlowConvention: _flow_spacing_sigmas,
+}
+
+
+def _diffusers_sigmas(adapter: ModelAdapter, K: int, spacing: str | None) -> list[float]:
+    """The sigmas of the diffusers scheduler family this convention's models ship with."""
+    fn = _DIFFUSERS_SPACINGS.get(type(adapter.convention))
+    if fn is None:
+        raise StepsmithError(f"diffusers' default schedules are emulated for flow and VP models, "
+                             f"not {type(adapter.convention).__name__}")
+    return fn(adapter, K, spacing)
+
+
 def timestep_spacing(adapter: ModelAdapter, nfe: int, solver: str = "euler", spacing: str = "leading") -> TimestepTable:
     """diffusers ``timestep_spacing`` (linspace / leading / trailing).
 
@@ -225,18 +222,7 @@ def timestep_spacing(adapter: ModelAdapter, nfe: int, solver: str = "euler", spa
     if spacing not in ("linspace", "leading", "trailing"):
         raise StepsmithError(f"unknown timestep_spacing {spacing!r}; use linspace, leading or trailing")
     K = steps_for(adapter, nfe, solver)
-    conv = adapter.convention
-    method = spacing
-    if conv.name == "vp":
-        return table_from_timesteps(adapter, _vp_scheduler_timesteps(adapter, K, spacing), solver, method)
-    T = int((adapter.scheduler_config or {}).get("num_train_timesteps", 1000))
-    if spacing == "linspace":
-        return _table(adapter, _flow_default_sigmas(adapter, K, 1.0), solver, method)
-    if spacing == "trailing":
-        return _table(adapter, torch.linspace(1.0, 0.0, K + 1, dtype=torch.float64).tolist(), solver, method)
-    step = T // K
-    nodes = [(k * step + 1) / T for k in range(K)][::-1]
-    return _table(adapter, nodes + [0.0], solver, method)
+    return _table(adapter, _diffusers_sigmas(adapter, K, spacing), solver, spacing)
 
 
 def default(adapter: ModelAdapter, nfe: int, solver: str = "euler") -> TimestepTable:
@@ -247,9 +233,7 @@ def default(adapter: ModelAdapter, nfe: int, solver: str = "euler") -> TimestepT
     config's static ``shift``.
     """
     K = steps_for(adapter, nfe, solver)
-    if adapter.convention.name == "vp":
-        return table_from_timesteps(adapter, _vp_scheduler_timesteps(adapter, K, None), solver, "default")
-    return _table(adapter, _flow_default_sigmas(adapter, K), solver, "default")
+    return _table(adapter, _diffusers_sigmas(adapter, K, None), solver, "default")
 
 
 def ays_closed_form_nodes(sigma_min: float, sigma_max: float, n: int, data_std: float = 0.5) -> list[float]:
@@ -273,12 +257,9 @@ def ays_gaussian(adapter: ModelAdapter, nfe: int, solver: str = "euler", data_st
     """AYS closed form for Gaussian data with std ``data_std`` (EDM σ_data = 0.5 for images in [-1, 1])."""
     K = steps_for(adapter, nfe, solver)
     conv = adapter.convention
-    if conv.name == "vp":
-        nodes = ays_closed_form_nodes(conv.sigma_min, conv.sigma_max, K, data_std)
-    else:
-        edm = ays_closed_form_nodes(flow_to_edm(_flow_sigma_min(adapter)), math.inf, K, data_std)
-        nodes = [1.0 if math.isinf(e) else edm_to_flow(e) for e in edm]
-    return table_from_nodes(adapter, _with_noise_start(adapter, nodes), solver, "ays-gaussian")
+    lo, hi = _range(adapter)
+    edm = ays_closed_form_nodes(conv.to_edm(lo), conv.to_edm(hi), K, data_std)
+    return table_from_nodes(adapter, _from_noise(adapter, [conv.from_edm(e) for e in edm]), solver, "ays-gaussian")
 
 
 def loglinear_interp(nodes: Sequence[float], n: int) -> list[float]:
@@ -300,22 +281,20 @@ def ays_published(adapter: ModelAdapter, nfe: int, solver: str = "euler", which:
 
     K = steps_for(adapter, nfe, solver)
     conv = adapter.convention
-    key = which or ("StableDiffusionTimesteps" if conv.name == "vp" else "StableDiffusionSigmas")
+    T = conv.discrete_timesteps
+    key = which or ("StableDiffusionTimesteps" if T is not None else "StableDiffusionSigmas")
     if key not in AysSchedules:
         raise StepsmithError(f"unknown AYS list {key!r}; available: {', '.join(AysSchedules)}")
     lst = [float(v) for v in AysSchedules[key]]
     if key.endswith("Timesteps"):
-        if conv.name != "vp":
+        if T is None:
             raise StepsmithError(f"AYS list {key} holds VP timesteps; pick a *Sigmas list for a flow model")
-        T = conv.num_train_timesteps
         ts = [min(t * (T / 1000.0), T - 1) for t in lst]
         edm = conv.sigma_from_model_time(torch.tensor(ts, dtype=torch.float64)).tolist()
     else:
         edm = [v for v in lst if v > 0]
-    nodes = loglinear_interp(edm, K)
-    if conv.name == "flow":
-        nodes = [edm_to_flow(v) for v in nodes]
-    return table_from_nodes(adapter, _with_noise_start(adapter, nodes), solver, "ays-published")
+    nodes = [conv.from_edm(v) for v in loglinear_interp(edm, K)]
+    return table_from_nodes(adapter, _from_noise(adapter, nodes), solver, "ays-published")
 
 
 def _spacing(name: str) -> Callable[..., TimestepTable]:
@@ -341,8 +320,6 @@ BASELINES: dict[str, Callable[..., TimestepTable]] = {
     "ays-gaussian": ays_gaussian,
     "ays-published": ays_published,
 }
-
-FLOW_ONLY = ("shift",)
 
 
 def baseline(adapter: ModelAdapter, name: str, nfe: int, solver: str = "euler", **options) -> TimestepTable:

@@ -18,6 +18,11 @@ NFE (model evaluations) for a table of K steps (K+1 sigmas ending in 0):
 
 Classifier-free guidance doubles every count; stepsmith reports evaluations of the
 denoiser as the user passes it.
+
+There is one integration loop, :func:`integrate`: sampling, the teacher
+(:mod:`schedules.teacher`), search rollouts and distillation teacher data all run it, with
+each :class:`SolverSpec` carrying its step function and an ``on_node`` callback recording
+what a caller needs at the evaluated nodes.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from schedules.conventions import Convention
+from schedules.conventions import karras_sigmas as karras_sigmas
 from schedules.io import StepsmithError
 
 
@@ -42,39 +48,18 @@ class Denoiser(Protocol):
     def denoise(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor: ...
 
 
-@dataclass(frozen=True)
-class SolverSpec:
-    name: str
-    order: int
-    evals_per_step: int
-    description: str
+@dataclass
+class NodeState:
+    """Solver state at an evaluated node: x there, D(x, s), and the previous node's D and σ (multistep)."""
 
-    def nfe(self, steps: int) -> int:
-        """Model evaluations for ``steps`` steps ending at σ=0."""
-        if steps < 1:
-            raise StepsmithError("a table needs at least one step")
-        return 2 * steps - 1 if self.evals_per_step == 2 else steps
-
-    def steps_for_nfe(self, nfe: int) -> int:
-        """Most steps whose NFE fits in ``nfe`` (Heun: odd budgets are used exactly)."""
-        if nfe < 1:
-            raise StepsmithError(f"NFE must be at least 1, got {nfe}")
-        return (nfe + 1) // 2 if self.evals_per_step == 2 else nfe
+    x: torch.Tensor
+    x0: torch.Tensor
+    x0_prev: torch.Tensor | None = None
+    s_prev: float | None = None
 
 
-SOLVERS: dict[str, SolverSpec] = {
-    "euler": SolverSpec("euler", 1, 1, "first-order Euler (identical to DDIM)"),
-    "ddim": SolverSpec("ddim", 1, 1, "DDIM = first-order DPM-Solver (identical to Euler)"),
-    "heun": SolverSpec("heun", 2, 2, "Heun's 2nd-order method (EDM), Euler on the last step"),
-    "dpmpp-2m": SolverSpec("dpmpp-2m", 2, 1, "DPM-Solver++(2M) multistep, first order on the last step"),
-}
-
-
-def get_solver(name: str) -> SolverSpec:
-    try:
-        return SOLVERS[name]
-    except KeyError:
-        raise StepsmithError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}") from None
+Prev = tuple[torch.Tensor | None, float | None]
+StepFn = Callable[[Convention, Callable, torch.Tensor, torch.Tensor, float, float, Prev], torch.Tensor]
 
 
 def _expand(s: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -82,10 +67,14 @@ def _expand(s: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), float(s), dtype=x.dtype, device=x.device)
 
 
+def _scale(conv: Convention, s: float) -> float:
+    """c(s) as a Python float."""
+    return float(conv.ode_scale(torch.tensor(s, dtype=torch.float64)))
+
+
 def ode_derivative(conv: Convention, x: torch.Tensor, s: float, x0: torch.Tensor) -> torch.Tensor:
     """dy/ds at native sigma s, in the solver's coordinates y = x / c(s)."""
-    c = float(conv.ode_scale(torch.tensor(s, dtype=torch.float64)))
-    return (x / c - x0) / s
+    return (x / _scale(conv, s) - x0) / s
 
 
 # ------------------------------------------------------------------- single steps
@@ -94,10 +83,22 @@ def ode_derivative(conv: Convention, x: torch.Tensor, s: float, x0: torch.Tensor
 
 
 def euler_step(conv: Convention, x: torch.Tensor, x0: torch.Tensor, s: float, s_next: float) -> torch.Tensor:
-    c, c_next = (float(conv.ode_scale(torch.tensor(v, dtype=torch.float64))) for v in (s, s_next))
+    c, c_next = _scale(conv, s), _scale(conv, s_next)
     y = x / c
     y_next = y + (s_next - s) * (y - x0) / s
     return y_next * c_next
+
+
+def heun_predict(y: torch.Tensor, d: torch.Tensor, s: float, s_next) -> torch.Tensor:
+    """Heun's Euler predictor in y-coordinates (``s_next`` may be a tensor broadcasting against ``y``)."""
+    return y + (s_next - s) * d
+
+
+def heun_correct(y: torch.Tensor, d: torch.Tensor, y_pred: torch.Tensor, x0_pred: torch.Tensor, s: float,
+                 s_next) -> torch.Tensor:
+    """Heun's trapezoidal corrector in y-coordinates, given D(x_pred, s_next) = ``x0_pred``."""
+    d_next = (y_pred - x0_pred) / s_next
+    return y + (s_next - s) * (d + d_next) / 2
 
 
 def heun_step(conv: Convention, denoise: Callable, x: torch.Tensor, x0: torch.Tensor, s: float,
@@ -105,13 +106,12 @@ def heun_step(conv: Convention, denoise: Callable, x: torch.Tensor, x0: torch.Te
     """One Heun step; makes one more denoiser call unless ``s_next`` is 0."""
     if s_next == 0:
         return euler_step(conv, x, x0, s, s_next)
-    c, c_next = (float(conv.ode_scale(torch.tensor(v, dtype=torch.float64))) for v in (s, s_next))
+    c, c_next = _scale(conv, s), _scale(conv, s_next)
     y = x / c
     d = (y - x0) / s
-    y_euler = y + (s_next - s) * d
-    x0_next = denoise(y_euler * c_next, _expand(s_next, x))
-    d_next = (y_euler - x0_next) / s_next
-    return (y + (s_next - s) * (d + d_next) / 2) * c_next
+    y_pred = heun_predict(y, d, s, s_next)
+    x0_pred = denoise(y_pred * c_next, _expand(s_next, x))
+    return heun_correct(y, d, y_pred, x0_pred, s, s_next) * c_next
 
 
 def _lambda(conv: Convention, s: float) -> float:
@@ -146,7 +146,58 @@ def dpmpp_2m_step(conv: Convention, x: torch.Tensor, x0: torch.Tensor, s: float,
     return (st_n / st) * x + a_n * (1 - exp_neg_h) * d
 
 
-# ------------------------------------------------------------------- samplers
+# Uniform step functions: step(conv, denoise, x, x0, s, s_next, prev) -> x_next, prev = (x0_prev, s_prev).
+
+
+def _euler(conv, _denoise, x, x0, s, s_next, _prev):
+    return euler_step(conv, x, x0, s, s_next)
+
+
+def _heun(conv, denoise, x, x0, s, s_next, _prev):
+    return heun_step(conv, denoise, x, x0, s, s_next)
+
+
+def _dpmpp_2m(conv, _denoise, x, x0, s, s_next, prev):
+    return dpmpp_2m_step(conv, x, x0, s, s_next, *prev)
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    name: str
+    order: int
+    evals_per_step: int
+    description: str
+    step: StepFn
+
+    def nfe(self, steps: int) -> int:
+        """Model evaluations for ``steps`` steps ending at σ=0."""
+        if steps < 1:
+            raise StepsmithError("a table needs at least one step")
+        return 2 * steps - 1 if self.evals_per_step == 2 else steps
+
+    def steps_for_nfe(self, nfe: int) -> int:
+        """Most steps whose NFE fits in ``nfe`` (Heun: odd budgets are used exactly)."""
+        if nfe < 1:
+            raise StepsmithError(f"NFE must be at least 1, got {nfe}")
+        return (nfe + 1) // 2 if self.evals_per_step == 2 else nfe
+
+
+SOLVERS: dict[str, SolverSpec] = {
+    "euler": SolverSpec("euler", 1, 1, "first-order Euler (identical to DDIM)", _euler),
+    "ddim": SolverSpec("ddim", 1, 1, "DDIM = first-order DPM-Solver (identical to Euler)", _euler),
+    "heun": SolverSpec("heun", 2, 2, "Heun's 2nd-order method (EDM), Euler on the last step", _heun),
+    "dpmpp-2m": SolverSpec("dpmpp-2m", 2, 1, "DPM-Solver++(2M) multistep, first order on the last step", _dpmpp_2m),
+}
+
+
+def get_solver(name: str) -> SolverSpec:
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        raise StepsmithError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}") from None
+
+
+# ------------------------------------------------------------------- the integration loop
 
 
 def check_sigmas(sigmas: Sequence[float] | torch.Tensor) -> list[float]:
@@ -168,6 +219,36 @@ def check_sigmas(sigmas: Sequence[float] | torch.Tensor) -> list[float]:
     return s
 
 
+def evaluate(denoiser: Denoiser, x: torch.Tensor, s: float, x0_prev: torch.Tensor | None = None,
+             s_prev: float | None = None) -> NodeState:
+    """The solver state at node ``s``: one denoiser call."""
+    return NodeState(x, denoiser.denoise(x, _expand(s, x)), x0_prev, s_prev)
+
+
+@torch.no_grad()
+def integrate(denoiser: Denoiser, start: torch.Tensor | NodeState, sigmas: Sequence[float], solver: str = "euler",
+              *, on_node: Callable[[int, float, NodeState], None] | None = None,
+              progress: bool = False) -> torch.Tensor:
+    """The one integration loop: from ``start`` at ``sigmas[0]`` down to ``sigmas[-1]`` (σ = 0).
+
+    ``start`` is the raw state (evaluated here) or a :class:`NodeState` already evaluated at
+    ``sigmas[0]`` (a search resuming a rollout mid-table). ``on_node(i, s_i, state)`` runs at
+    every evaluated node before its step. ``sigmas`` are trusted (see :func:`check_sigmas`).
+    Returns the final state.
+    """
+    spec = get_solver(solver)
+    conv, denoise = denoiser.convention, denoiser.denoise
+    st = start if isinstance(start, NodeState) else evaluate(denoiser, start, sigmas[0])
+    x = st.x
+    for i in tqdm(range(len(sigmas) - 1), desc=f"sampling ({solver})", disable=not progress, leave=False):
+        if i > 0:
+            st = evaluate(denoiser, x, sigmas[i], st.x0, sigmas[i - 1])
+        if on_node is not None:
+            on_node(i, sigmas[i], st)
+        x = spec.step(conv, denoise, st.x, st.x0, sigmas[i], sigmas[i + 1], (st.x0_prev, st.s_prev))
+    return x
+
+
 @torch.no_grad()
 def sample(denoiser: Denoiser, noise: torch.Tensor, sigmas: Sequence[float] | torch.Tensor,
            solver: str = "euler", *, progress: bool = False,
@@ -177,46 +258,24 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, sigmas: Sequence[float] | to
     ``callback(i, s_i, x_i, x0_i)`` is called at every evaluated node. Returns the final
     state (the data estimate).
     """
-    spec = get_solver(solver)
+    get_solver(solver)
     s = check_sigmas(sigmas)
-    conv = denoiser.convention
-    x = noise
-    x0_prev, s_prev = None, None
-    steps = range(len(s) - 1)
-    for i in tqdm(steps, desc=f"sampling ({solver})", disable=not progress, leave=False):
-        x0 = denoiser.denoise(x, _expand(s[i], x))
-        if callback is not None:
-            callback(i, s[i], x, x0)
-        if spec.name in ("euler", "ddim"):
-            x = euler_step(conv, x, x0, s[i], s[i + 1])
-        elif spec.name == "heun":
-            x = heun_step(conv, denoiser.denoise, x, x0, s[i], s[i + 1])
-        else:
-            x = dpmpp_2m_step(conv, x, x0, s[i], s[i + 1], x0_prev, s_prev)
-        x0_prev, s_prev = x0, s[i]
-    return x
+    on_node = None if callback is None else (lambda i, s_i, st: callback(i, s_i, st.x, st.x0))
+    return integrate(denoiser, noise, s, solver, on_node=on_node, progress=progress)
 
 
 def reference_sigmas(conv: Convention, steps: int = 200) -> list[float]:
-    """A fine grid for the high-accuracy reference sampler (the teacher).
-
-    Flow: uniform in σ from 1 to 0. VP: EDM's ρ=7 spacing between the model's σ_max and
-    σ_min, then the final jump to 0.
-    """
-    if conv.name == "flow":
-        return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
-    return karras_sigmas(conv.sigma_min, conv.sigma_max, steps) + [0.0]
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> list[float]:
-    """n sigmas from sigma_max down to sigma_min, EDM (Karras et al. 2022) ρ spacing."""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return ((hi + ramp * (lo - hi)) ** rho).tolist()
+    """The convention's fine grid for the teacher (:meth:`reference_sigmas` of the convention)."""
+    return conv.reference_sigmas(steps)
 
 
 @torch.no_grad()
 def reference_sample(denoiser: Denoiser, noise: torch.Tensor, steps: int = 200, *,
                      progress: bool = False) -> torch.Tensor:
-    """High-accuracy teacher: Heun on :func:`reference_sigmas` (2·steps-1 evaluations)."""
-    return sample(denoiser, noise, reference_sigmas(denoiser.convention, steps), "heun", progress=progress)
+    """High-accuracy teacher: Heun on the convention's reference grid (2·steps-1 evaluations).
+
+    The same teacher as :func:`schedules.teacher.teacher_sample` with ``Teacher("heun", steps)``.
+    """
+    from schedules.teacher import Teacher, teacher_sample
+
+    return teacher_sample(denoiser, noise, Teacher("heun", steps), progress=progress).x

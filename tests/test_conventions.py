@@ -39,7 +39,7 @@ def test_shift_inverse(s, shift):
 
 
 def test_shift_matches_reference_numbers():
-    # REFERENCES.md: shift=3 turns [1, .75, .5, .25] into [1, .9, .75, .5]
+    # SD3's time shift (Esser et al. 2024): shift=3 turns [1, .75, .5, .25] into [1, .9, .75, .5]
     got = [C.apply_shift(s, 3.0) for s in (1.0, 0.75, 0.5, 0.25)]
     assert got == pytest.approx([1.0, 0.9, 0.75, 0.5])
 
@@ -51,7 +51,7 @@ def test_vp_matches_diffusers_and_sd_sigma_min():
     conv = C.VPConvention.from_scheduler_config(cfg)
     ac = DDPMScheduler(**cfg).alphas_cumprod.double()
     assert torch.allclose(conv.alphas_cumprod, ac)
-    # REFERENCES.md: σ(t=0) = 0.0292 for SD's scaled_linear betas
+    # σ(t=0) = 0.0292 for SD's scaled_linear betas (the σ_min k-diffusion reports for SD1.5)
     assert conv.sigma_min == pytest.approx(0.0292, abs=1e-4)
 
 

@@ -93,7 +93,7 @@ def curved():
 
 def test_first_order_and_heun_costs_match_solver_steps(curved):
     ad, grid, ref = curved
-    C1 = _costs_first_order(ad.convention, grid, ref, None)
+    C1 = _costs_first_order(ad.convention, grid, ref)
     Ch = _costs_heun(ad, grid, ref)
     b = ref.x.shape[1]
     for i, j in [(0, 1), (0, 12), (3, 7), (5, 12), (11, 12)]:
@@ -183,7 +183,7 @@ def test_vp_dp_tables_use_integer_timesteps():
 
 
 class _NaNModule(torch.nn.Module):
-    def forward(self, x, t):
+    def forward(self, x, _t):
         return x * float("nan")
 
 

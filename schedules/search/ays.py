@@ -22,8 +22,10 @@ optimise only the new points, repeat, and reach K by log-linear interpolation.
 
 Data samples x0 for the KLUB: AYS needs samples of the data distribution; stepsmith uses the
 **teacher's outputs** (reference Heun sampler on the search noises), so no dataset is needed.
-Flow models are handled in EDM sigma t = σ/(1-σ) (σ = 1 ↔ t = ∞, where q(t) ∝ t⁻³ is still
-proper). The last evaluated node sits at σ_min (paper) for VP models; for flow models it is
+Every model is handled in EDM sigma through its convention's ``to_edm`` / ``from_edm`` (flow:
+t = σ/(1-σ), σ = 1 ↔ t = ∞, where q(t) ∝ t⁻³ is still proper; the teacher is
+:mod:`schedules.teacher`'s Heun on the convention's reference grid). The last evaluated node sits
+at σ_min (paper) for VP models; for flow models it is
 optimised too and the final jump goes straight to 0 (``last="zero"``), since σ_min ≈ 0 would
 waste an evaluation.
 """
@@ -36,27 +38,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from schedules.baselines import (
-    FLOW_SIGMA_MIN,
-    ays_closed_form_nodes,
-    loglinear_interp,
-    steps_for,
-    table_from_nodes,
-)
+from schedules.baselines import ays_closed_form_nodes, loglinear_interp, steps_for, table_from_nodes
 from schedules.io import StepsmithError
-from schedules.search.common import check_finite, mse, reference_sigmas_for, rollout
-
-
-def _to_native(conv, t: torch.Tensor) -> torch.Tensor:
-    if conv.name == "flow":
-        return torch.where(torch.isinf(t), torch.ones_like(t), t / (1 + t))
-    return t
-
-
-def _to_edm(conv, s: float) -> float:
-    if conv.name == "flow":
-        return math.inf if s >= 1.0 else s / (1 - s)
-    return s
+from schedules.search.common import check_finite, final_mse_kind, mse, rollout
+from schedules.teacher import Teacher, teacher_sample
 
 
 class KLUB:
@@ -76,15 +61,9 @@ class KLUB:
 
     def _state(self, t: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Model-space state at EDM sigma t (per sample) for data x0 and noise ε, and its native sigma."""
-        s = _to_native(self.conv, t)
+        s = self.conv.from_edm(t)
         view = (-1,) + (1,) * (x0.ndim - 1)
-        sv = s.view(view).to(x0.dtype)
-        if self.conv.name == "flow":
-            x = (1 - sv) * x0 + sv * eps
-        else:
-            a = (1 + sv**2) ** -0.5
-            x = a * (x0 + sv * eps)
-        return x, s
+        return self.conv.add_noise(x0, eps, s.view(view).to(x0.dtype)), s
 
     @torch.no_grad()
     def _d(self, t: torch.Tensor, x0, eps) -> torch.Tensor:
@@ -180,65 +159,73 @@ def subdivide(ts: list[float]) -> tuple[list[float], list[int]]:
     return out, new
 
 
+def _hierarchical(klub: KLUB, smin: float, smax: float, n_pts: int, data_std: float, *, base: int, candidates: int,
+                 max_sweeps: int, metric, progress: bool) -> tuple[list[float], dict]:
+    """``n_pts`` descending EDM points from smax to smin: optimise ``base`` of them (stopping early on ``metric``
+    when that already is the whole schedule), subdivide at log-midpoints and optimise the new points, repeat,
+    and reach ``n_pts`` by log-linear interpolation."""
+    if n_pts < 3:  # nothing interior to optimise
+        return ([smax, smin] if n_pts == 2 else [smax]), {"history": [], "best_metric": None}
+    m0 = min(n_pts, base)
+    ts = ays_closed_form_nodes(smin, smax, m0, data_std)
+    ts, info = coordinate_descent(klub, ts, list(range(1, m0 - 1)), candidates=candidates, max_sweeps=max_sweeps,
+                                  metric=metric if m0 == n_pts else None, progress=progress)
+    while len(ts) < n_pts:
+        ts2, new = subdivide(ts)
+        new = [i for i in new if 0 < i < len(ts2) - 1]
+        if len(ts2) > 2 * n_pts:
+            break
+        ts, info = coordinate_descent(klub, ts2, new, candidates=candidates, max_sweeps=max_sweeps, metric=None,
+                                      progress=progress)
+    if len(ts) != n_pts:
+        finite = [v for v in ts if math.isfinite(v)]
+        inner = loglinear_interp(finite, n_pts - (len(ts) - len(finite)))
+        ts = ([math.inf] if len(finite) < len(ts) else []) + inner
+    return ts, info
+
+
 def ays_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, seed: int = 0, progress: bool = False,
               draws: int = 2, candidates: int = 11, max_sweeps: int = 6, base: int = 10, last: str | None = None,
               early_stop: bool = True, teacher_steps: int = 100, data_std: float | None = None):
-    """Align-Your-Steps optimisation for ``make_table(method="ays")``."""
+    """Align-Your-Steps optimisation for ``make_table(method="ays")``.
+
+    ``last`` (default: ``"sigma_min"`` when the model's σ range ends above 0, as in the paper, else ``"zero"``)
+    says whether the last evaluated node is pinned at σ_min or optimised with a final jump straight to 0.
+    """
     conv = adapter.convention
     K = steps_for(adapter, nfe, solver)
-    last = last or ("sigma_min" if conv.name == "vp" else "zero")
+    last = last or ("sigma_min" if conv.sigma_min > 0 else "zero")
     if last not in ("sigma_min", "zero"):
         raise StepsmithError(f"ays option last must be 'sigma_min' or 'zero', got {last!r}")
     t0 = time.perf_counter()
     noise = adapter.noise(samples, seed)
-    with torch.no_grad():
-        teacher = torch.cat([rollout(adapter, "heun", reference_sigmas_for(conv, teacher_steps), x=noise[i:i + 16])
-                             for i in range(0, samples, 16)])
+    teacher = Teacher("heun", teacher_steps)
+    target = teacher_sample(adapter, noise, teacher, batch_size=16).x
+    check_finite(target, "the reference trajectory")
     t_ref = time.perf_counter() - t0
     calls_ref = adapter.calls
-    x0 = teacher.to(torch.float64).to(noise.dtype)
+    x0 = target.to(torch.float64).to(noise.dtype)
     sd = float(data_std if data_std is not None else x0.std())
     klub = KLUB(adapter, x0, draws=draws, seed=seed)
-    smin = conv.sigma_min if conv.name == "vp" else FLOW_SIGMA_MIN
-    smax = _to_edm(conv, conv.sigma_max if conv.name == "vp" else 1.0)
-
-    # schedule of optimised EDM points: K evaluated nodes (+ σ_min end point when last == "zero")
-    n_pts = K if last == "sigma_min" else K + 1
+    lo, hi = conv.sampling_range()
+    n_pts = K if last == "sigma_min" else K + 1  # K evaluated nodes (+ the σ_min end point when last == "zero")
 
     def to_sigmas(ts: list[float]) -> list[float]:
-        nodes = _to_native(conv, torch.tensor(ts, dtype=torch.float64)).tolist()
-        nodes = nodes if last == "sigma_min" else nodes[:-1]
-        return table_from_nodes(adapter, nodes, solver, "ays").sigmas
+        nodes = conv.from_edm(torch.tensor(ts, dtype=torch.float64)).tolist()
+        return table_from_nodes(adapter, nodes if last == "sigma_min" else nodes[:-1], solver, "ays").sigmas
 
     def metric(ts: list[float]) -> float:
-        return mse(rollout(adapter, solver, to_sigmas(ts), x=noise), teacher)
+        return mse(rollout(adapter, solver, to_sigmas(ts), x=noise), target)
 
-    if n_pts < 3:  # nothing interior to optimise
-        ts = [smax, smin] if n_pts == 2 else [smax]
-        info: dict = {"history": [], "best_metric": None}
-    else:
-        m0 = min(n_pts, base)
-        ts = ays_closed_form_nodes(smin, smax, m0, sd)
-        ts, info = coordinate_descent(klub, ts, list(range(1, m0 - 1)), candidates=candidates, max_sweeps=max_sweeps,
-                                      metric=metric if (early_stop and m0 == n_pts) else None, progress=progress)
-        while len(ts) < n_pts:
-            ts2, new = subdivide(ts)
-            new = [i for i in new if 0 < i < len(ts2) - 1]
-            if len(ts2) > 2 * n_pts:
-                break
-            ts, info = coordinate_descent(klub, ts2, new, candidates=candidates, max_sweeps=max_sweeps,
-                                          metric=None, progress=progress)
-        if len(ts) != n_pts:
-            finite = [v for v in ts if math.isfinite(v)]
-            inner = loglinear_interp(finite, n_pts - (len(ts) - len(finite)))
-            ts = ([math.inf] if len(finite) < len(ts) else []) + inner
+    ts, info = _hierarchical(klub, lo, conv.to_edm(hi), n_pts, sd, base=base, candidates=candidates,
+                             max_sweeps=max_sweeps, metric=metric if early_stop else None, progress=progress)
     objective = metric(ts)
     prov = {"klub_draws": draws, "candidates": candidates, "base": base, "last": last, "data_std": sd,
-            "x0_source": f"teacher outputs (heun, {teacher_steps} steps) on the search noises",
+            "x0_source": f"teacher outputs ({teacher.name}) on the search noises", "teacher": teacher.describe(),
             "klub": klub.total(ts), "history": info.get("history"), "reference_seconds": round(t_ref, 3),
-            "reference_calls": calls_ref, "objective_kind": "final mse vs teacher (search samples)",
+            "reference_calls": calls_ref, "objective_kind": final_mse_kind(teacher),
             "edm_schedule": [None if math.isinf(v) else v for v in ts]}
-    t = table_from_nodes(adapter, _to_native(conv, torch.tensor(ts[: K], dtype=torch.float64)).tolist(), solver, "ays",
-                         provenance=prov)
+    nodes = conv.from_edm(torch.tensor(ts[:K], dtype=torch.float64)).tolist()
+    t = table_from_nodes(adapter, nodes, solver, "ays", provenance=prov)
     t.objective = float(objective)
     return t

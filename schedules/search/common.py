@@ -1,54 +1,40 @@
-"""Shared machinery of the search methods: grids, reference trajectories, vectorised jumps, rollouts.
+"""Shared machinery of the search methods: grids, the search teacher, vectorised jumps, rollouts.
 
-A *grid* is a descending list of n+1 native sigmas ending in the terminal 0: flow models use
-uniform σ from 1 to 0; VP models use distinct integer timesteps spaced by EDM's ρ = 7 between
-t = T-1 and t = 0 (so every searched VP table replays exactly in diffusers). A table of K steps
-is a path 0 = g_0 < g_1 < ... < g_K = n of grid indices: the model is evaluated at the first K.
+A *grid* is a descending list of n+1 native sigmas ending in the terminal 0, built by the
+model's convention (:meth:`search_grid`): flow models use uniform σ from 1 to 0; VP models use
+distinct integer timesteps spaced by EDM's ρ = 7 between t = T-1 and t = 0 (so every searched VP
+table replays exactly in diffusers). A table of K steps is a path 0 = g_0 < g_1 < ... < g_K = n of
+grid indices: the model is evaluated at the first K.
+
+Rollouts and the reference pass run the one integration loop of :mod:`schedules.solvers`; the
+reference pass is the :mod:`schedules.teacher` on the search grid, so every searched table names
+the teacher its objective was measured against (:func:`final_mse_kind`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from schedules.baselines import distinct_descending_ints
 from schedules.io import StepsmithError
-from schedules.solvers import get_solver, karras_sigmas
+from schedules.solvers import NodeState, get_solver, integrate
+from schedules.teacher import Teacher, teacher_sample
 
 # --------------------------------------------------------------------------- grids
 
 
 def make_grid(conv, n: int, kind: str = "auto") -> list[float]:
-    """n+1 descending native sigmas ending in 0 (n evaluated nodes)."""
+    """n+1 descending native sigmas ending in 0 (n evaluated nodes), from the convention's search grid."""
     if n < 2:
         raise StepsmithError(f"grid size must be at least 2, got {n}")
-    if conv.name == "flow":
-        if kind not in ("auto", "uniform"):
-            raise StepsmithError(f"flow grids are uniform in σ; unknown grid kind {kind!r}")
-        return torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64).tolist()
-    T = conv.num_train_timesteps
-    if n > T:
-        raise StepsmithError(f"a VP grid has at most {T} nodes (the training timesteps); got --grid {n}")
-    if kind in ("auto", "rho"):
-        sig = torch.tensor(karras_sigmas(conv.sigma_min, conv.sigma_max, n, 7.0), dtype=torch.float64)
-        ts = conv.model_time(sig.clamp(conv.sigma_min, conv.sigma_max)).tolist()
-    elif kind == "uniform":
-        ts = torch.linspace(T - 1, 0, n, dtype=torch.float64).tolist()
-    else:
-        raise StepsmithError(f"unknown VP grid kind {kind!r}; use rho or uniform")
-    ts = distinct_descending_ints(ts, T)
-    return conv.sigma_from_model_time(torch.tensor(ts, dtype=torch.float64)).tolist() + [0.0]
+    return conv.search_grid(n, kind)
 
 
-def grid_index(grid: list[float], sigmas: list[float], tol: float = 1e-9) -> list[int]:
+def grid_index(grid: list[float], sigmas: list[float]) -> list[int]:
     """Indices of table sigmas on the grid (nearest node; exact for tables searched on it)."""
     g = torch.tensor(grid, dtype=torch.float64)
-    out = []
-    for s in sigmas:
-        out.append(int(torch.argmin((g - s).abs())))
-    return out
+    return [int(torch.argmin((g - s).abs())) for s in sigmas]
 
 
 def snap_path(grid: list[float], sigmas: list[float]) -> list[int]:
@@ -64,6 +50,14 @@ def snap_path(grid: list[float], sigmas: list[float]) -> list[int]:
         if idx[m] <= idx[m - 1] and m - 1 > 0:
             idx[m - 1] = idx[m] - 1
     return idx + [n]
+
+
+def validate_budget(K: int, n: int, what: str = "grid") -> None:
+    if K < 1:
+        raise StepsmithError(f"the budget gives {K} steps; NFE must be at least 1")
+    if K > n:
+        raise StepsmithError(f"{K} steps do not fit a {what} of {n + 1} nodes; use NFE below the grid size "
+                             f"or a finer grid (--grid)")
 
 
 # --------------------------------------------------------------------------- jump coefficients
@@ -99,7 +93,28 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.to(torch.float64) - b.to(torch.float64)) ** 2).mean())
 
 
-# --------------------------------------------------------------------------- reference pass
+# --------------------------------------------------------------------------- the search teacher
+
+
+def substep_grid(grid: list[float], substeps: int = 1) -> list[float]:
+    """``grid`` with every interval split into ``substeps`` equal steps in σ (the grid's nodes kept exactly)."""
+    if substeps <= 1:
+        return list(grid)
+    fine: list[float] = []
+    for s_a, s_b in zip(grid[:-1], grid[1:]):
+        fine += torch.linspace(s_a, s_b, substeps + 1, dtype=torch.float64).tolist()[:-1]
+    return fine + [grid[-1]]
+
+
+def search_teacher(grid: list[float], substeps: int = 1) -> Teacher:
+    """Heun on the search grid (``substeps`` Heun steps per interval): the teacher of dp and evolution."""
+    label = "search-grid" if substeps <= 1 else f"search-grid-x{substeps}"
+    return Teacher.on_grid(substep_grid(grid, substeps), "heun", label=label)
+
+
+def final_mse_kind(teacher: Teacher) -> str:
+    """``objective_kind`` of a final-sample error measured against ``teacher``."""
+    return f"final mse vs {teacher.name} (search samples)"
 
 
 @dataclass
@@ -110,106 +125,41 @@ class Reference:
     d: torch.Tensor  # [n, b, ...]
 
 
-def _sig(s: float, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), float(s), dtype=x.dtype, device=x.device)
-
-
 @torch.no_grad()
 def reference_pass(denoiser, noise: torch.Tensor, grid: list[float], substeps: int = 1) -> Reference:
-    """Heun on the grid (``substeps`` Heun steps per interval), storing states and denoised values at nodes.
+    """The search teacher's states and denoised values at the grid's nodes (:func:`search_teacher`).
 
     The first evaluation of every Heun step at a node is the D(x_i, s_i) that the cost matrix reuses.
     """
-    conv = denoiser.convention
-    n = len(grid) - 1
-    xs = [noise]
-    ds = []
-    x = noise
-    for i in range(n):
-        s_a, s_b = grid[i], grid[i + 1]
-        sub = torch.linspace(s_a, s_b, substeps + 1, dtype=torch.float64).tolist() if substeps > 1 else [s_a, s_b]
-        for m in range(len(sub) - 1):
-            d = denoiser.denoise(x, _sig(sub[m], x))
-            check_finite(d, "the reference trajectory")
-            if m == 0:
-                ds.append(d)
-            x = _heun(conv, denoiser, x, d, sub[m], sub[m + 1])
-        xs.append(x)
-    return Reference(torch.stack(xs), torch.stack(ds))
-
-
-def _heun(conv, denoiser, x, d, s, s_next):
-    from schedules.solvers import heun_step
-
-    return heun_step(conv, denoiser.denoise, x, d, s, s_next)
+    run = teacher_sample(denoiser, noise, search_teacher(grid, substeps), nodes=grid)
+    check_finite(run.denoised, "the reference trajectory")
+    check_finite(run.states, "the reference trajectory")
+    return Reference(run.states, run.denoised[:-1])
 
 
 # --------------------------------------------------------------------------- rollouts
 
-
-@dataclass
-class RollState:
-    """Solver state at an evaluated node: x, D there, and the previous node's D/σ (for DPM++(2M))."""
-
-    x: torch.Tensor
-    d: torch.Tensor
-    d_prev: torch.Tensor | None
-    s_prev: float | None
+RollState = NodeState  # solver state at an evaluated node: (x, x0, x0_prev, s_prev)
 
 
 @torch.no_grad()
-def one_step(denoiser, solver: str, st: RollState, s: float, s_next: float) -> torch.Tensor:
-    from schedules.solvers import dpmpp_2m_step, euler_step, heun_step
-
-    conv = denoiser.convention
-    if solver in ("euler", "ddim"):
-        return euler_step(conv, st.x, st.d, s, s_next)
-    if solver == "heun":
-        return heun_step(conv, denoiser.denoise, st.x, st.d, s, s_next)
-    return dpmpp_2m_step(conv, st.x, st.d, s, s_next, st.d_prev, st.s_prev)
+def one_step(denoiser, solver: str, st: NodeState, s: float, s_next: float) -> torch.Tensor:
+    """One ``solver`` step from the evaluated state ``st`` at ``s`` to ``s_next``."""
+    return get_solver(solver).step(denoiser.convention, denoiser.denoise, st.x, st.x0, s, s_next,
+                                   (st.x0_prev, st.s_prev))
 
 
 @torch.no_grad()
-def rollout(denoiser, solver: str, sigmas: list[float], start: RollState | None = None,
+def rollout(denoiser, solver: str, sigmas: list[float], start: NodeState | None = None,
             x: torch.Tensor | None = None, keep: bool = False):
     """Run ``solver`` along ``sigmas`` (ending in 0). Start from a state already evaluated at sigmas[0]
-    (``start``) or from a raw ``x``. Returns the final x and, with ``keep``, the RollState at every node."""
-    get_solver(solver)
-    states: list[RollState] = []
-    if start is None:
-        d = denoiser.denoise(x, _sig(sigmas[0], x))
-        check_finite(d, "a search rollout")
-        start = RollState(x, d, None, None)
-    st = start
-    for m in range(len(sigmas) - 1):
+    (``start``) or from a raw ``x``. Returns the final x and, with ``keep``, the state at every evaluated node."""
+    states: list[NodeState] = []
+
+    def on_node(_i: int, _s: float, st: NodeState) -> None:
+        check_finite(st.x0, "a search rollout")
         if keep:
             states.append(st)
-        x_next = one_step(denoiser, solver, st, sigmas[m], sigmas[m + 1])
-        if m + 1 == len(sigmas) - 1:
-            return (x_next, states) if keep else x_next
-        d_next = denoiser.denoise(x_next, _sig(sigmas[m + 1], x_next))
-        check_finite(d_next, "a search rollout")
-        st = RollState(x_next, d_next, st.d, sigmas[m])
-    raise AssertionError("unreachable")
 
-
-def path_sigmas(grid: list[float], path: list[int]) -> list[float]:
-    return [grid[i] for i in path]
-
-
-def validate_budget(K: int, n: int, what: str = "grid") -> None:
-    if K < 1:
-        raise StepsmithError(f"the budget gives {K} steps; NFE must be at least 1")
-    if K > n:
-        raise StepsmithError(f"{K} steps do not fit a {what} of {n + 1} nodes; use NFE below the grid size "
-                             f"or a finer grid (--grid)")
-
-
-def is_finite_number(v: float) -> bool:
-    return isinstance(v, float) and math.isfinite(v)
-
-
-def reference_sigmas_for(conv, steps: int) -> list[float]:
-    from schedules.solvers import reference_sigmas
-
-    return reference_sigmas(conv, steps)
+    x_final = integrate(denoiser, start if start is not None else x, sigmas, solver, on_node=on_node)
+    return (x_final, states) if keep else x_final

@@ -19,7 +19,7 @@
   *student's* states on the best k-step path (the model is re-evaluated there); the cost at the
   terminal node is the true final-sample error of the path.
 * **Final-error refinement** (stepsmith): a plain local teacher-state DP loses to diffusers'
-  defaults on final-sample error (REFERENCES.md), because local errors are not how errors
+  defaults on final-sample error, because local errors are not how errors
   propagate. Starting from a DP table, coordinate descent moves each interior node to the grid
   node between its neighbours that minimises the final error against the teacher on the search
   samples, until no move helps. This is the default of ``make_table(method="dp")``.
@@ -34,42 +34,27 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from schedules.io import StepsmithError
+from schedules.distributed import Dist, current_dist
 from schedules.search.common import (
     RollState,
     check_finite,
     first_order_coeffs,
     half_lambda,
-    make_grid,
     mse,
+    one_step,
     reference_pass,
     rollout,
+    search_teacher,
     validate_budget,
 )
-from schedules.solvers import get_solver
-
-# --------------------------------------------------------------------------- distributed helpers
-
-
-def _dist():
-    """(rank, world, all_reduce_sum) — torch.distributed if initialised (accelerate launches it), else 1 process."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        def reduce(t: torch.Tensor) -> torch.Tensor:
-            t = t.clone()
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            return t
-
-        return dist.get_rank(), dist.get_world_size(), reduce
-    return 0, 1, lambda t: t
-
+from schedules.solvers import euler_step, get_solver, heun_correct, heun_predict
+from schedules.teacher import Teacher
 
 # --------------------------------------------------------------------------- cost matrices
 
 
 @torch.no_grad()
-def _costs_first_order(conv, grid, ref, weight_fn) -> torch.Tensor:
+def _costs_first_order(conv, grid, ref) -> torch.Tensor:
     """Sum over the micro-batch of squared errors of one first-order step, c[i][j] (j > i)."""
     n = len(grid) - 1
     b = ref.x.shape[1]
@@ -86,40 +71,42 @@ def _costs_first_order(conv, grid, ref, weight_fn) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _costs_heun(denoiser, grid, ref) -> torch.Tensor:
-    """Heun i → j from the teacher state at i: one more model call at j (batched over all j > i)."""
+def heun_jumps(denoiser, x: torch.Tensor, x0: torch.Tensor, s: float, targets: list[float],
+               dtype: torch.dtype) -> torch.Tensor:
+    """One Heun step from (x, D = x0) at ``s`` to every sigma of ``targets`` → [len(targets), B, ...] (float64).
+
+    The predictor and corrector of :func:`~schedules.solvers.heun_step`, with the corrections' model
+    calls batched over the targets (one call, inputs in ``dtype``); a terminal target σ = 0 gets the
+    Euler step, as in the solver.
+    """
     conv = denoiser.convention
+    inner = [t for t in targets if t > 0]
+    out = []
+    if inner:
+        y = x / float(conv.ode_scale(torch.tensor(s, dtype=torch.float64)))
+        d = (y - x0) / s
+        sj = torch.tensor(inner, dtype=torch.float64).view(-1, *([1] * x.ndim))
+        cj = conv.ode_scale(sj)
+        y_pred = heun_predict(y, d, s, sj)  # [nj, B, ...]
+        s_in = torch.tensor(inner, dtype=dtype).repeat_interleave(x.shape[0])
+        x0_pred = denoiser.denoise((y_pred * cj).reshape(-1, *x.shape[1:]).to(dtype), s_in)
+        check_finite(x0_pred, "a Heun correction")
+        out.append(heun_correct(y, d, y_pred, x0_pred.reshape(y_pred.shape).to(torch.float64), s, sj) * cj)
+    if len(inner) < len(targets):
+        out.append(euler_step(conv, x, x0, s, 0.0)[None])
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _costs_heun(denoiser, grid, ref) -> torch.Tensor:
+    """Heun i → j from the teacher state at i (:func:`heun_jumps`: one batched model call per i)."""
     n = len(grid) - 1
-    b = ref.x.shape[1]
-    shape = ref.x.shape[2:]
-    numel_per = ref.x[0].numel() / b
+    numel_per = ref.x[0].numel() / ref.x.shape[1]
     C = torch.zeros(n + 1, n + 1, dtype=torch.float64)
-    g = torch.tensor(grid, dtype=torch.float64)
     for i in range(n):
-        x_i, d_i = ref.x[i].to(torch.float64), ref.d[i].to(torch.float64)
-        js = list(range(i + 1, n + 1))
-        A, B = first_order_coeffs(conv, grid[i], g[i + 1:])
-        view = (-1, 1) + (1,) * len(shape)
-        x_e = (A.view(view) * x_i[None] + B.view(view) * d_i[None])  # Euler predictions [nj, b, ...]
-        inner = [k for k, j in enumerate(js) if grid[j] > 0]
-        pred = x_e.clone()
-        if inner:
-            xe_in = x_e[inner].reshape(-1, *shape).to(ref.x.dtype)
-            s_in = torch.tensor([grid[js[k]] for k in inner for _ in range(b)], dtype=ref.x.dtype)
-            d_e = denoiser.denoise(xe_in, s_in)
-            check_finite(d_e, "a Heun correction")
-            d_e = d_e.reshape(len(inner), b, *shape).to(torch.float64)
-            for q, k in enumerate(inner):
-                j = js[k]
-                s, sn = grid[i], grid[j]
-                c_i = float(conv.ode_scale(torch.tensor(s, dtype=torch.float64)))
-                c_j = float(conv.ode_scale(torch.tensor(sn, dtype=torch.float64)))
-                y = x_i / c_i
-                dd = (y - d_i) / s
-                y_e = x_e[k] / c_j
-                dn = (y_e - d_e[q]) / sn
-                pred[k] = (y + (sn - s) * (dd + dn) / 2) * c_j
-        C[i, i + 1:] = ((pred - ref.x[i + 1:].to(torch.float64)) ** 2).reshape(len(js), -1).sum(1) / numel_per
+        pred = heun_jumps(denoiser, ref.x[i].to(torch.float64), ref.d[i].to(torch.float64), grid[i], grid[i + 1:],
+                          ref.x.dtype)
+        C[i, i + 1:] = ((pred - ref.x[i + 1:].to(torch.float64)) ** 2).reshape(n - i, -1).sum(1) / numel_per
     return C
 
 
@@ -260,6 +247,44 @@ class DPSearch:
     dp_seconds: float
     model_calls: int
     extra: dict = field(default_factory=dict)
+    teacher: Teacher | None = None
+
+
+@dataclass
+class _CostSums:
+    """Cost matrices, teacher finals and (optionally) teacher states summed over this rank's micro-batches."""
+
+    C: torch.Tensor
+    C3: torch.Tensor | None
+    finals: torch.Tensor
+    states: torch.Tensor | None
+
+    @classmethod
+    def zeros(cls, n: int, noise: torch.Tensor, solver: str, keep_states: bool) -> _CostSums:
+        return cls(torch.zeros(n + 1, n + 1, dtype=torch.float64),
+                   torch.zeros(n + 1, n + 1, n + 1, dtype=torch.float64) if solver == "dpmpp-2m" else None,
+                   torch.zeros_like(noise),
+                   torch.zeros((n + 1, *noise.shape), dtype=noise.dtype) if keep_states else None)
+
+    def add(self, denoiser, grid: list[float], solver: str, ref, sl: slice) -> None:
+        self.finals[sl] = ref.x[-1]
+        if self.states is not None:
+            self.states[:, sl] = ref.x
+        if solver == "heun":
+            self.C += _costs_heun(denoiser, grid, ref)
+        elif solver == "dpmpp-2m":
+            c2, c3 = _costs_dpmpp(denoiser.convention, grid, ref)
+            self.C += c2
+            self.C3 += c3
+        else:
+            self.C += _costs_first_order(denoiser.convention, grid, ref)
+
+    def reduced(self, dist: Dist, count: int) -> _CostSums:
+        """Summed over ranks; the cost matrices become means over the ``count`` samples."""
+        return _CostSums(dist.sum_tensor(self.C) / count,
+                         None if self.C3 is None else dist.sum_tensor(self.C3) / count,
+                         dist.sum_tensor(self.finals),
+                         None if self.states is None else dist.sum_tensor(self.states))
 
 
 @torch.no_grad()
@@ -270,55 +295,38 @@ def teacher_dp(denoiser, noise: torch.Tensor, grid: list[float], solver: str, km
 
     Memory grows with the micro-batch (n·b·D for one micro-batch's trajectories), not with the
     number of samples. ``keep_states`` additionally returns all teacher states (n·B·D, for the
-    student-state DP, which needs them anyway) in ``extra["states"]``.
+    student-state DP, which needs them anyway) in ``extra["states"]``. The teacher is
+    :func:`~schedules.search.common.search_teacher` (Heun on the grid, ``substeps`` per interval).
     """
     get_solver(solver)
     n = len(grid) - 1
     validate_budget(kmax, n)
-    rank, world, reduce = _dist()
-    conv = denoiser.convention
+    dist = current_dist()
     calls0 = getattr(denoiser, "calls", 0)
-    C = torch.zeros(n + 1, n + 1, dtype=torch.float64)
-    C3 = torch.zeros(n + 1, n + 1, n + 1, dtype=torch.float64) if solver == "dpmpp-2m" else None
-    finals = torch.zeros_like(noise)
-    states = torch.zeros((n + 1, *noise.shape), dtype=noise.dtype) if keep_states else None
+    sums = _CostSums.zeros(n, noise, solver, keep_states)
     t_ref = t_dp = 0.0
     chunks = list(range(0, noise.shape[0], micro_batch))
-    for ci in tqdm(range(len(chunks)), desc=f"dp ({solver})", disable=not progress or rank != 0, leave=False):
-        if ci % world != rank:
+    for ci in tqdm(range(len(chunks)), desc=f"dp ({solver})", disable=not progress or not dist.main, leave=False):
+        if ci % dist.world != dist.rank:
             continue
         sl = slice(chunks[ci], chunks[ci] + micro_batch)
         t0 = time.perf_counter()
         ref = reference_pass(denoiser, noise[sl], grid, substeps)
         t1 = time.perf_counter()
-        finals[sl] = ref.x[-1]
-        if states is not None:
-            states[:, sl] = ref.x
-        if solver in ("euler", "ddim"):
-            C += _costs_first_order(conv, grid, ref, None)
-        elif solver == "heun":
-            C += _costs_heun(denoiser, grid, ref)
-        else:
-            c2, c3 = _costs_dpmpp(conv, grid, ref)
-            C += c2
-            C3 += c3
+        sums.add(denoiser, grid, solver, ref, sl)
         t_dp += time.perf_counter() - t1
         t_ref += t1 - t0
-    C = reduce(C) / noise.shape[0]
-    if C3 is not None:
-        C3 = reduce(C3) / noise.shape[0]
-    finals = reduce(finals)
-    if states is not None:
-        states = reduce(states)
-    calls = int(reduce(torch.tensor(float(getattr(denoiser, "calls", 0) - calls0))).item())
-    check_finite(C, "the cost matrix")
+    tot = sums.reduced(dist, noise.shape[0])
+    calls = int(dist.sum_tensor(torch.tensor(float(getattr(denoiser, "calls", 0) - calls0))).item())
+    check_finite(tot.C, "the cost matrix")
     t2 = time.perf_counter()
     if solver == "dpmpp-2m":
-        res = bellman_all_augmented(C, C3, kmax, late_weight)
+        res = bellman_all_augmented(tot.C, tot.C3, kmax, late_weight)
     else:
-        res = bellman_all(C, kmax, late_weight)
+        res = bellman_all(tot.C, kmax, late_weight)
     t_dp += time.perf_counter() - t2
-    return DPSearch(grid, res, noise, finals, t_ref, t_dp, calls, {"cost": C, "states": states, "world": world})
+    return DPSearch(grid, res, noise, tot.finals, t_ref, t_dp, calls,
+                    {"cost": tot.C, "states": tot.states, "world": dist.world}, search_teacher(grid, substeps))
 
 
 # --------------------------------------------------------------------------- student-state DP (OSS)
@@ -329,15 +337,13 @@ def jump_all(denoiser, solver: str, st: RollState, s_i: float, s_js: list[float]
     """One solver step from the state ``st`` at ``s_i`` to every sigma in ``s_js`` → [len(s_js), B, ...]."""
     conv = denoiser.convention
     if solver == "heun":
-        from schedules.search.common import one_step
-
         return torch.stack([one_step(denoiser, solver, st, s_i, sj) for sj in s_js])
     sj = torch.tensor(s_js, dtype=torch.float64)
     A, B = first_order_coeffs(conv, s_i, sj)
     view = (-1,) + (1,) * st.x.ndim
-    x, d = st.x.to(torch.float64), st.d.to(torch.float64)
+    x, d = st.x.to(torch.float64), st.x0.to(torch.float64)
     pred = A.view(view) * x[None] + B.view(view) * d[None]
-    if solver == "dpmpp-2m" and st.d_prev is not None:
+    if solver == "dpmpp-2m" and st.x0_prev is not None:
         lam_i = half_lambda(conv, torch.tensor(s_i, dtype=torch.float64))
         h_last = lam_i - half_lambda(conv, torch.tensor(st.s_prev, dtype=torch.float64))
         if torch.isfinite(h_last) and h_last > 0:
@@ -345,8 +351,40 @@ def jump_all(denoiser, solver: str, st: RollState, s_i: float, s_js: list[float]
             h = torch.zeros_like(sj)
             h[pos] = half_lambda(conv, sj[pos]) - lam_i
             g = torch.where(pos, B * h / (2 * h_last), torch.zeros(()))
-            pred = pred + g.view(view) * (d - st.d_prev.to(torch.float64))[None]
+            pred = pred + g.view(view) * (d - st.x0_prev.to(torch.float64))[None]
     return pred.to(st.x.dtype)
+
+
+@dataclass
+class _Level:
+    """Best k-step student paths: per reached node j its error, state (j < n), predecessor, and that node's D and σ."""
+
+    err: dict[int, float] = field(default_factory=dict)
+    x: dict[int, torch.Tensor] = field(default_factory=dict)
+    back: dict[int, int] = field(default_factory=dict)
+    x0_prev: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    s_prev: dict[int, float | None] = field(default_factory=dict)
+
+
+def _extend(denoiser, solver: str, grid: list[float], lvl: _Level, errs) -> _Level:
+    """Level k+1 from level k: evaluate the model at every level-k state and jump to every later node."""
+    n = len(grid) - 1
+    new = _Level()
+    for i in sorted(lvl.x):
+        xi = lvl.x[i]
+        di = denoiser.denoise(xi, torch.full((xi.shape[0],), grid[i], dtype=xi.dtype))
+        check_finite(di, "a student state")
+        js = list(range(i + 1, n + 1))
+        pred = jump_all(denoiser, solver, RollState(xi, di, lvl.x0_prev[i], lvl.s_prev[i]), grid[i],
+                        [grid[j] for j in js])
+        e = errs(pred, js)
+        for q, j in enumerate(js):
+            v = float(e[q])
+            if j not in new.err or v < new.err[j]:
+                new.err[j], new.back[j], new.x0_prev[j], new.s_prev[j] = v, i, di, grid[i]
+                if j < n:
+                    new.x[j] = pred[q]
+    return new
 
 
 @torch.no_grad()
@@ -367,44 +405,17 @@ def student_dp(denoiser, noise: torch.Tensor, grid: list[float], solver: str, km
     def errs(pred: torch.Tensor, js: list[int]) -> torch.Tensor:
         return ((pred.to(torch.float64) - T[js]) ** 2).mean(dim=red)
 
-    d0 = denoiser.denoise(noise, torch.full((noise.shape[0],), grid[0], dtype=noise.dtype))
-    check_finite(d0, "a student state")
-    js = list(range(1, n + 1))
-    pred = jump_all(denoiser, solver, RollState(noise, d0, None, None), grid[0], [grid[j] for j in js])
-    e = errs(pred, js)
-    best_e = {j: float(e[q]) for q, j in enumerate(js)}
-    lvl_x = {j: pred[q] for q, j in enumerate(js) if j < n}
-    lvl_dprev = {j: d0 for j in js}
-    lvl_sprev = {j: grid[0] for j in js}
-    back: list[dict[int, int]] = [{}, {j: 0 for j in js}]
-    paths, costs = {1: [0, n]}, {1: best_e[n]}
+    lvl = _extend(denoiser, solver, grid, _Level(x={0: noise}, x0_prev={0: None}, s_prev={0: None}), errs)
+    back: list[dict[int, int]] = [{}, lvl.back]
+    paths, costs = {1: [0, n]}, {1: lvl.err[n]}
     for k in tqdm(range(2, kmax + 1), desc="student dp", disable=not progress, leave=False):
-        new_e: dict[int, float] = {}
-        new_x: dict[int, torch.Tensor] = {}
-        new_back: dict[int, int] = {}
-        new_dprev: dict[int, torch.Tensor] = {}
-        new_sprev: dict[int, float] = {}
-        for i in sorted(lvl_x):
-            xi = lvl_x[i]
-            di = denoiser.denoise(xi, torch.full((xi.shape[0],), grid[i], dtype=xi.dtype))
-            check_finite(di, "a student state")
-            js = list(range(i + 1, n + 1))
-            pred = jump_all(denoiser, solver, RollState(xi, di, lvl_dprev[i], lvl_sprev[i]), grid[i],
-                            [grid[j] for j in js])
-            e = errs(pred, js)
-            for q, j in enumerate(js):
-                v = float(e[q])
-                if j not in new_e or v < new_e[j]:
-                    new_e[j], new_back[j], new_dprev[j], new_sprev[j] = v, i, di, grid[i]
-                    if j < n:
-                        new_x[j] = pred[q]
-        back.append(new_back)
-        lvl_x, lvl_dprev, lvl_sprev = new_x, new_dprev, new_sprev
-        if n in new_e:
+        lvl = _extend(denoiser, solver, grid, lvl, errs)
+        back.append(lvl.back)
+        if n in lvl.err:
             p = [n]
             for kk in range(k, 0, -1):
                 p.append(back[kk][p[-1]])
-            paths[k], costs[k] = p[::-1], new_e[n]
+            paths[k], costs[k] = p[::-1], lvl.err[n]
     return BellmanResult(paths, costs)
 
 
@@ -461,18 +472,3 @@ def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int]
         if not moved:
             break
     return path, best, sweeps
-
-
-def default_grid_size(conv, solver: str) -> int:
-    return 100 if solver != "heun" else 60
-
-
-def dp_grid(denoiser, grid: int | None, solver: str, kind: str = "auto") -> list[float]:
-    n = grid or default_grid_size(denoiser.convention, solver)
-    return make_grid(denoiser.convention, int(n), kind)
-
-
-def require_samples(samples: int) -> int:
-    if samples < 1:
-        raise StepsmithError(f"--samples must be at least 1, got {samples}")
-    return samples
