@@ -10,11 +10,57 @@ gloo; note that ``accelerate launch --cpu`` starts a *single* process whatever
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
+import dataclasses
+import types
+import typing
+from typing import Any
 
+from distill.config import DistillConfig
 from schedules.cli import add_model_args, model_from_args
-from schedules.io import StepsmithError
+from schedules.io import StepsmithError, check_output_path
+
+# DistillConfig fields listed with --table/--out (the others under "training"); --steps has a
+# library default but the command line asks for the budget explicitly
+MAIN_FIELDS = ("method", "steps", "lora_rank", "lora_alpha", "pairs")
+REQUIRED_FIELDS = ("steps",)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: ``batch_size`` → ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def field_argument(f: dataclasses.Field, hint: Any) -> tuple[str, dict[str, Any]]:
+    """The flag and ``add_argument`` keywords of one config field: its type (``X | None`` → X), default,
+    ``metadata["help"]`` and ``metadata["choices"]``; a bool that defaults to True becomes ``--no-<name>``."""
+    help_text = f.metadata.get("help")
+    if hint is bool:
+        if f.default:
+            return "--no-" + f.name.replace("_", "-"), {"dest": f.name, "action": "store_false",
+                                                         "help": help_text and f"no {help_text}"}
+        return flag(f.name), {"dest": f.name, "action": "store_true", "help": help_text}
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    kw: dict[str, Any] = {"dest": f.name, "type": args[0] if isinstance(hint, types.UnionType) else hint,
+                          "default": f.default, "help": help_text}
+    if "choices" in f.metadata:
+        kw["choices"] = list(f.metadata["choices"])
+    if f.name in REQUIRED_FIELDS:
+        kw.update(required=True, default=None)
+    return flag(f.name), kw
+
+
+def add_config_args(main: argparse._ActionsContainer, training: argparse._ActionsContainer,
+                    names: tuple[str, ...]) -> None:
+    """The flags of the :class:`DistillConfig` fields in ``names`` (``MAIN_FIELDS`` go to ``main``)."""
+    hints = typing.get_type_hints(DistillConfig)
+    for f in dataclasses.fields(DistillConfig):
+        if f.name in names:
+            name, kw = field_argument(f, hints[f.name])
+            (main if f.name in MAIN_FIELDS else training).add_argument(name, **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    return DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,57 +72,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--table", action="append", required=True, metavar="T.json",
                    help="the table to straighten for (repeat for several budgets; the first is saved as table.json)")
-    p.add_argument("--method", choices=["boss", "reflow", "kstep"], default="boss")
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (peft); 0 = full fine-tuning (default)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    p.add_argument("--pairs", type=int, default=2000,
-                   help="teacher trajectories from fresh noise (10%% held out for validation); BOSS gets one "
-                        "segment pair per table step from each, reflow/k-step one (noise, sample) pair")
+    g = p.add_argument_group("training")
+    add_config_args(p, g, MAIN_FIELDS)
     p.add_argument("--out", required=True, help="output folder (written atomically at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the work folder")
     p.add_argument("--overwrite", action="store_true", help="replace a finished model folder / old checkpoints")
-    g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, default=256, help="global batch size (default 256)")
-    g.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4, as BOSS)")
-    g.add_argument("--warmup", type=int, default=100, help="linear LR warm-up steps (default 100)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default 1)")
-    g.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay cap, 0 = no EMA (default 0.999)")
-    g.add_argument("--teacher-steps", type=int, default=100, help="teacher fine-grid steps (default 100)")
-    g.add_argument("--teacher-solver", choices=["heun", "euler"], default="heun")
-    g.add_argument("--seed", type=int, default=0, help="teacher noise and batch sampling seed")
-    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="for GPUs")
-    g.add_argument("--checkpoint-every", type=int, default=500, help="accelerator.save_state every M steps")
+    add_config_args(p, g, tuple(f.name for f in dataclasses.fields(DistillConfig) if f.name not in MAIN_FIELDS))
     g.add_argument("--work-dir", default=None, help="checkpoints, teacher cache and loss log (default OUT.work)")
     g.add_argument("--stop-after", type=int, default=None,
                    help="stop (checkpointed, not exported) after this many steps; continue later with --resume")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from distill.trainer import DistillConfig, distill
+    from distill.trainer import distill
     from schedules.table import load_table
 
     tables = [load_table(t) for t in args.table]
+    check_output_path(args.out, param="out", folder=True)  # before the model loads
+    if args.work_dir is not None:
+        check_output_path(args.work_dir, param="work_dir", folder=True)
     model = model_from_args(args)
     for t, path in zip(tables, args.table):
         try:
             t.check_compatible(model.convention, model.prediction, what=args.model)
         except StepsmithError as exc:
             raise StepsmithError(f"{path}: {exc}") from None
-    cfg = DistillConfig(
-        method=args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-        grad_clip=args.grad_clip, ema_decay=args.ema_decay, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        pairs=args.pairs, teacher_steps=args.teacher_steps, teacher_solver=args.teacher_solver, seed=args.seed,
-        mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
-    )
-    argv = sys.argv[1:]
-    if argv and argv[0] == "distill":
-        argv = argv[1:]
-    command = "stepsmith distill " + " ".join(shlex.quote(a) for a in argv)
+    cfg = config_from_args(args)
     res = distill(model, tables, cfg, args.out, work_dir=args.work_dir, resume=args.resume, overwrite=args.overwrite,
-                  stop_after=args.stop_after, command=command)
+                  stop_after=args.stop_after, command=args.invocation)
     if res is None:
         print(f"stopped after step {args.stop_after}; continue with the same command and --resume")
         return

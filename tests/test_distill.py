@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 
 import pytest
 import torch
 from torch import nn
 
 from distill.base import ode_velocity, straight_path
+from distill.cli import config_from_args
 from distill.data import generate_teacher_data
 from distill.export import load_distilled
+from distill.student import make_ema
 from distill.trainer import DistillConfig, build_method, distill
 from schedules.adapters import ModelAdapter, load_model
 from schedules.baselines import uniform
+from schedules.cli import build_parser
 from schedules.cli import main as cli_main
 from schedules.conventions import FlowConvention, VPConvention
 from schedules.embedded.nets import Toy2DVelocity
@@ -211,6 +215,49 @@ def test_cli_refuses_table_of_another_convention(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "vp" in err and "flow" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_ema_follows_the_warmup_rule():
+    """diffusers' EMAModel as configured gives the hand-written EMA it replaced: decay at step k is
+    min(cap, 1 - (1 + (k - 1))^-2/3), 0 at the first step."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(50)), nn.Parameter(torch.randn(3, 4))]
+    cap, power = 0.6, 2 / 3
+    ema = make_ema(params, cap)
+    ref = [p.detach().double().clone() for p in params]
+    for k in range(1, 11):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        ema.step(params)
+        decay = 0.0 if k - 1 <= 0 else min(cap, 1 - (1 + (k - 1)) ** -power)
+        assert ema.cur_decay_value == decay
+        ref = [r + (1 - decay) * (p.detach().double() - r) for r, p in zip(ref, params)]
+        for s, r in zip(ema.shadow_params, ref):
+            torch.testing.assert_close(s.double(), r, rtol=0, atol=1e-6)
+    assert ema.cur_decay_value == cap  # the cap is reached within the ten steps
+
+
+def test_cli_flags_come_from_distill_config(toy, tmp_path):
+    parser = build_parser()
+    base = ["distill", "--model", "builtin:toy2d-flow", "--table", "t.json", "--out", "o"]
+    assert config_from_args(parser.parse_args([*base, "--steps", "7"])) == DistillConfig(steps=7)
+    args = parser.parse_args([*base, "--steps", "7", "--lr", "1e-3", "--lora-alpha", "2", "--method", "kstep",
+                              "--no-progress", "--keep-checkpoints", "3", "--teacher-solver", "euler"])
+    assert config_from_args(args) == DistillConfig(steps=7, lr=1e-3, lora_alpha=2.0, method="kstep", progress=False,
+                                                   keep_checkpoints=3, teacher_solver="euler")
+    with pytest.raises(SystemExit):
+        parser.parse_args(base)  # --steps is required on the command line
+    with pytest.raises(StepsmithError) as exc:
+        DistillConfig(lr=-1.0).validate()
+    assert exc.value.param == "lr"
+    # the output records the invocation as the command line gave it
+    uniform(toy, 1).save(tmp_path / "t.json")
+    argv = ["distill", "--model", "builtin:toy2d-flow", "--table", str(tmp_path / "t.json"), "--steps", "2",
+            "--pairs", "20", "--teacher-steps", "4", "--batch-size", "8", "--no-progress", "--out", str(tmp_path / "o")]
+    assert cli_main(argv) == 0
+    info = json.loads((tmp_path / "o" / "distill.json").read_text())
+    assert info["command"] == shlex.join(["stepsmith", *argv])
 
 
 @pytest.mark.slow
