@@ -2,24 +2,29 @@
 
 Public API::
 
-    from schedules import load_model, load_table, sample, TimestepTable
+    from schedules import load_model, make_table, load_table, sample, pipeline_kwargs, apply_table, TimestepTable
     model = load_model("builtin:digits-flow")
-    table = load_table("table.json")
+    table = make_table(model, "dp", nfe=6)                    # or load_table("table.json")
     x = sample(model, model.noise(16, seed=0), table.sigmas, table.solver)
+    images = pipe(**pipeline_kwargs(table, pipe)).images     # a diffusers pipeline, driven by the table
+
+``pipeline_kwargs`` and ``apply_table`` are imported on first use, so ``import schedules`` does not
+import diffusers.
 """
 
 from schedules.adapters import ModelAdapter, load_model
 from schedules.conventions import FlowConvention, VPConvention
 from schedules.io import StepsmithError
+from schedules.search import make_table
 from schedules.solvers import SOLVERS, reference_sample, sample
 from schedules.table import FORMAT, TimestepTable, load_table
 
 __all__ = [
     "FORMAT", "SOLVERS", "FlowConvention", "ModelAdapter", "StepsmithError", "TimestepTable", "VPConvention",
-    "load_model", "load_table", "reference_sample", "sample", "pipeline_kwargs", "apply_table",
+    "apply_table", "load_model", "load_table", "make_table", "pipeline_kwargs", "reference_sample", "sample",
 ]
 
-_LAZY = {"pipeline_kwargs": "schedules.diffusers_integration", "apply_table": "schedules.diffusers_integration"}
+_LAZY = {"pipeline_kwargs": "schedules.diffusers", "apply_table": "schedules.diffusers"}
 
 
 def __getattr__(name: str):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -253,6 +254,10 @@ def _import_file(file: Path):
     sys.modules[mod_name] = mod
     try:
         spec.loader.exec_module(mod)
+    except SystemExit as exc:  # a training script without a main guard: not stepsmith's exit
+        del sys.modules[mod_name]
+        raise StepsmithError(f"importing {file} called sys.exit({exc.code}) (a script without "
+                             "`if __name__ == \"__main__\":` guard?); move its top-level code under one") from None
     except Exception as exc:
         del sys.modules[mod_name]
         raise StepsmithError(f"importing {file} failed: {type(exc).__name__}: {exc}") from None
@@ -284,6 +289,9 @@ def _load_callable(file: Path, attr: str, name: str, prediction: str | None, sha
     if prediction is None:
         raise StepsmithError("a file.py:attr model needs --prediction: flow (FlowMatch, t=σ∈[0,1]) or epsilon|v|x0 (VP)")
     if prediction == "flow":
+        if scheduler_config:
+            raise StepsmithError("`scheduler_config` sets VP betas for `prediction` epsilon|v|x0; a flow model "
+                                 "(t = σ ∈ [0, 1]) takes none — drop it", param="scheduler_config")
         conv: Convention = FlowConvention(time_scale=1.0)
         sched_cfg = None
     elif prediction in PREDICTIONS["vp"]:
@@ -334,7 +342,17 @@ def _load_builtin(key: str) -> ModelAdapter:
 _CALLABLE_RE = re.compile(r"^(?P<file>.+\.py):(?P<attr>[A-Za-z_][\w.]*)$")
 
 
-def load_model(spec: str, *, prediction: str | None = None, shape: str | tuple[int, ...] | None = None,
+def _spec_text(spec: Any) -> str:
+    """A model spec as text: ``str`` or a path (``Path("model_dir")``); anything else is refused."""
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str) or not spec.strip():
+        raise StepsmithError("`spec` must be builtin:NAME, a diffusers folder (str or Path) or path/to/file.py:attr, "
+                             f"got {type(spec).__name__} {spec!r}"[:200], param="spec")
+    return spec
+
+
+def load_model(spec: str | os.PathLike, *, prediction: str | None = None, shape: str | tuple[int, ...] | None = None,
                scheduler_config: str | Path | None = None, weights: str | Path | None = None,
                device: str | torch.device = "cpu", probe: bool = True) -> ModelAdapter:
     """Resolve a model spec (``builtin:NAME``, diffusers folder, ``file.py:attr``) to an adapter.
@@ -342,16 +360,20 @@ def load_model(spec: str, *, prediction: str | None = None, shape: str | tuple[i
     With ``probe`` the model is run once on two samples, so a wrong ``shape`` or time
     convention fails here with a clear message instead of deep inside a search.
     """
+    spec = _spec_text(spec)
     shape = parse_shape(shape)
     if prediction is not None and prediction not in ("flow", "epsilon", "v", "x0"):
         raise StepsmithError(f"unknown --prediction {prediction!r}; use flow, epsilon, v or x0")
     if spec.startswith("builtin:"):
-        if prediction or shape or scheduler_config:
-            raise StepsmithError("builtin models know their prediction, shape and scheduler; drop those options")
+        if prediction or shape or scheduler_config or weights:
+            raise StepsmithError("builtin models know their prediction, shape, scheduler and weights; drop those options")
         adapter = _load_builtin(spec.split(":", 1)[1])
     elif (m := _CALLABLE_RE.match(spec)) is not None:
         adapter = _load_callable(Path(m["file"]), m["attr"], spec, prediction, shape, scheduler_config, weights)
     elif Path(spec).is_dir():
+        if weights is not None:
+            raise StepsmithError(f"`weights` is for file.py:attr models; {spec} loads its own weights from the folder "
+                                 "(put the weights there, or drop `weights`)", param="weights")
         adapter = _load_diffusers(Path(spec), spec, prediction, shape, scheduler_config)
     elif spec.endswith(".py") or ":" in spec:
         raise StepsmithError(f"model {spec!r}: write a Python model as path/to/file.py:attr (attr a module or factory)")
@@ -370,7 +392,7 @@ def load_model(spec: str, *, prediction: str | None = None, shape: str | tuple[i
 def _probe(adapter: ModelAdapter) -> None:
     x = torch.zeros((2, *adapter.sample_shape), device=adapter.device, dtype=adapter.dtype)
     conv = adapter.convention
-    s_mid = torch.tensor(0.5 if conv.name == "flow" else 1.0, dtype=torch.float64).expand(2)
+    s_mid = torch.tensor(conv.from_edm(1.0), dtype=torch.float64).expand(2)  # mid-range: EDM σ = 1 (flow σ = 0.5)
     try:
         adapter.model_output(x, s_mid)
     except StepsmithError:

@@ -2,12 +2,16 @@
 
 Subcommands are registered through the ``stepsmith.commands`` entry-point group, so the
 core package does not import :mod:`eval` or :mod:`distill` (they build on it, never the
-reverse). Every user-facing error is one line on stderr and exit code 2.
+reverse). Every user-facing error is one line on stderr and exit code 2; the library names
+Python parameters in its errors (``"`samples` must be at least 1"``) and :func:`cli_message`
+turns each into the subcommand's flag (``--samples``). ``args.invocation`` is the one record of
+the command line: every subcommand that writes a file takes it from there.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from importlib.metadata import entry_points
@@ -26,7 +30,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shape", default=None, help="per-sample shape when it cannot be inferred, e.g. 2 or 1,16,16")
     g.add_argument("--scheduler-config", default=None, help="folder with scheduler_config.json (VP betas / FlowMatch)")
     g.add_argument("--weights", default=None, help="safetensors state dict to load into a file.py:attr module")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps; checked before loading")
 
 
 def model_from_args(args: argparse.Namespace):
@@ -34,6 +38,28 @@ def model_from_args(args: argparse.Namespace):
 
     return load_model(args.model, prediction=args.prediction, shape=args.shape,
                       scheduler_config=args.scheduler_config, weights=args.weights, device=args.device)
+
+
+def invocation(argv: list[str]) -> str:
+    """The exact command line, recorded in tables and reports so a result can be reproduced."""
+    return shlex.join(["stepsmith", *argv])
+
+
+def option_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Python parameter name → the parser's flag for it (``scheduler_config`` → ``--scheduler-config``)."""
+    flags = {}
+    for action in parser._actions:
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if long and action.dest != "help":
+            flags[action.dest] = long[0]
+    return flags
+
+
+def cli_message(exc: StepsmithError, parser: argparse.ArgumentParser) -> str:
+    """The error's message with each backticked Python parameter that is one of ``parser``'s options
+    replaced by its flag; other backticked names (method options of ``--option``) stay as they are."""
+    flags = option_flags(parser)
+    return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", lambda m: flags.get(m.group(1), m.group(0)), str(exc))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,25 +75,91 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MEMORY_HINT_FLAGS = ("--num", "--samples", "--batch-size", "--micro-batch")
+_ALLOCATION_MARKERS = ("not enough memory", "DefaultCPUAllocator", "out of memory", "can't allocate memory")
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` this torch build cannot use, before any model is loaded."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise StepsmithError(f"`device` {device!r} is not a torch device; use cpu, cuda, cuda:N or mps",
+                             param="device") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StepsmithError(f"`device` {device}: this torch build has no usable CUDA "
+                                 "(torch.cuda.is_available() is False); use --device cpu", param="device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise StepsmithError(f"`device` {device}: only {torch.cuda.device_count()} CUDA device(s)", param="device")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise StepsmithError(f"`device` {device}: MPS is not available here; use --device cpu", param="device")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise StepsmithError(f"`device` {device}: stepsmith runs on cpu, cuda or mps", param="device")
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        isinstance(exc, MemoryError) or any(m in str(exc) for m in _ALLOCATION_MARKERS))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def boundary_message(exc: BaseException, sub: argparse.ArgumentParser) -> str | None:
+    """The one-line message for an everyday failure (user error, OS error, out of memory), or None for a bug."""
+    if isinstance(exc, StepsmithError):
+        return " ".join(cli_message(exc, sub).split("\n"))
+    if is_allocation_failure(exc):
+        flags = [f for f in MEMORY_HINT_FLAGS if f in option_flags(sub).values()]
+        hint = f"; lower {' / '.join(flags)}" if flags else "; use a smaller model or input"
+        return f"out of memory ({_first_line(exc)}){hint}"
+    if isinstance(exc, OSError):
+        where = " → ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+        return f"{exc.strerror or _first_line(exc)}{': ' + where if where else ''}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    # The exact invocation, recorded in reports so a table or a sweep can be reproduced.
-    args.invocation = "stepsmith " + " ".join(shlex.quote(a) for a in argv)
+    args.invocation = invocation(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    sub = _subparser(parser, args.command)
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)
         args.func(args)
-    except StepsmithError as exc:
-        print(f"stepsmith {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"stepsmith {args.command}: interrupted (outputs are written atomically; nothing half-written)",
               file=sys.stderr)
         return 130
+    except Exception as exc:
+        message = boundary_message(exc, sub)
+        if message is None:
+            raise  # a bug: the traceback is what a report needs
+        print(f"stepsmith {args.command}: error: {message}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
 
 
 if __name__ == "__main__":

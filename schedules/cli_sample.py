@@ -9,7 +9,7 @@ import time
 import torch
 
 from schedules.cli import add_model_args, model_from_args
-from schedules.io import StepsmithError
+from schedules.io import StepsmithError, check_output_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,34 +24,63 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", default=None, help="euler|ddim|heun|dpmpp-2m (default: the table's, else euler)")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", required=True, help="PNG file to write (must end in .png; other formats are refused)")
     p.add_argument("--save-tensor", default=None, help="also save the samples as safetensors")
     p.set_defaults(func=run)
+
+
+PNG_SUFFIXES = (".png",)  # sample writes PNG only: other image suffixes are refused, not mislabelled
+
+
+def check_drawable(shape: tuple[int, ...]) -> None:
+    """Refuse, before sampling, samples that :func:`schedules.viz.save_samples` cannot draw."""
+    if shape == (2,) or (len(shape) == 3 and shape[0] in (1, 3)):
+        return
+    raise StepsmithError(f"samples of shape {list(shape)} cannot be drawn as a PNG (a grid needs [1 or 3, H, W] "
+                         "images, a scatter plot 2-D points); sample them from Python with schedules.sample")
+
+
+def check_args(args: argparse.Namespace):
+    """Everything checkable before the model loads: counts, output paths, the table or the uniform NFE."""
+    from schedules.search import check_request
+    from schedules.solvers import get_solver
+    from schedules.table import load_table
+
+    if args.num < 1:
+        raise StepsmithError("--num must be at least 1")
+    check_output_path(args.out, param="out", suffixes=PNG_SUFFIXES)
+    if args.save_tensor is not None:
+        check_output_path(args.save_tensor, param="save_tensor")
+    if args.solver is not None:
+        get_solver(args.solver)
+    if args.table is not None:  # an empty --table is refused, not read as 'no table'
+        return load_table(args.table)
+    if args.nfe is not None:  # the default 16 stays as it was (Heun: 8 steps, NFE 15)
+        get_solver(args.solver or "euler").steps_for_nfe(args.nfe)  # "NFE must be at least 1"
+        check_request("uniform", args.nfe, args.solver or "euler", exact_nfe=True)
+    return None
 
 
 def run(args: argparse.Namespace) -> None:
     from schedules.baselines import uniform
     from schedules.solvers import get_solver, reference_sample, sample
-    from schedules.table import load_table
     from schedules.viz import save_samples
 
-    if args.num < 1:
-        raise StepsmithError("--num must be at least 1")
+    table = check_args(args)
     model = model_from_args(args)
+    check_drawable(model.sample_shape)
     noise = model.noise(args.num, args.seed)
     t0 = time.perf_counter()
     if args.reference:
         x = reference_sample(model, noise, progress=True)
         label = "reference"
     else:
-        if args.table:
-            table = load_table(args.table)
+        if table is not None:
             table.check_compatible(model.convention, model.prediction, what=args.model)
             solver = args.solver or table.solver
         else:
             solver = args.solver or "euler"
             table = uniform(model, 16 if args.nfe is None else args.nfe, solver)
-        get_solver(solver)
         x = sample(model, noise, table.sigmas, solver, progress=True)
         label = f"{table.method} {solver} NFE {get_solver(solver).nfe(table.steps)}"
     seconds = time.perf_counter() - t0

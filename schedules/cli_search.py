@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from schedules.io import StepsmithError
+from schedules.io import StepsmithError, check_output_path
 
 
 def _parse_option(text: str) -> tuple[str, object]:
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="dp",
                    help="dp (default), evolution, ays, or a baseline: uniform, quadratic, karras, exponential, logsnr, "
                         "shift, linspace, leading, trailing, default, ays-gaussian, ays-published")
-    p.add_argument("--nfe", type=int, required=True, help="model evaluations (Heun: 2K-1 for K steps)")
+    p.add_argument("--nfe", type=int, required=True, help="model evaluations (Heun: 2K-1 for K steps, so odd)")
     p.add_argument("--solver", default="euler", help="euler | ddim | heun | dpmpp-2m")
     p.add_argument("--samples", type=int, default=None, help="search samples B (default 64)")
     p.add_argument("--grid", type=int, default=None, help="grid intervals for dp/evolution (default 100; heun 50)")
@@ -49,53 +49,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from schedules.cli import model_from_args
-    from schedules.search import METHODS, SEARCHED, make_table
-    from schedules.solvers import get_solver
+    from schedules.distributed import current_dist
+    from schedules.search import SEARCHED, check_request, make_table
 
-    # validate cheap things before loading the model
-    if args.method not in METHODS:
-        raise StepsmithError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
-    get_solver(args.solver)
-    if args.nfe < 1:
-        raise StepsmithError(f"--nfe must be at least 1, got {args.nfe}")
-    if args.grid is not None and args.grid < 2:
-        raise StepsmithError(f"--grid must be at least 2, got {args.grid}")
-    if args.samples is not None and args.samples < 1:
-        raise StepsmithError(f"--samples must be at least 1, got {args.samples}")
     options = dict(_parse_option(o) for o in args.option)
     if args.grid is not None:
-        if args.method not in SEARCHED:
-            raise StepsmithError(f"--grid applies to searched methods ({', '.join(SEARCHED)}), not {args.method!r}")
         options["grid"] = args.grid
-    rank = _init_distributed()
+    # before loading the model: the request, then the output path
+    check_request(args.method, args.nfe, args.solver, samples=args.samples, options=options, exact_nfe=True)
+    check_output_path(args.out, param="out")
+    dist = current_dist()  # joins the process group under accelerate launch / torchrun
     model = model_from_args(args)
     t0 = time.perf_counter()
     kw = {} if args.method not in SEARCHED else {"samples": args.samples, "seed": args.seed,
                                                    "progress": not args.no_progress}
     table = make_table(model, args.method, args.nfe, args.solver, **kw, **options)
-    if table.model != args.model:
-        table.model = args.model
-    if rank != 0:  # under accelerate launch only the main process writes
+    table.model = args.model
+    table.provenance["command"] = args.invocation
+    if not dist.main:  # under accelerate launch only the main process writes
         return
     table.save(args.out)
     print(json.dumps({"out": args.out, "method": table.method, "solver": table.solver, "nfe": table.nfe,
                       "steps": table.steps, "timesteps": [round(t, 4) for t in table.timesteps],
                       "objective": table.objective, "model_calls": table.provenance.get("model_calls", 0),
                       "seconds": round(time.perf_counter() - t0, 2)}))
-
-
-def _init_distributed() -> int:
-    """Under a multi-process launcher (WORLD_SIZE > 1: ``accelerate launch --multi_gpu``, ``torchrun``) join
-    the process group (accelerate's PartialState; gloo on CPU if that did not initialise it); returns this rank."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
-    import torch
-    import torch.distributed as dist
-    from accelerate import PartialState
-
-    PartialState()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank()

@@ -22,8 +22,15 @@ import torch
 class StepsmithError(ValueError):
     """A user-facing error: the message says what went wrong and what to do.
 
-    The CLI prints it on one line and exits with code 2.
+    Library code names *Python* parameters in backticks, e.g. ``"`samples` must be at least 1"``, and
+    records the one at fault in ``param``. The CLI prints the message on one line, with each backticked
+    name that is one of its options replaced by the flag (``--samples must be at least 1``), and exits
+    with code 2.
     """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @contextlib.contextmanager
@@ -103,3 +110,40 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute().parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_path(path: str | os.PathLike | None, *, param: str = "out", folder: bool = False,
+                      suffixes: tuple[str, ...] = ()) -> Path:
+    """Refuse an output path that cannot be written, before any compute is spent on it.
+
+    A file output must not be empty or an existing directory, must end in one of ``suffixes``
+    (when given), and its nearest existing parent folder must be a writable directory. A folder
+    output (``folder=True``) must not be an existing file.
+    """
+    if path is None or not str(path).strip():
+        raise StepsmithError(f"`{param}` is empty; give the {'folder' if folder else 'file'} to write", param=param)
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise StepsmithError(f"`{param}` {path} is an existing file; give a folder path", param=param)
+    if not folder and path.is_dir():
+        raise StepsmithError(f"`{param}` {path} is an existing directory; give a file path "
+                             f"(e.g. {path / ('out' + (suffixes[0] if suffixes else ''))})", param=param)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise StepsmithError(f"`{param}` {path} must end in {' or '.join(suffixes)} (that is the format written), "
+                             f"got {path.suffix or 'no suffix'!r}", param=param)
+    parent = _nearest_existing(path)
+    if not parent.is_dir():
+        raise StepsmithError(f"`{param}` {path}: {parent} is a file, not a folder", param=param)
+    try:  # a real probe: permission bits, read-only mounts and root all answer the same way
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise StepsmithError(f"`{param}` {path}: cannot write in {parent} ({exc.strerror or exc})", param=param) from None
+    return path

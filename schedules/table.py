@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +41,50 @@ from schedules.solvers import SOLVERS, get_solver
 
 FORMAT = "stepsmith.schedule/v1"
 CONVENTIONS = ("flow", "vp")
+_VP_TIMESTEP_TOL = 1e-3  # model timesteps (1000-step scale) after float round trips
+
+# JSON type of every field (``None`` allowed where the field is optional); checked on load so a
+# string "4" is reported as a string, not as a wrong count
+_FIELD_TYPES: dict[str, tuple[str, tuple[type, ...], bool]] = {
+    "format": ("a string", (str,), False), "solver": ("a string", (str,), False),
+    "prediction": ("a string", (str,), False), "convention": ("a string", (str,), False),
+    "method": ("a string", (str,), False), "model": ("a string", (str,), False),
+    "sigmas": ("a list of numbers", (list,), False), "timesteps": ("a list of numbers", (list,), False),
+    "steps": ("an integer", (int,), True), "nfe": ("an integer", (int,), True),
+    "objective": ("a number", (int, float), True), "convention_config": ("an object", (dict,), False),
+    "provenance": ("an object", (dict,), False),
+}
+
+# VP noise schedules (by ᾱ hash) seen in this process: a table for one of them has its
+# timesteps checked against its sigmas on every validation
+_KNOWN_VP: dict[str, Convention] = {}
+
+
+def _remember(convention: Convention) -> None:
+    sha = convention.config().get("alphas_cumprod_sha256")
+    if sha is not None:
+        _KNOWN_VP[sha] = convention
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def check_field_types(d: dict[str, Any]) -> None:
+    """Refuse a table dict whose fields have the wrong JSON type, naming the field and the value."""
+    for name, (what, types, optional) in _FIELD_TYPES.items():
+        if name not in d or (optional and d[name] is None):
+            continue
+        v = d[name]
+        ok = isinstance(v, types) and not isinstance(v, bool)
+        if ok and types == (list,):
+            bad = [x for x in v if not isinstance(x, (int, float)) or isinstance(x, bool)]
+            if bad:
+                raise StepsmithError(f"invalid timestep table: `{name}` must be a list of numbers, "
+                                     f"got {_describe(bad[0])} at index {v.index(bad[0])}", param=name)
+        if not ok:
+            raise StepsmithError(f"invalid timestep table: `{name}` must be {what}, got {_describe(v)}", param=name)
 
 
 def package_version() -> str:
@@ -67,8 +113,8 @@ class TimestepTable:
     format: str = FORMAT
 
     def __post_init__(self) -> None:
-        self.sigmas = [float(v) for v in self.sigmas]
-        self.timesteps = [float(v) for v in self.timesteps]
+        self.sigmas = _floats(self.sigmas, "sigmas")
+        self.timesteps = _floats(self.timesteps, "timesteps")
         K = len(self.sigmas) - 1
         if self.steps is None:
             self.steps = K
@@ -122,6 +168,28 @@ class TimestepTable:
                       "this looks like a VP/EDM table: set convention to 'vp'")
         if self.objective is not None and not isinstance(self.objective, (int, float)):
             raise bad("objective", "must be a number or null", "store the objective value as a float")
+        known = _KNOWN_VP.get(self.convention_config.get("alphas_cumprod_sha256")) if self.convention == "vp" else None
+        if known is not None:
+            self.check_timesteps(known)
+
+    def check_timesteps(self, convention: Convention) -> None:
+        """Refuse VP timesteps that are not the convention's mapping of the sigmas.
+
+        The CLI samples the sigmas while diffusers feeds the network the timesteps: a table where
+        they disagree would run two different schedules.
+        """
+        if convention.name != "vp" or convention.config().get("alphas_cumprod_sha256") is None:
+            return  # flow tables derive timesteps from sigmas; EDM models receive c_noise(σ)
+        try:
+            want = convention.model_time(torch.tensor(self.sigmas[:-1], dtype=torch.float64)).tolist()
+        except StepsmithError:
+            return  # σ outside the model's range: check_sigmas and the samplers report it
+        for i, (got, exp) in enumerate(zip(self.timesteps, want)):
+            if abs(got - exp) > _VP_TIMESTEP_TOL:
+                raise StepsmithError(
+                    f"invalid timestep table: timesteps: timestep {got:g} at index {i} disagrees with sigma "
+                    f"{self.sigmas[i]:g}, which the noise schedule maps to timestep {exp:.6g} — rebuild the "
+                    "table from its sigmas (TimestepTable.from_sigmas) or fix the timesteps", param="timesteps")
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -129,6 +197,7 @@ class TimestepTable:
                     solver: str, method: str, model: str, objective: float | None = None,
                     provenance: dict[str, Any] | None = None) -> TimestepTable:
         """Build a table from native sigmas (terminal 0 included); timesteps are derived."""
+        _remember(convention)
         s = [float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
         if len(s) >= 2 and s[-1] == 0.0 and all(math.isfinite(v) and v > 0 for v in s[:-1]):
             ts = convention.model_time(torch.tensor(s[:-1], dtype=torch.float64)).tolist()
@@ -162,7 +231,8 @@ class TimestepTable:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TimestepTable:
         if not isinstance(d, dict):
-            raise StepsmithError("invalid timestep table: the JSON must be an object")
+            raise StepsmithError(f"invalid timestep table: the JSON must be an object, got {_describe(d)}")
+        check_field_types(d)
         if d.get("format") != FORMAT:
             raise StepsmithError(f"invalid timestep table: format: expected {FORMAT!r}, got {d.get('format')!r}")
         required = ["sigmas", "timesteps", "solver", "prediction", "convention", "method", "model"]
@@ -183,23 +253,60 @@ class TimestepTable:
                 f"table {self.method!r} was made for a {self.convention} model but {what} is {convention.name}; "
                 f"search a table for it (stepsmith search --model ...)"
             )
-        if convention.name == "vp":
-            mine = self.convention_config.get("alphas_cumprod_sha256")
-            theirs = convention.config()["alphas_cumprod_sha256"]
-            if mine is not None and mine != theirs:
-                raise StepsmithError(
-                    f"table was made for another VP noise schedule (ᾱ hash {mine} vs {theirs} of {what}); "
-                    "search a table for this model"
-                )
+        # conventions with a noise schedule (VP's ᾱ) record its hash; a table for another schedule is refused
+        mine = self.convention_config.get("alphas_cumprod_sha256")
+        theirs = convention.config().get("alphas_cumprod_sha256")
+        if mine is not None and theirs is not None and mine != theirs:
+            raise StepsmithError(
+                f"table was made for another VP noise schedule (ᾱ hash {mine} vs {theirs} of {what}); "
+                "search a table for this model"
+            )
         if prediction is not None and self.prediction != prediction:
             raise StepsmithError(
                 f"table was made for a {self.prediction}-prediction model but {what} predicts {prediction}"
             )
+        _remember(convention)
+        self.check_timesteps(convention)
+
+
+def _floats(values: Any, name: str) -> list[float]:
+    """``values`` as a list of floats (lists, tuples, tensors, arrays); a wrong type names the field."""
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        raise StepsmithError(f"invalid timestep table: `{name}` must be a list of numbers, got {_describe(values)}",
+                             param=name)
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, (str, bytes, bool)):
+            raise StepsmithError(f"invalid timestep table: `{name}` must be a list of numbers, got "
+                                 f"{_describe(v)} at index {i}", param=name)
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise StepsmithError(f"invalid timestep table: `{name}` must be a list of numbers, got "
+                                 f"{_describe(v)} at index {i}", param=name) from None
+    return out
+
+
+def as_table(table: Any, param: str = "table") -> TimestepTable:
+    """A :class:`TimestepTable` from a table, a table dict (``to_dict()`` layout) or a path to table JSON."""
+    if isinstance(table, TimestepTable):
+        return table
+    if isinstance(table, (str, os.PathLike)):
+        return load_table(table)
+    if isinstance(table, dict):
+        return TimestepTable.from_dict(table)
+    raise StepsmithError(f"`{param}` must be a TimestepTable, a table dict or the path of a table JSON file "
+                         f"(load one with schedules.load_table), got {_describe(table)}", param=param)
 
 
 def load_table(path: str | Path) -> TimestepTable:
     """Read and validate a ``stepsmith.schedule/v1`` JSON table."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise StepsmithError(f"`path` must be the path of a table JSON file (str or Path), got {_describe(path)}",
+                             param="path")
     path = Path(path)
+    if path.is_dir():
+        raise StepsmithError(f"table {path} is a directory; give the table's JSON file (e.g. {path / 'table.json'})")
     if not path.is_file():
         raise StepsmithError(f"table {path} does not exist; create one with `stepsmith search`")
     try:
@@ -208,7 +315,8 @@ def load_table(path: str | Path) -> TimestepTable:
         raise StepsmithError(f"table {path} is not valid JSON ({exc})") from None
     try:
         return TimestepTable.from_dict(d)
-    except StepsmithError as exc:
-        raise StepsmithError(f"{path}: {exc}") from None
+    except StepsmithError as exc:  # a field of the file, not a Python parameter: quote it as JSON does
+        quoted = re.sub(r"`([A-Za-z_]+)`", r'"\1"', str(exc))
+        raise StepsmithError(f"{path}: {quoted}") from None
     except TypeError as exc:
         raise StepsmithError(f"{path}: invalid timestep table ({exc})") from None

@@ -113,7 +113,7 @@ def test_callable_model_flow(tmp_path, attr):
     m = load_model(f"{f}:{attr}", prediction="flow", shape="2")
     assert m.convention.time_scale == 1.0 and m.sample_shape == (2,)
     seen = []
-    m.module.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone()))
+    m.module.register_forward_pre_hook(lambda _mod, args: seen.append(args[1].clone()))
     sample(m, m.noise(4, 0), [1.0, 0.25, 0.0])
     assert [float(t[0]) for t in seen] == pytest.approx([1.0, 0.25])  # flow callables get t = σ
 
@@ -122,7 +122,7 @@ def test_callable_model_vp_gets_discrete_timesteps(tmp_path):
     f = write_model_file(tmp_path, MODEL_SRC)
     m = load_model(f"{f}:net", prediction="epsilon", shape="2")
     seen = []
-    m.module.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone()))
+    m.module.register_forward_pre_hook(lambda _mod, args: seen.append(args[1].clone()))
     conv = m.convention
     sig = conv.sigma_from_model_time(torch.tensor([999.0, 500.0])).tolist() + [0.0]
     sample(m, m.noise(4, 0), sig, "ddim")

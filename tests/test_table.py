@@ -76,7 +76,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     flow_table().save(path)
     before = path.read_text()
 
-    def boom(*a, **k):
+    def boom(*_a, **_k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "replace", boom)

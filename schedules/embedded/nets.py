@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 DIGITS_SIZE = 16
+DIGITS_NULL_CLASS = 10  # digits-cond: labels 0..9 are digits, 10 is the null (unconditional) label
 # Moons are standardised with these fixed constants (measured once on 100k samples) so
 # that the data distribution does not depend on the sample drawn.
 _MOONS_MEAN = np.array([0.5, 0.25])

@@ -4,6 +4,7 @@
     python -m schedules.embedded.train digits-flow --steps 1500 --warmup 200 --seed 0 --threads 1
     python -m schedules.embedded.train digits-ddpm --steps 4000 --warmup 200 --seed 0 --threads 1
     python -m schedules.embedded.train digits-features --steps 1500 --seed 0 --threads 1
+    python -m schedules.embedded.train digits-cond --steps 1500 --warmup 150 --seed 0 --threads 1
 
 The weights are written (atomically) to ``schedules/embedded/<name>/`` together with
 ``training.json``: the exact command, seed, steps, final loss and seconds. Training
@@ -18,6 +19,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +27,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from schedules.embedded import EMBEDDED_DIR
-from schedules.embedded.nets import DigitsFeatures, Toy2DVelocity, digits_data, digits_unet_config, toy2d_data
+from schedules.embedded.nets import DIGITS_NULL_CLASS, DigitsFeatures, Toy2DVelocity, digits_data, digits_unet_config, toy2d_data
 from schedules.io import atomic_torch_save, atomic_write_json, safe_torch_load, save_safetensors
 
 DDPM_SCHEDULER = dict(
@@ -34,6 +36,8 @@ DDPM_SCHEDULER = dict(
 )
 FLOW_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0)
 FLOW_PIPELINE_CLASS = "UnconditionalFlowMatchPipeline"
+COND_PIPELINE_CLASS = "ClassConditionalFlowMatchPipeline"
+LABEL_DROPOUT = 0.1  # digits-cond: share of labels replaced by the null label, so one network gives D_u and D_c
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -59,6 +63,17 @@ def _loss_digits_flow(model, batch: torch.Tensor, gen: torch.Generator) -> torch
     return F.mse_loss(model(x, sigma * 1000.0).sample, eps - batch)
 
 
+def _loss_digits_cond(model, batch: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Flow-matching loss with label dropout (classifier-free guidance, Ho & Salimans 2022)."""
+    drop = torch.rand(labels.shape[0], generator=gen) < LABEL_DROPOUT
+    labels = torch.where(drop, torch.full_like(labels, DIGITS_NULL_CLASS), labels)
+    eps = torch.randn(batch.shape, generator=gen)
+    sigma = torch.rand(batch.shape[0], generator=gen)
+    s = sigma[:, None, None, None]
+    x = (1 - s) * batch + s * eps
+    return F.mse_loss(model(x, sigma * 1000.0, class_labels=labels).sample, eps - batch)
+
+
 def _loss_digits_ddpm(model, batch: torch.Tensor, gen: torch.Generator, alphas_cumprod) -> torch.Tensor:
     eps = torch.randn(batch.shape, generator=gen)
     t = torch.randint(0, len(alphas_cumprod), (batch.shape[0],), generator=gen)
@@ -74,11 +89,92 @@ def _build(name: str):
         return DigitsFeatures()
     from diffusers import UNet2DModel
 
+    if name == "digits-cond":
+        return UNet2DModel(**digits_unet_config(), num_class_embeds=DIGITS_NULL_CLASS + 1)
     return UNet2DModel(**digits_unet_config())
+
+
+@dataclass
+class _Run:
+    """What a training run updates, and what a checkpoint saves."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    gen: torch.Generator
+
+
+def _data(name: str, seed: int):
+    """Training data and labels, plus the held-out 20% (features network only) that reports accuracy."""
+    if name == "toy2d-flow":
+        return toy2d_data(200_000, seed=seed), None, None
+    data, labels = digits_data()
+    if name != "digits-features":
+        return data, labels, None
+    # hold out 20% to report accuracy; the shipped network is trained on the other 80%
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    n_test = len(data) // 5
+    heldout = data[perm[:n_test]], labels[perm[:n_test]]
+    return data[perm[n_test:]], labels[perm[n_test:]], heldout
+
+
+def _resume(run: _Run, ckpt: Path, name: str, config: list, warmup: int) -> int:
+    """Load ``ckpt`` into ``run`` when it exists; returns the step to continue from (0 for a fresh run)."""
+    if not ckpt.exists():
+        return 0
+    state = safe_torch_load(ckpt)
+    steps, *cfg = config
+    # the planned step count may change on resume (the LR is constant after warm-up); nothing else may
+    old_steps, *old_cfg = state["config"]
+    old_warmup = state.get("warmup", min(200, old_steps // 10))
+    if old_cfg != cfg or old_warmup != warmup or state["step"] > steps:
+        raise SystemExit(f"{ckpt} was written with other settings {state['config']}; delete it to restart")
+    run.model.load_state_dict(state["model"])
+    run.ema.load_state_dict(state["ema"])
+    run.opt.load_state_dict(state["opt"])
+    run.sched.load_state_dict(state["sched"])
+    run.gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"resuming {name} from step {state['step']}", file=sys.stderr)
+    return state["step"]
+
+
+def _checkpoint(run: _Run, ckpt: Path, config: list, warmup: int, step: int) -> None:
+    atomic_torch_save(ckpt, dict(
+        config=config, warmup=warmup, step=step, model=run.model.state_dict(),
+        ema=run.ema.state_dict(), opt=run.opt.state_dict(), sched=run.sched.state_dict(),
+        gen=run.gen.get_state(), torch_rng=torch.get_rng_state(),
+    ))
+
+
+def _loss(name: str, model, data, labels, idx, gen: torch.Generator, alphas_cumprod) -> torch.Tensor:
+    batch = data[idx]
+    if name == "toy2d-flow":
+        return _loss_toy2d(model, batch, gen)
+    if name == "digits-flow":
+        return _loss_digits_flow(model, batch, gen)
+    if name == "digits-ddpm":
+        return _loss_digits_ddpm(model, batch, gen, alphas_cumprod)
+    if name == "digits-cond":
+        return _loss_digits_cond(model, batch, labels[idx], gen)
+    # light augmentation: random shifts by up to one pixel
+    dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
+    batch = torch.roll(batch, shifts=(dx, dy), dims=(2, 3))
+    return F.cross_entropy(model.classify(batch), labels[idx])
+
+
+def _ddpm_alphas_cumprod(name: str):
+    if name != "digits-ddpm":
+        return None
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**DDPM_SCHEDULER).alphas_cumprod.float()
 
 
 def train(name: str, steps: int, seed: int, batch_size: int, lr: float, work: Path,
           ckpt_every: int, ema_decay: float = 0.998, warmup: int | None = None) -> dict:
+    """Train ``name`` for ``steps`` (resuming from ``work``); returns the EMA model, ``info`` and the checkpoint path."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = _build(name)
@@ -88,59 +184,19 @@ def train(name: str, steps: int, seed: int, batch_size: int, lr: float, work: Pa
     if warmup is None:
         warmup = min(200, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, warmup)))
-
-    if name == "toy2d-flow":
-        data = toy2d_data(200_000, seed=seed)
-        labels = None
-    else:
-        data, labels = digits_data()
-    if name == "digits-features":
-        # hold out 20% to report accuracy; the shipped network is trained on the other 80%
-        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-        n_test = len(data) // 5
-        test_x, test_y = data[perm[:n_test]], labels[perm[:n_test]]
-        data, labels = data[perm[n_test:]], labels[perm[n_test:]]
-    alphas_cumprod = None
-    if name == "digits-ddpm":
-        from diffusers import DDPMScheduler
-
-        alphas_cumprod = DDPMScheduler(**DDPM_SCHEDULER).alphas_cumprod.float()
-
-    start = 0
+    run = _Run(model, ema, opt, sched, gen)
+    data, labels, heldout = _data(name, seed)
+    alphas_cumprod = _ddpm_alphas_cumprod(name)
+    config = [steps, seed, batch_size, lr]
     ckpt = work / f"{name}.ckpt"
-    if ckpt.exists():
-        state = safe_torch_load(ckpt)
-        # the planned step count may change on resume (the LR is constant after warm-up); nothing else may
-        old_steps, *old_cfg = state["config"]
-        old_warmup = state.get("warmup", min(200, old_steps // 10))
-        if old_cfg != [seed, batch_size, lr] or old_warmup != warmup or state["step"] > steps:
-            raise SystemExit(f"{ckpt} was written with other settings {state['config']}; delete it to restart")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
-        print(f"resuming {name} from step {start}", file=sys.stderr)
+    start = _resume(run, ckpt, name, config, warmup)
 
     t0 = time.perf_counter()
     losses: list[float] = []
     bar = tqdm(range(start, steps), desc=f"train {name}", initial=start, total=steps)
     for step in bar:
         idx = torch.randint(0, len(data), (batch_size,), generator=gen)
-        batch = data[idx]
-        if name == "toy2d-flow":
-            loss = _loss_toy2d(model, batch, gen)
-        elif name == "digits-flow":
-            loss = _loss_digits_flow(model, batch, gen)
-        elif name == "digits-ddpm":
-            loss = _loss_digits_ddpm(model, batch, gen, alphas_cumprod)
-        else:
-            # light augmentation: random shifts by up to one pixel
-            dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
-            batch = torch.roll(batch, shifts=(dx, dy), dims=(2, 3))
-            loss = F.cross_entropy(model.classify(batch), labels[idx])
+        loss = _loss(name, model, data, labels, idx, gen, alphas_cumprod)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -151,21 +207,17 @@ def train(name: str, steps: int, seed: int, batch_size: int, lr: float, work: Pa
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if (step + 1) % ckpt_every == 0 and step + 1 < steps:
-            atomic_torch_save(ckpt, dict(
-                config=[steps, seed, batch_size, lr], warmup=warmup, step=step + 1, model=model.state_dict(),
-                ema=ema.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                gen=gen.get_state(), torch_rng=torch.get_rng_state(),
-            ))
+            _checkpoint(run, ckpt, config, warmup, step + 1)
     info = dict(
         model=name, steps=steps, seed=seed, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
         final_loss=sum(losses[-200:]) / max(1, len(losses[-200:])),
         seconds_this_run=round(time.perf_counter() - t0, 1),
         torch=torch.__version__, threads=torch.get_num_threads(),
     )
-    if name == "digits-features":
+    if heldout is not None:
         ema.eval()
         with torch.no_grad():
-            info["heldout_accuracy"] = (ema.classify(test_x).argmax(1) == test_y).float().mean().item()
+            info["heldout_accuracy"] = (ema.classify(heldout[0]).argmax(1) == heldout[1]).float().mean().item()
     return dict(model=ema.eval(), info=info, ckpt=ckpt)
 
 
@@ -183,7 +235,8 @@ def export(name: str, model: torch.nn.Module, info: dict, out: Path) -> None:
         if name == "digits-ddpm":
             sched_cls, sched_cfg, pipe_cls = "DDPMScheduler", DDPM_SCHEDULER, "DDPMPipeline"
         else:
-            sched_cls, sched_cfg, pipe_cls = "FlowMatchEulerDiscreteScheduler", FLOW_SCHEDULER, FLOW_PIPELINE_CLASS
+            sched_cls, sched_cfg = "FlowMatchEulerDiscreteScheduler", FLOW_SCHEDULER
+            pipe_cls = COND_PIPELINE_CLASS if name == "digits-cond" else FLOW_PIPELINE_CLASS
         getattr(diffusers, sched_cls)(**sched_cfg).save_config(tmp / "scheduler")
         index = {"_class_name": pipe_cls, "_diffusers_version": diffusers.__version__,
                  "scheduler": ["diffusers", sched_cls], "unet": ["diffusers", "UNet2DModel"]}
@@ -199,7 +252,7 @@ def export(name: str, model: torch.nn.Module, info: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", choices=["toy2d-flow", "digits-flow", "digits-ddpm", "digits-features"])
+    p.add_argument("model", choices=["toy2d-flow", "digits-flow", "digits-ddpm", "digits-features", "digits-cond"])
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
@@ -216,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         "digits-flow": (1500, 64, 1e-3),
         "digits-ddpm": (4000, 64, 1e-3),  # ε-prediction needs longer than flow: 1500 steps left ~5% noise blobs
         "digits-features": (1500, 128, 1e-3),
+        "digits-cond": (1500, 64, 1e-3),
     }[a.model]
     steps = a.steps or defaults[0]
     bs = a.batch_size or defaults[1]

@@ -6,57 +6,123 @@ seed, samples, grid, model calls, seconds, solver and package version. Search sa
 from noise seed ``seed``; evaluate on other seeds (``eval`` defaults to 10 000).
 
 Methods: ``dp`` (:mod:`schedules.search.dp`), ``evolution`` (:mod:`schedules.search.evolution`),
-``ays`` (:mod:`schedules.search.ays`), and every baseline of :mod:`schedules.baselines`.
+``ays`` (:mod:`schedules.search.ays`), every baseline of :mod:`schedules.baselines`, and any
+function added with :func:`register`. ``options`` are checked against the method's signature
+before it runs, so a misspelt option is refused with the list of valid ones, while a
+``TypeError`` raised inside a method propagates as the bug it is.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 
-from schedules.baselines import BASELINES, baseline
+from schedules.baselines import BASELINES
 from schedules.io import StepsmithError
+from schedules.search.ays import ays_table
+from schedules.search.dp_method import dp_table
+from schedules.search.evolution import evolution_table
 from schedules.solvers import get_solver
 from schedules.table import TimestepTable
 
-SEARCHED: dict[str, str] = {
-    "dp": "schedules.search.dp_method:dp_table",
-    "evolution": "schedules.search.evolution:evolution_table",
-    "ays": "schedules.search.ays:ays_table",
-}
-METHODS: tuple[str, ...] = tuple(SEARCHED) + tuple(BASELINES)
+SearchMethod = Callable[..., TimestepTable]
+"""``fn(adapter, nfe, solver, *, samples, seed, progress, **options) -> TimestepTable``."""
+
+SEARCHED: dict[str, SearchMethod] = {"dp": dp_table, "evolution": evolution_table, "ays": ays_table}
 DEFAULT_SAMPLES = 64
+SEARCH_KEYWORDS = ("samples", "seed", "progress")  # passed by make_table itself, never as options
 
 
-def _resolve(target: str) -> Callable[..., TimestepTable]:
-    import importlib
+def register(name: str, fn: SearchMethod) -> None:
+    """Make ``fn`` available as ``make_table(adapter, name, ...)`` and ``stepsmith search --method name``."""
+    if name in BASELINES:
+        raise StepsmithError(f"{name!r} is a baseline; register the search method under another name", param="name")
+    params = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    missing = [k for k in SEARCH_KEYWORDS if k not in params and not takes_any]
+    if missing:
+        raise StepsmithError(f"search method {name!r} must take the keywords {_names(missing)}", param="fn")
+    SEARCHED[name] = fn
 
-    mod, attr = target.split(":")
-    return getattr(importlib.import_module(mod), attr)
+
+def methods() -> tuple[str, ...]:
+    """Every name ``make_table`` accepts: searched methods first, then the baselines."""
+    return tuple(SEARCHED) + tuple(BASELINES)
+
+
+def __getattr__(name: str):
+    """``METHODS`` is computed on access, so it includes methods added with :func:`register`."""
+    if name == "METHODS":
+        return methods()
+    raise AttributeError(f"module 'schedules.search' has no attribute {name!r}")
+
+
+def _names(names) -> str:
+    return ", ".join(f"`{n}`" for n in names)
+
+
+def method_options(method: str) -> tuple[str, ...] | None:
+    """The ``**options`` ``method`` takes (None: any, it has ``**kwargs``), read from its signature.
+
+    The first three parameters are (adapter, nfe, solver); a searched method's ``samples``, ``seed``
+    and ``progress`` are make_table's own arguments, not options.
+    """
+    if method in BASELINES:
+        fn, own = BASELINES[method], ()
+    elif method in SEARCHED:
+        fn, own = SEARCHED[method], SEARCH_KEYWORDS
+    else:
+        raise StepsmithError(f"unknown method {method!r}; choose one of {', '.join(methods())}", param="method")
+    params = list(inspect.signature(fn).parameters.values())[3:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in params if p.kind in named and p.name not in own)
+
+
+def check_request(method: str, nfe: int, solver: str = "euler", *, samples: int | None = None,
+                  options: dict | None = None, exact_nfe: bool = False) -> None:
+    """Refuse a bad request before any model call (the search CLI runs this before loading the model).
+
+    With ``exact_nfe`` (the command line) an NFE the solver cannot spend exactly (Heun: even) is
+    refused instead of rounded down.
+    """
+    valid = method_options(method)
+    spec = get_solver(solver)
+    if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
+        raise StepsmithError(f"`nfe` must be a positive integer, got {nfe!r}", param="nfe")
+    if exact_nfe and spec.nfe(spec.steps_for_nfe(nfe)) != nfe:
+        K = spec.steps_for_nfe(nfe)
+        raise StepsmithError(f"{solver} uses 2K-1 evaluations: `nfe` {nfe} gives {K} step(s) (NFE {spec.nfe(K)}); "
+                             "pass an odd NFE (1, 3, 5, ...)", param="nfe")
+    if samples is not None and int(samples) < 1:
+        raise StepsmithError(f"`samples` must be at least 1, got {samples}", param="samples")
+    options = options or {}
+    unknown = [k for k in options if valid is not None and k not in valid]
+    if unknown:
+        kind = "baseline" if method in BASELINES else "method"
+        raise StepsmithError(f"{kind} {method!r} does not take {_names(unknown)}; its options are "
+                             f"{_names(valid) or 'none'}", param=unknown[0])
+    if options.get("grid") is not None and options["grid"] < 2:
+        raise StepsmithError(f"`grid` must be at least 2 intervals, got {options['grid']}", param="grid")
 
 
 def make_table(adapter, method: str, nfe: int, solver: str = "euler", *, samples: int | None = None, seed: int = 0,
                progress: bool = False, **options) -> TimestepTable:
-    """Build the timestep table of ``method`` for ``nfe`` model evaluations with ``solver``."""
-    get_solver(solver)
-    if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
-        raise StepsmithError(f"NFE must be a positive integer, got {nfe!r}")
+    """Build the timestep table of ``method`` for ``nfe`` model evaluations with ``solver``.
+
+    Baselines ignore ``samples``, ``seed`` and ``progress`` (they are pure functions of the model's
+    convention); searched methods get ``samples`` (default 64) from noise seed ``seed``.
+    """
     if method in BASELINES:
-        return baseline(adapter, method, nfe, solver, **options)
-    if method not in SEARCHED:
-        raise StepsmithError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        check_request(method, nfe, solver, options=options)
+        return BASELINES[method](adapter, nfe, solver, **options)
     B = DEFAULT_SAMPLES if samples is None else int(samples)
-    if B < 1:
-        raise StepsmithError(f"samples must be at least 1, got {B}")
-    fn = _resolve(SEARCHED[method])
+    check_request(method, nfe, solver, samples=B, options=options)
     calls0 = getattr(adapter, "calls", 0)
     t0 = time.perf_counter()
-    try:
-        table = fn(adapter, nfe, solver, samples=B, seed=int(seed), progress=progress, **options)
-    except TypeError as exc:
-        if "unexpected keyword" in str(exc):
-            raise StepsmithError(f"method {method!r} does not take these options ({exc})") from None
-        raise
+    table = SEARCHED[method](adapter, nfe, solver, samples=B, seed=int(seed), progress=progress, **options)
     prov = table.provenance
     prov.setdefault("seed", int(seed))
     prov.setdefault("samples", B)
@@ -67,4 +133,5 @@ def make_table(adapter, method: str, nfe: int, solver: str = "euler", *, samples
     return table
 
 
-__all__ = ["METHODS", "make_table", "SEARCHED", "DEFAULT_SAMPLES"]
+__all__ = ["DEFAULT_SAMPLES", "METHODS", "SEARCHED", "SearchMethod", "check_request", "make_table", "method_options",
+           "methods", "register"]
