@@ -5,9 +5,13 @@ flow straightness, teacher fidelity, and NFE sweeps with reports.
     report = run_sweep("builtin:digits-flow", methods=["uniform", "karras", "dp"], nfe=[4, 6, 8],
                        num=1000, out="runs/eval")
 
-See :mod:`eval.metrics`, :mod:`eval.features`, :mod:`eval.sweep`, :mod:`eval.report`.
+A metric list scores every row several ways from the same samples and aggregates them by MMHM
+per NFE: ``run_sweep(..., metric="fid,kid,precision,recall,density,coverage,is,mmhm")``.
+
+See :mod:`eval.metrics`, :mod:`eval.features`, :mod:`eval.manifold`, :mod:`eval.classifier_metrics`,
+:mod:`eval.mmhm`, :mod:`eval.sweep`, :mod:`eval.sweep_metrics`, :mod:`eval.report`.
 """
 
-from eval.sweep import DEFAULT_EVAL_SEED, run_sweep
+from eval.sweep import DEFAULT_EVAL_SEED, SweepConfig, run_sweep
 
-__all__ = ["DEFAULT_EVAL_SEED", "run_sweep"]
+__all__ = ["DEFAULT_EVAL_SEED", "SweepConfig", "run_sweep"]

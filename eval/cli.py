@@ -1,6 +1,8 @@
-"""``stepsmith eval``: score tables or methods across NFE (FID / KID / Wasserstein / teacher MSE).
+"""``stepsmith eval``: score tables or methods across NFE (FID / KID / Wasserstein / teacher MSE, and
+with a ``--metric`` list precision / recall / density / coverage / IS / MMHM from the same samples).
 
-Writes ``report.json``, ``report.md``, ``quality_vs_nfe.png`` and ``grids/`` into ``--out``.
+Writes ``report.json``, ``report.md``, ``quality_vs_nfe.png`` and ``grids/`` into ``--out`` (and
+``metrics_vs_nfe.png`` for a metric list).
 Scale out with ``accelerate launch --cpu --num_processes 2 -m schedules.cli eval ...``.
 """
 
@@ -8,8 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
+import os
 
 from schedules.io import StepsmithError
 
@@ -22,6 +23,19 @@ def _int_list(text: str) -> list[int]:
     if not vals or any(v < 1 for v in vals):
         raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 2,4,6,8")
     return vals
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` → (key, int | float | bool | str), as ``stepsmith search --option`` reads it."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} must look like key=value (e.g. grid=60)")
+    key, val = text.split("=", 1)
+    for cast in (int, float):
+        try:
+            return key.strip().replace("-", "_"), cast(val)
+        except ValueError:
+            pass
+    return key.strip().replace("-", "_"), (val.lower() == "true") if val.lower() in ("true", "false") else val
 
 
 def _str_list(text: str) -> list[str]:
@@ -48,8 +62,14 @@ def register(sub) -> None:
     p.add_argument("--nfe", type=_int_list, default=[2, 4, 6, 8, 10], help="NFE budgets for --methods (default 2,4,6,8,10)")
     p.add_argument("--solver", default="euler", help="solver for --methods: euler|ddim|heun|dpmpp-2m (tables use theirs)")
     p.add_argument("--num", type=int, default=1000, help="generated samples per cell (default 1000)")
-    p.add_argument("--metric", choices=["fid", "kid", "wasserstein", "teacher"], default=None,
-                   help="default: fid for image models, wasserstein for 2D models")
+    p.add_argument("--metric", default=None,
+                   help="main metric fid|kid|wasserstein|teacher (default: fid for image models, wasserstein for 2D "
+                        "models), or a comma list whose first name is the main one, from fid,kid,wasserstein,"
+                        "teacher,precision,recall,density,coverage,is,class-accuracy,clip,mmhm (mmhm aggregates "
+                        "the others, per NFE); each name is a key of every row's `metrics` in report.json")
+    p.add_argument("--bounds", default=None, metavar="FILE",
+                   help="frozen MMHM bounds (from --save-bounds) so MMHM scores of different runs compare")
+    p.add_argument("--save-bounds", default=None, metavar="FILE", help="write the MMHM bounds this run used")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=10_000, help="evaluation noise seed (must differ from search seeds)")
     p.add_argument("--real", default=None, help="real data: safetensors tensor [N, ...] or a folder of PNGs "
@@ -63,32 +83,45 @@ def register(sub) -> None:
     p.add_argument("--grid", type=int, default=64, help="samples per grid image (0: no grids)")
     p.add_argument("--search-seed", type=int, default=0, help="noise seed for searched methods (default 0)")
     p.add_argument("--search-samples", type=int, default=None, help="samples for searched methods (default: theirs)")
+    p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the searched methods (not baselines), repeatable; e.g. the quickstart's lighter "
+                        "dp: --option grid=60 --option candidates=6 --option max_sweeps=2")
     p.add_argument("--cache-dir", default=None, help="real-statistics cache (default $STEPSMITH_CACHE or ~/.cache/stepsmith)")
     p.add_argument("--no-cache", action="store_true", help="recompute real statistics")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> None:
-    import torch
-
-    from eval.sweep import current_dist, run_sweep
-    from schedules.cli import model_from_args
+def sweep_config(args: argparse.Namespace):
+    """The :class:`~eval.sweep.SweepConfig` of the parsed options; the command line is ``args.invocation``."""
+    from eval.sweep import SweepConfig
 
     if args.teacher_steps < 1:
         raise StepsmithError("--teacher-steps must be at least 1")
     if args.batch_size < 1:
         raise StepsmithError("--batch-size must be at least 1")
-    if "OMP_NUM_THREADS" not in __import__("os").environ and current_dist().world > 1:
-        torch.set_num_threads(1)
-    model = model_from_args(args)
-    report = run_sweep(
-        model, tables=args.tables, methods=args.methods, nfe=args.nfe, solver=args.solver, num=args.num,
+    if args.metric and "teacher" in args.metric.replace(" ", "").split(",") and args.no_teacher:
+        raise StepsmithError("--metric teacher needs the reference sampler; drop --no-teacher")
+    return SweepConfig(
+        tables=args.tables, methods=args.methods, nfe=args.nfe, solver=args.solver, num=args.num,
         metric=args.metric, out=args.out, seed=args.seed, real=args.real, features=args.features,
         inception_weights=args.inception_weights, teacher=not args.no_teacher, teacher_steps=args.teacher_steps,
         batch_size=args.batch_size, grid=args.grid, cache=args.cache_dir, use_cache=not args.no_cache,
-        search_seed=args.search_seed, search_samples=args.search_samples,
-        command=getattr(args, "invocation", None) or "stepsmith " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        search_seed=args.search_seed, search_samples=args.search_samples, command=args.invocation,
+        search_options=dict(args.option) or None, bounds=args.bounds, save_bounds=args.save_bounds,
     )
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from eval.sweep import run_sweep
+    from schedules.cli import model_from_args
+    from schedules.distributed import current_dist
+
+    cfg = sweep_config(args)
+    if "OMP_NUM_THREADS" not in os.environ and current_dist().world > 1:
+        torch.set_num_threads(1)
+    report = run_sweep(model_from_args(args), cfg)
     if current_dist().main:
         from eval.report import markdown
 

@@ -20,6 +20,14 @@ Low-dimensional data (the 2D toy model) is compared exactly against true samples
 :func:`flow_straightness` estimates Liu et al.'s S = E ∫ ||(Z1 - Z0) - Ż_t||² dt along a
 solver trajectory of a flow model, and :func:`teacher_fidelity` measures how far a table's
 samples are from the reference sampler's samples drawn from the same noises.
+
+Distances to the teacher, one name each (``x_i`` and ``ref_i`` from the same noise, D elements a sample):
+
+* ``mse`` / ``teacher_mse`` — mean over all elements of (x - ref)²;
+* ``rmse`` / ``teacher_rmse`` — its square root: the per-element root mean square error;
+* ``l2`` / ``teacher_l2`` — sqrt(mean_i ||x_i - ref_i||²), the root-mean-square per-sample L2
+  distance (= ``rmse``·√D: 16× ``rmse`` on 16×16 digits);
+* ``psnr`` / ``teacher_psnr`` — 10·log10(data_range² / mse) in dB.
 """
 
 from __future__ import annotations
@@ -156,7 +164,10 @@ def set_real_stats(metric, stats: FeatureStats | None) -> None:
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    """True in a multi-process run (torchmetrics then sums the FID states across processes)."""
+    from schedules.distributed import current_dist
+
+    return current_dist().world > 1
 
 
 def fid_from_metric(metric) -> float:
@@ -352,15 +363,23 @@ def flow_straightness(denoiser, noise: torch.Tensor, sigmas: Sequence[float] | N
     return float(total.mean())
 
 
+def fidelity_from_squared_error(se: float, n: int, dim: int, data_range: float = 2.0) -> dict[str, float]:
+    """Teacher-fidelity numbers from ``se``, the squared error summed over ``n`` coupled pairs of ``dim``
+    elements each: ``mse``, ``rmse`` (per element), ``l2`` (root-mean-square per-sample L2) and ``psnr``
+    (see the module docstring for the names)."""
+    mse = se / (n * dim)
+    psnr = math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
+    return {"mse": mse, "rmse": math.sqrt(mse), "l2": math.sqrt(se / n), "psnr": psnr}
+
+
 def teacher_fidelity(samples: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0) -> dict[str, float]:
     """Coupled-noise error to the reference sampler: ``samples[i]`` and ``reference[i]``
-    must come from the same noise. Returns MSE (mean over all elements), RMSE and PSNR
-    (dB, peak-to-peak ``data_range``; 2 for images in [-1, 1])."""
+    must come from the same noise. Returns ``mse`` (mean over all elements), ``rmse`` (its root,
+    per element), ``l2`` (root-mean-square per-sample L2 distance) and ``psnr`` (dB, peak-to-peak
+    ``data_range``; 2 for images in [-1, 1])."""
     a = check_samples(samples, "samples", min_n=1).to(torch.float64)
     b = check_samples(reference, "reference samples", min_n=1).to(torch.float64)
     if a.shape != b.shape:
         raise StepsmithError(f"teacher fidelity pairs samples from the same noises: shapes {list(a.shape)} and "
                              f"{list(b.shape)} differ — draw both from the same noise tensor")
-    mse = float((a - b).pow(2).mean())
-    psnr = math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
-    return {"mse": mse, "rmse": math.sqrt(mse), "psnr": psnr}
+    return fidelity_from_squared_error(float((a - b).pow(2).sum()), a.shape[0], a[0].numel(), data_range)

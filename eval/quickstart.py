@@ -5,7 +5,7 @@
 1. search a dynamic-programming table for ``builtin:digits-flow`` at each NFE (search noises:
    seed 0);
 2. plug every table into the real diffusers pipeline (:class:`UnconditionalFlowMatchPipeline`)
-   with :func:`schedules.diffusers_integration.pipeline_kwargs` — the pipeline, not stepsmith's
+   with :func:`schedules.diffusers.pipeline_kwargs` — the pipeline, not stepsmith's
    own solver, draws the evaluation samples;
 3. score FID (digits-features network) against the real digits for DP, uniform and Karras
    tables at equal NFE, on held-out noises (seed 10 000), and print the table.
@@ -30,23 +30,13 @@ DEFAULT_METHODS = ("dp", "uniform", "karras")
 QUICK_DP_OPTIONS = {"grid": 60, "candidates": 6, "max_sweeps": 2}
 
 
-def run_quickstart(out: str | Path = "runs/quickstart", *, model: str = "builtin:digits-flow",
-                   nfe: tuple[int, ...] = (4, 6, 8), methods: tuple[str, ...] = DEFAULT_METHODS, num: int = 512,
-                   search_samples: int = 32, search_seed: int = 0, eval_seed: int = 10_000,
-                   search_options: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Search → pipeline → FID. Returns the sweep report (also written under ``out``)."""
+def load_pipeline(model: str, adapter):
+    """The model's diffusers pipeline (quiet), counting its denoiser calls on ``adapter.calls``."""
     from diffusers import DiffusionPipeline
 
-    from eval.sweep import run_sweep
-    from schedules.adapters import load_model
-    from schedules.diffusers_integration import pipeline_kwargs
     from schedules.embedded import embedded_path
     from schedules.pipeline import UnconditionalFlowMatchPipeline
-    from schedules.search import make_table
 
-    out = Path(out)
-    t0 = time.perf_counter()
-    adapter = load_model(model)
     folder = embedded_path(model.split(":", 1)[1]) if model.startswith("builtin:") else Path(model)
     index = json.loads((folder / "model_index.json").read_text())
     pipe_cls = UnconditionalFlowMatchPipeline if index["_class_name"] == UnconditionalFlowMatchPipeline.__name__ \
@@ -55,16 +45,41 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, model: str = "builtin
     pipe.set_progress_bar_config(disable=True)
     # count the pipeline's own denoiser calls in the report (the adapter's counter is the report's source)
     pipe.unet.register_forward_pre_hook(lambda *_: setattr(adapter, "calls", adapter.calls + 1))
+    return pipe
 
-    # 1. search (and the baselines), saved as tables
+
+def search_tables(adapter, out: Path, methods: tuple[str, ...], nfe: tuple[int, ...], *, samples: int, seed: int,
+                  dp_options: dict[str, Any], progress: bool) -> list:
+    """Every method at every NFE (Euler), saved as ``out/tables/<method>-nfe<n>.json``."""
+    from schedules.search import make_table
+
     tables = []
     for method in methods:
         for n in nfe:
-            opts = dict(QUICK_DP_OPTIONS if search_options is None else search_options) if method == "dp" else {}
-            table = make_table(adapter, method, n, "euler", samples=search_samples, seed=search_seed, progress=progress,
-                               **opts)
+            opts = dict(dp_options) if method == "dp" else {}
+            table = make_table(adapter, method, n, "euler", samples=samples, seed=seed, progress=progress, **opts)
             table.save(out / "tables" / f"{method}-nfe{n}.json")
             tables.append(table)
+    return tables
+
+
+def run_quickstart(out: str | Path = "runs/quickstart", *, model: str = "builtin:digits-flow",
+                   nfe: tuple[int, ...] = (4, 6, 8), methods: tuple[str, ...] = DEFAULT_METHODS, num: int = 512,
+                   search_samples: int = 32, search_seed: int = 0, eval_seed: int = 10_000,
+                   search_options: dict[str, Any] | None = None, progress: bool = True,
+                   command: str = "stepsmith quickstart") -> dict[str, Any]:
+    """Search → pipeline → FID. Returns the sweep report (also written under ``out``, with ``command``)."""
+    from eval.sweep import run_sweep
+    from schedules.adapters import load_model
+    from schedules.diffusers import pipeline_kwargs
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    adapter = load_model(model)
+    pipe = load_pipeline(model, adapter)
+    # 1. search (and the baselines), saved as tables
+    tables = search_tables(adapter, out, methods, nfe, samples=search_samples, seed=search_seed, progress=progress,
+                           dp_options=QUICK_DP_OPTIONS if search_options is None else search_options)
     search_seconds = time.perf_counter() - t0
 
     # 2. the diffusers pipeline draws every sample, driven by the plugged table
@@ -74,7 +89,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", *, model: str = "builtin
 
     # 3. FID table on held-out noises
     report = run_sweep(adapter, tables=tables, num=num, seed=eval_seed, metric="fid", out=out, sampler=pipeline_sampler,
-                       teacher=True, teacher_steps=20, progress=progress, command="stepsmith quickstart")
+                       teacher=True, teacher_steps=20, progress=progress, command=command)
     report["quickstart"] = {"search_seconds": round(search_seconds, 1),
                             "total_seconds": round(time.perf_counter() - t0, 1),
                             "pipeline": type(pipe).__name__, "search_samples": search_samples}
@@ -116,7 +131,7 @@ def _run(args: argparse.Namespace) -> None:
     except ValueError:
         raise StepsmithError(f"--nfe {args.nfe!r}: give comma-separated integers, e.g. 4,6,8") from None
     report = run_quickstart(args.out, model=args.model, nfe=nfe, methods=tuple(args.methods.split(",")), num=args.num,
-                            search_samples=args.search_samples)
+                            search_samples=args.search_samples, command=args.invocation)
     q = report["quickstart"]
     print(f"\nFID (digits-features, N={args.num}, held-out seed {report['eval_seed']}) — samples drawn by "
           f"{q['pipeline']} with the plugged tables; lower is better\n")

@@ -1,4 +1,10 @@
-"""Write a sweep report: ``report.json``, ``report.md`` and ``quality_vs_nfe.png`` (atomic)."""
+"""Write a sweep report: ``report.json``, ``report.md`` and ``quality_vs_nfe.png`` (atomic).
+
+A sweep with a metric list (``report["metrics"]``) also gets a per-NFE table of every metric
+(best per column in bold, MMHM included), a headline saying where the main metric and MMHM pick
+different rows, and ``metrics_vs_nfe.png`` (one panel per metric). A one-name sweep's report is
+exactly as it always was.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,41 @@ import math
 from pathlib import Path
 from typing import Any
 
-from schedules.io import atomic_path, atomic_write, atomic_write_json
+from schedules.io import StepsmithError, atomic_path, atomic_write, atomic_write_json
 
 METRIC_NAMES = {
     "fid": "FID",
     "kid": "KID",
     "wasserstein": "Wasserstein-2",
     "teacher": "MSE to teacher",
+    "precision": "precision",
+    "recall": "recall",
+    "density": "density",
+    "coverage": "coverage",
+    "is": "IS",
+    "class-accuracy": "class accuracy",
+    "clip": "CLIP score",
+    "mmhm": "MMHM",
 }
+
+
+def _higher(name: str) -> bool:
+    """Whether metric ``name`` is better high (MMHM and :func:`eval.mmhm.metric_direction`'s list)."""
+    from eval.mmhm import metric_direction
+
+    try:
+        return name == "mmhm" or metric_direction(name) == "higher"
+    except StepsmithError:
+        return False
+
+
+def _better(name: str) -> str:
+    return "higher" if _higher(name) else "lower"
+
+
+def _best(values: list[tuple[float, str]], name: str) -> str:
+    """The label of the best finite value for metric ``name``."""
+    return (max(values) if _higher(name) else min(values))[1]
 
 
 def _fmt(v: float | None) -> str:
@@ -34,19 +67,14 @@ def grid_table(report: dict[str, Any]) -> tuple[list[str], list[int], dict[tuple
     return labels, nfes, cells
 
 
-def markdown(report: dict[str, Any]) -> str:
-    name = METRIC_NAMES.get(report["metric"], report["metric"])
-    labels, nfes, cells = grid_table(report)
-    best = {}
-    for n in nfes:
-        vals = [(cells[(lab, n)], lab) for lab in labels if (lab, n) in cells and math.isfinite(cells[(lab, n)])]
-        if vals:
-            best[n] = min(vals)[1]
+def _header(report: dict[str, Any], name: str) -> list[str]:
+    """Title and protocol bullets: metric, samples, seeds, real data, solver."""
     lines = [f"# {name} vs NFE — {report['model']}", ""]
     real = report.get("real") or {}
     fn = real.get("feature_network")
     lines += [
-        f"- metric: **{name}** (lower is better)" + (f", features `{fn['name']}` ({fn['num_features']}-d)" if fn else ""),
+        f"- metric: **{name}** ({_better(report['metric'])} is better)"
+        + (f", features `{fn['name']}` ({fn['num_features']}-d)" if fn else ""),
         f"- samples: N = {report['num']} generated per cell, all from the same noises "
         f"(`{report['eval_noise']}`)",
         f"- evaluation seed {report['eval_seed']}; search seeds {report['search_seeds'] or 'none (no searched tables)'}"
@@ -55,9 +83,54 @@ def markdown(report: dict[str, Any]) -> str:
     if real:
         lines.append(f"- real data: {real.get('source')} (n = {real.get('n')})")
     lines.append(f"- solver: {report['solver']}; processes: {report['processes']}; total {report['seconds_total']:.1f} s")
-    lines.append("")
-    header = "| method | " + " | ".join(f"NFE {n}" for n in nfes) + " |"
-    lines += [header, "|---" * (len(nfes) + 1) + "|"]
+    if report.get("metrics"):
+        lines += _metrics_bullets(report)
+    return lines + [""]
+
+
+def _metrics_bullets(report: dict[str, Any]) -> list[str]:
+    """Which metrics the report holds, what MMHM aggregates, and where MMHM and the main metric disagree."""
+    names = ", ".join(report["metrics"])
+    lines = [f"- metrics: {names} (first = main; every one is a key of each row's `metrics` in report.json)"]
+    mm = report.get("mmhm")
+    if not mm:
+        return lines
+    lines.append(f"- MMHM over {', '.join(mm['metrics'])}: min–max per metric across the rows of **one NFE** "
+                 f"(lower-better metrics inverted), harmonic mean with ε = {mm['eps']:g}; bounds: {mm['bounds_source']}"
+                 ". Compare MMHM within an NFE column only.")
+    return lines + [_agreement_line(report["metric"], mm.get("agreement") or [])]
+
+
+def _agreement_line(main: str, agree: list[dict[str, Any]]) -> str:
+    """``- FID vs MMHM: ...`` — the NFEs where the best rows differ, and Spearman's ρ of the rankings."""
+    name = METRIC_NAMES.get(main, main)
+    same = [str(a["nfe"]) for a in agree if a["agree"]]
+    diff = [a for a in agree if not a["agree"]]
+    parts = []
+    if diff:
+        parts.append("best rows differ at " + "; ".join(
+            f"NFE {a['nfe']} ({name}: {a['best_' + main]}, MMHM: {a['best_mmhm']})" for a in diff))
+    if same:
+        parts.append(f"agree at NFE {', '.join(same)}")
+    rho = [f"{a['nfe']}: {a['spearman']:.2f}" for a in agree if a.get("spearman") is not None]
+    if rho:
+        parts.append(f"Spearman ρ({name} ranking, MMHM ranking) per NFE — {', '.join(rho)}")
+    return f"- **{name} vs MMHM**: " + ("; ".join(parts) if parts else "no NFE with finite scores") + "."
+
+
+def _table_head(nfes: list[int]) -> list[str]:
+    return ["| method | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
+
+
+def _value_table(report: dict[str, Any]) -> list[str]:
+    """Method × NFE values, best per column in bold, and the teacher's value as the last row."""
+    labels, nfes, cells = grid_table(report)
+    best = {}
+    for n in nfes:
+        vals = [(cells[(lab, n)], lab) for lab in labels if (lab, n) in cells and math.isfinite(cells[(lab, n)])]
+        if vals:
+            best[n] = _best(vals, report["metric"])
+    lines = _table_head(nfes)
     for lab in labels:
         row = []
         for n in nfes:
@@ -68,15 +141,58 @@ def markdown(report: dict[str, Any]) -> str:
     t = report.get("teacher")
     if t is not None and report["metric"] != "teacher":
         lines.append(f"| teacher (Heun {t['steps']} steps, NFE {t['nfe']}) | " + " | ".join(_fmt(t["value"]) for _ in nfes) + " |")
-    lines.append("")
-    lines.append("Bold: best per column. ")
-    if t is not None:
-        lines += ["", "## Fidelity to the teacher (same noises): PSNR in dB, higher is closer", "",
-                  header, "|---" * (len(nfes) + 1) + "|"]
-        psnr = {(r["label"], int(r["nfe"])): r["extra"].get("teacher_psnr") for r in report["results"]}
-        for lab in labels:
-            lines.append(f"| {lab} | " + " | ".join(_fmt(psnr.get((lab, n))) for n in nfes) + " |")
-    lines += ["", "## Timings (seconds: table / sampling / metric)", "", header, "|---" * (len(nfes) + 1) + "|"]
+    return lines + ["", "Bold: best per column. "]
+
+
+def _metric_cells(names: list[str], values: dict[str, Any], best: dict[str, str], label: str) -> str:
+    cells = []
+    for m in names:
+        v = values.get(m)
+        s = _fmt(v) if isinstance(v, (int, float)) else "–"
+        cells.append(f"**{s}**" if best.get(m) == label else s)
+    return " | ".join(cells)
+
+
+def _nfe_metrics_table(report: dict[str, Any], nfe: int) -> list[str]:
+    """Rows of one NFE × every listed metric; bold: best per column (teacher row not ranked)."""
+    names = report["metrics"]
+    rows = [r for r in report["results"] if int(r["nfe"]) == nfe]
+    best = {}
+    for m in names:
+        vals = [(float(r["metrics"][m]), r["label"]) for r in rows
+                if isinstance(r["metrics"].get(m), (int, float)) and math.isfinite(r["metrics"][m])]
+        if vals:
+            best[m] = _best(vals, m)
+    arrow = {m: "↑" if _higher(m) else "↓" for m in names}
+    head = "| method | " + " | ".join(f"{METRIC_NAMES.get(m, m)} {arrow[m]}" for m in names) + " |"
+    lines = [f"### NFE {nfe}", "", head, "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {r['label']} | " + _metric_cells(names, r["metrics"], best, r["label"]) + " |" for r in rows]
+    t = report.get("teacher")
+    if t is not None and t.get("metrics"):
+        lines.append(f"| *teacher (NFE {t['nfe']})* | " + _metric_cells(names, t["metrics"], {}, "") + " |")
+    return lines + [""]
+
+
+def _metrics_tables(report: dict[str, Any]) -> list[str]:
+    _, nfes, _ = grid_table(report)
+    lines = ["", "## All metrics per NFE", "",
+             "↓ lower is better, ↑ higher is better; **bold**: best row per column within the NFE. MMHM is "
+             "relative to the rows of its NFE: compare it down a column, never across NFEs.", ""]
+    for n in nfes:
+        lines += _nfe_metrics_table(report, n)
+    return lines[:-1]
+
+
+def _psnr_table(report: dict[str, Any]) -> list[str]:
+    labels, nfes, _ = grid_table(report)
+    lines = ["", "## Fidelity to the teacher (same noises): PSNR in dB, higher is closer", "", *_table_head(nfes)]
+    psnr = {(r["label"], int(r["nfe"])): r["extra"].get("teacher_psnr") for r in report["results"]}
+    return lines + [f"| {lab} | " + " | ".join(_fmt(psnr.get((lab, n))) for n in nfes) + " |" for lab in labels]
+
+
+def _timings_table(report: dict[str, Any]) -> list[str]:
+    labels, nfes, _ = grid_table(report)
+    lines = ["", "## Timings (seconds: table / sampling / metric)", "", *_table_head(nfes)]
     tim = {(r["label"], int(r["nfe"])): r["timings"] for r in report["results"]}
     for lab in labels:
         cellsf = []
@@ -85,6 +201,13 @@ def markdown(report: dict[str, Any]) -> str:
             cellsf.append("–" if tm is None else f"{tm['table_seconds']:.1f} / {tm['sample_seconds']:.1f} / "
                                                 f"{tm['metric_seconds']:.1f}")
         lines.append(f"| {lab} | " + " | ".join(cellsf) + " |")
+    return lines
+
+
+def _links(report: dict[str, Any]) -> list[str]:
+    """Sample grids, warnings and the command that made the report."""
+    lines: list[str] = []
+    t = report.get("teacher")
     grids = [r for r in report["results"] if r.get("grid")]
     if grids:
         lines += ["", "## Samples (same noises in every grid)", ""]
@@ -95,6 +218,18 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     if report.get("command"):
         lines += ["", "## Command", "", "```", report["command"], "```"]
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """``report.md``: the value table (what ``stepsmith eval`` prints), PSNR to the teacher, timings, links."""
+    name = METRIC_NAMES.get(report["metric"], report["metric"])
+    lines = _header(report, name) + _value_table(report)
+    if report.get("metrics"):
+        lines += _metrics_tables(report)
+    if report.get("teacher") is not None:
+        lines += _psnr_table(report)
+    lines += _timings_table(report) + _links(report)
     return "\n".join(lines) + "\n"
 
 
@@ -120,7 +255,7 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     if positive:
         ax.set_yscale("log")
     ax.set_xlabel("NFE (model evaluations)")
-    ax.set_ylabel(f"{name} (lower is better)")
+    ax.set_ylabel(f"{name} ({_better(report['metric'])} is better)")
     ax.set_title(f"{report['model']}: {name}, N={report['num']}", fontsize=10)
     ax.set_xticks(nfes)
     ax.grid(alpha=0.3)
@@ -140,7 +275,52 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     atomic_write_json(paths["json"], _jsonable(report))
     atomic_write(paths["md"], markdown(report))
     plot(report, paths["plot"])
+    if report.get("metrics"):
+        paths["metrics_plot"] = plot_metrics(report, out / "metrics_vs_nfe.png")
     return paths
+
+
+def plot_metrics(report: dict[str, Any], path: str | Path) -> Path:
+    """``metrics_vs_nfe.png``: one panel per listed metric (MMHM included), one line per method,
+    the teacher's value dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = report["metrics"]
+    labels, nfes, _ = grid_table(report)
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), dpi=100, squeeze=False)
+    for ax, m in zip(axes.flat, names):
+        _metric_panel(ax, report, m, labels, nfes)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{report['model']}: metrics vs NFE, N={report['num']}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def _metric_panel(ax, report: dict[str, Any], m: str, labels: list[str], nfes: list[int]) -> None:
+    vals = {(r["label"], int(r["nfe"])): r["metrics"].get(m) for r in report["results"]}
+    for lab in labels:
+        xs = [n for n in nfes if isinstance(vals.get((lab, n)), (int, float)) and math.isfinite(vals[(lab, n)])]
+        ax.plot(xs, [vals[(lab, n)] for n in xs], marker="o", ms=3, label=lab)
+    t = report.get("teacher")
+    tv = (t or {}).get("metrics", {}).get(m)
+    if isinstance(tv, (int, float)) and math.isfinite(tv):
+        ax.axhline(tv, color="k", ls="--", lw=1, label="teacher")
+    arrow = "↑" if _higher(m) else "↓"
+    ax.set_title(f"{METRIC_NAMES.get(m, m)} {arrow}" + (" (per NFE)" if m == "mmhm" else ""), fontsize=9)
+    ax.set_xticks(nfes)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -7,14 +7,19 @@
                        num=1000, out="runs/eval")
     report["results"][0]["value"]   # FID of the first (method, NFE) cell
 
+The keyword arguments are the fields of :class:`SweepConfig`; ``run_sweep(model, config)`` takes
+a ready config. A sweep is a short composition: check the config, prepare the cells (tables), load
+the real data and build the scorer, sample the teacher row, score every cell, write the report.
+
 Protocol
 --------
 * Every cell samples the same ``num`` noises, ``adapter.noise(num, seed)`` with the
   evaluation seed (default 10 000). Tables searched on a seed equal to the evaluation seed
   are refused: search and evaluation samples never overlap. The report records both.
-* The teacher is the reference sampler (Heun on a fine grid) from the same noises: its
-  score is the floor of the plot, and every cell also gets its coupled-noise MSE / PSNR to
-  the teacher's samples.
+* The teacher is :func:`schedules.teacher.teacher_sample` with ``Teacher("heun", teacher_steps)``
+  on the convention's reference grid, from the same noises: its score is the floor of the plot,
+  and every cell also gets its coupled-noise MSE / PSNR to the teacher's samples
+  (``teacher_mse``, ``teacher_psnr``; see :func:`eval.metrics.teacher_fidelity`).
 * Image models are scored by FID (or KID) under a feature network against real data whose
   statistics are cached on disk; low-dimensional models by the exact Wasserstein distance
   (plus MMD and energy distance) against true samples.
@@ -32,7 +37,8 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,71 +51,146 @@ from eval.metrics import (
     extract_features,
     fid_from_metric,
     fid_metric,
+    fidelity_from_squared_error,
     kid_from_features,
     lowdim_metrics,
     set_real_stats,
 )
+from eval.sweep_metrics import (
+    KNOWN,
+    MetricPlan,
+    apply_mmhm,
+    check_bounds,
+    inception_score_of,
+    lower_is_better,
+    manifold_values,
+    mmhm_info,
+    parse_metrics,
+    plan_metrics,
+)
+from schedules.distributed import Dist, current_dist  # noqa: F401  (re-exported for older callers)
 from schedules.io import StepsmithError
 from schedules.table import TimestepTable, load_table
+from schedules.teacher import Teacher, teacher_sample
 
-METRICS = ("fid", "kid", "wasserstein", "teacher")
+METRICS = ("fid", "kid", "wasserstein", "teacher")  # the main metrics of a one-name sweep
+ALL_METRICS = KNOWN  # every name `metric` accepts in a comma list (see eval.sweep_metrics)
 DEFAULT_EVAL_SEED = 10_000
 REPORT_FORMAT = "stepsmith.eval/v1"
 
+Sampler = Callable[[TimestepTable, torch.Tensor], torch.Tensor]
 
-# --------------------------------------------------------------------------- distributed helpers
+
+# --------------------------------------------------------------------------- configuration
 
 
 @dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
+class SweepConfig:
+    """Everything a sweep needs besides the model; the keyword arguments of :func:`run_sweep`.
+
+    ``tables``: table files or :class:`TimestepTable` objects; ``methods``: names for
+    ``schedules.search.make_table`` evaluated at every ``nfe`` with ``solver``.
+    ``metric``: fid | kid | wasserstein | teacher (default: fid for images, wasserstein for
+    vectors), or a comma list / sequence of :data:`ALL_METRICS` whose first name is the main one
+    and which all land in ``row["metrics"]`` (:mod:`eval.sweep_metrics`). ``bounds``: a frozen
+    MMHM bounds file (or :class:`~eval.mmhm.Bounds` / :class:`~eval.mmhm.GroupedBounds`) and
+    ``save_bounds``: where to write the bounds used (both need ``mmhm`` in ``metric``).
+    ``real``: real samples (tensor or path; default: the embedded model's data, drawn with
+    ``real_seed``, default ``seed + 1``). ``features``: feature network name or nn.Module
+    (default digits-features for 16x16 digits, else inception, which needs local weights).
+    ``teacher``/``teacher_steps``: the Heun reference row (``teacher=False``: none, no PSNR).
+    ``sampler``: optional ``sampler(table, noise) -> samples`` used instead of
+    :func:`schedules.solvers.sample` for the table rows (e.g. a diffusers pipeline driven by
+    the table); the teacher always uses :func:`schedules.teacher.teacher_sample`.
+    ``search_samples`` / ``search_options``: samples and keyword options of the searched
+    ``methods`` (not given to baselines), e.g. ``{"grid": 60, "candidates": 6}`` for dp.
+    ``command``: the command line recorded in the report.
+    """
+
+    tables: Sequence[Any] | None = None
+    methods: Sequence[str] | None = None
+    nfe: Sequence[int] = (2, 4, 6, 8, 10)
+    solver: str = "euler"
+    num: int = 1000
+    metric: str | None = None
+    out: str | os.PathLike | None = None
+    seed: int = DEFAULT_EVAL_SEED
+    real: torch.Tensor | str | os.PathLike | None = None
+    real_seed: int | None = None
+    features: Any = None
+    inception_weights: str | os.PathLike | None = None
+    teacher: bool = True
+    teacher_steps: int = 50
+    batch_size: int = 500
+    grid: int = 64
+    cache: str | os.PathLike | None = None
+    use_cache: bool = True
+    search_seed: int = 0
+    search_samples: int | None = None
+    search_options: dict | None = None
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    data_range: float = 2.0
+    progress: bool = True
+    command: str | None = None
+    sampler: Sampler | None = None
+    bounds: Any = None
+    save_bounds: str | os.PathLike | None = None
+    plan: MetricPlan | None = None  # set by check_config from `metric`
 
     @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, n: int) -> slice:
-        """Contiguous slice of ``n`` items for this process (rank 0 gets the first ones)."""
-        per = math.ceil(n / self.world)
-        return slice(min(n, self.rank * per), min(n, (self.rank + 1) * per))
-
-    def gather_cat(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return t
-        objs: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(objs, t.cpu())
-        return torch.cat([o for o in objs if o.numel()] or [t.cpu()])
-
-    def sum(self, v: float) -> float:
-        if self.world == 1:
-            return v
-        objs: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(objs, float(v))
-        return float(sum(objs))
-
-    def broadcast(self, obj: Any) -> Any:
-        if self.world == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
+    def reference(self) -> Teacher | None:
+        """The teacher of the sweep's teacher row (``None`` with ``teacher=False``)."""
+        return Teacher(solver="heun", steps=self.teacher_steps) if self.teacher else None
 
 
-def current_dist() -> Dist:
-    """The torch.distributed layout; starts accelerate's process group under ``accelerate launch``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
-            torch.distributed.is_available() and torch.distributed.is_initialized()):
-        from accelerate import PartialState
+def resolve_metric(adapter, metric: str | None) -> str:
+    """The sweep's metric: the given one, checked against the model's sample shape, or the default."""
+    if metric is None:
+        return "wasserstein" if len(adapter.sample_shape) == 1 else "fid"
+    if metric not in METRICS:
+        raise StepsmithError(f"unknown `metric` {metric!r}; choose one of {', '.join(METRICS)}", param="metric")
+    if metric in ("fid", "kid") and len(adapter.sample_shape) != 3:
+        raise StepsmithError(f"{metric} scores images [C, H, W]; {adapter.name} makes samples of shape "
+                             f"{list(adapter.sample_shape)} — use `metric` wasserstein or teacher", param="metric")
+    if metric == "wasserstein" and len(adapter.sample_shape) != 1:
+        raise StepsmithError("the exact Wasserstein distance is for low-dimensional vectors; use `metric` fid, kid or "
+                             "teacher for images", param="metric")
+    return metric
 
-        PartialState(cpu=True)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size())
-    return Dist()
+
+def _check_bounds_config(cfg: SweepConfig, plan: MetricPlan, nfe: list[int]) -> Any:
+    """The frozen MMHM bounds (loaded, covering the metrics and the method NFEs) or ``None``."""
+    from eval.mmhm import Bounds, GroupedBounds, load_bounds
+
+    for name in ("bounds", "save_bounds"):
+        if getattr(cfg, name) is not None and not plan.mmhm_inputs:
+            raise StepsmithError(f"`{name}` freezes MMHM normalisation: add mmhm to `metric` (e.g. fid,kid,"
+                                 "precision,mmhm)", param=name)
+    b = cfg.bounds
+    if b is None:
+        return None
+    b = b if isinstance(b, (Bounds, GroupedBounds)) else load_bounds(b)
+    check_bounds(b, plan, nfe if cfg.methods and not cfg.tables else None)
+    return b
+
+
+def check_config(cfg: SweepConfig, adapter) -> SweepConfig:
+    """The config with its metrics resolved and NFE budgets as ints; clear errors for impossible ones,
+    all before any model call."""
+    names = parse_metrics(cfg.metric) or (resolve_metric(adapter, None),)
+    plan = plan_metrics(adapter, names, teacher=cfg.teacher, features=cfg.features)
+    metric = plan.main
+    num = cfg.num
+    if isinstance(num, bool) or not isinstance(num, int) or num < 2:
+        raise StepsmithError(f"`num` must be an integer of at least 2, got {num!r}", param="num")
+    if metric == "teacher" and not cfg.teacher:
+        raise StepsmithError("`metric` teacher needs the reference sampler: pass teacher=True", param="teacher")
+    nfe = [int(n) for n in cfg.nfe]
+    if cfg.methods and (not nfe or any(n < 1 for n in nfe)):
+        raise StepsmithError(f"`nfe` must list positive integers, got {nfe}", param="nfe")
+    bounds = _check_bounds_config(cfg, plan, nfe)
+    return replace(cfg, metric=metric, nfe=nfe, plan=plan, bounds=bounds)
 
 
 # --------------------------------------------------------------------------- cells
@@ -121,10 +202,9 @@ class Cell:
 
     label: str
     table: TimestepTable
-    source: str  # "method" | path of a table file
+    source: str  # "method" | "table" | path of a table file
     make_seconds: float = 0.0
     search_seed: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def search_seeds(table: TimestepTable) -> set[int]:
@@ -138,62 +218,359 @@ def search_seeds(table: TimestepTable) -> set[int]:
     return out
 
 
-def _make_table_fn():
-    try:
-        from schedules.search import make_table
-
-        return make_table
-    except ImportError:
-        from schedules.baselines import BASELINES
-
-        def fallback(adapter, method, nfe, solver="euler", **_):
-            if method not in BASELINES:
-                raise StepsmithError(f"unknown method {method!r}; available here: {', '.join(BASELINES)}")
-            return BASELINES[method](adapter, nfe, solver)
-
-        return fallback
+def _first_seed(table: TimestepTable) -> int | None:
+    seeds = sorted(search_seeds(table))
+    return seeds[0] if seeds else None
 
 
-def build_cells(adapter, *, tables=None, methods=None, nfe=(2, 4, 6, 8, 10), solver="euler", search_seed=0,
-                search_samples=None, search_options=None, progress=False) -> list[Cell]:
-    cells: list[Cell] = []
-    if tables:
-        for t in tables:
-            table = t if isinstance(t, TimestepTable) else load_table(t)
-            table.check_compatible(adapter.convention, adapter.prediction, what=adapter.name)
-            src = "table" if isinstance(t, TimestepTable) else str(t)
-            seeds = sorted(search_seeds(table))
-            cells.append(Cell(table.method, table, src, float(table.provenance.get("seconds") or 0.0),
-                              seeds[0] if seeds else None))
-    if methods:
-        make = _make_table_fn()
-        opts = dict(search_options or {})
-        for method in methods:
-            for n in nfe:
-                t0 = time.perf_counter()
-                kwargs = {"seed": search_seed, "progress": progress, **opts}
-                if search_samples is not None:
-                    kwargs["samples"] = search_samples
-                table = make(adapter, method, int(n), solver, **kwargs)
-                seeds = sorted(search_seeds(table))
-                cells.append(Cell(method, table, "method", time.perf_counter() - t0, seeds[0] if seeds else None))
-    if not cells:
-        raise StepsmithError("nothing to evaluate: give tables (--tables T.json ...) or methods (--methods uniform,dp)")
-    # unique labels for (label, nfe)
+def _table_cell(adapter, t: TimestepTable | str | os.PathLike) -> Cell:
+    table = t if isinstance(t, TimestepTable) else load_table(t)
+    table.check_compatible(adapter.convention, adapter.prediction, what=adapter.name)
+    src = "table" if isinstance(t, TimestepTable) else str(t)
+    return Cell(table.method, table, src, float(table.provenance.get("seconds") or 0.0), _first_seed(table))
+
+
+def _method_cell(adapter, cfg: SweepConfig, method: str, nfe: int) -> Cell:
+    from schedules.baselines import BASELINES
+    from schedules.search import make_table
+
+    options = {} if method in BASELINES else dict(cfg.search_options or {})
+    kwargs = {"seed": cfg.search_seed, "progress": False, **options}
+    if cfg.search_samples is not None:
+        kwargs["samples"] = cfg.search_samples
+    t0 = time.perf_counter()
+    table = make_table(adapter, method, int(nfe), cfg.solver, **kwargs)
+    return Cell(method, table, "method", time.perf_counter() - t0, _first_seed(table))
+
+
+def _unique_labels(cells: list[Cell]) -> None:
+    """Make (label, NFE) unique: ``label#2`` for repeats of a method, the file stem for repeated table files."""
     seen: dict[tuple[str, int], int] = {}
     for c in cells:
         k = (c.label, int(c.table.nfe))
         seen[k] = seen.get(k, 0) + 1
         if seen[k] > 1:
             c.label = f"{c.label}#{seen[k]}" if c.source in ("method", "table") else Path(c.source).stem
+
+
+def build_cells(adapter, cfg: SweepConfig) -> list[Cell]:
+    """The given tables, then every method at every NFE (searched without a progress bar)."""
+    cells = [_table_cell(adapter, t) for t in cfg.tables or ()]
+    cells += [_method_cell(adapter, cfg, m, n) for m in cfg.methods or () for n in cfg.nfe]
+    if not cells:
+        raise StepsmithError("nothing to evaluate: give `tables` (table files or TimestepTable objects) or `methods` "
+                             "(e.g. uniform,dp)")
+    _unique_labels(cells)
     return cells
 
 
-# --------------------------------------------------------------------------- sampling
+def prepare_cells(adapter, cfg: SweepConfig, dist: Dist) -> tuple[list[Cell], list[int]]:
+    """Cells made once on the main process and shared; refuses tables searched on the evaluation seed.
+
+    Returns the cells and the sorted search seeds they used.
+    """
+    cells: list[Cell] | None = None
+    error: str | None = None
+    if dist.main:
+        try:
+            cells = build_cells(adapter, cfg)
+        except StepsmithError as exc:
+            error = str(exc)
+    cells, error = dist.broadcast((cells, error))
+    if error:
+        raise StepsmithError(error)
+    used = sorted({s for c in cells for s in search_seeds(c.table)})
+    if cfg.seed in used:
+        raise StepsmithError(
+            f"evaluation seed {cfg.seed} was used to search a table (search seeds {used}); evaluate on "
+            f"held-out noises: pass another `seed` (default {DEFAULT_EVAL_SEED})", param="seed")
+    return cells, used
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@dataclass
+class RealData:
+    """Real samples and, for FID/KID, the feature network and the real statistics."""
+
+    x: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    net: Any = None
+    stats: FeatureStats | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_real(adapter, cfg: SweepConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The real samples (given tensor, file, or the embedded model's data) and what the report says of them."""
+    from eval.data import default_real_data, load_real_data, tensor_hash
+
+    if cfg.real is None:
+        x, source = default_real_data(adapter.name, cfg.num, cfg.seed + 1 if cfg.real_seed is None else cfg.real_seed)
+    elif isinstance(cfg.real, torch.Tensor):
+        x, source = check_samples(cfg.real, "real data"), "tensor"
+    else:
+        x, source = load_real_data(cfg.real, adapter.sample_shape), str(cfg.real)
+    if tuple(x.shape[1:]) != tuple(adapter.sample_shape):
+        raise StepsmithError(f"real data have samples of shape {list(x.shape[1:])} but {adapter.name} makes "
+                             f"{list(adapter.sample_shape)}; give real data of the model's size and channels")
+    return x, {"source": source, "n": int(x.shape[0]), "sha256": tensor_hash(x)}
+
+
+def _real_stats(real_x: torch.Tensor, net, cfg: SweepConfig, dist: Dist) -> tuple[FeatureStats, dict]:
+    """Real feature statistics; the main process computes and caches them before the others read the cache."""
+    from eval.data import real_feature_stats
+
+    if dist.main:
+        out = real_feature_stats(real_x, net, cache=cfg.cache, use_cache=cfg.use_cache)
+        dist.barrier()
+        return out
+    dist.barrier()
+    return real_feature_stats(real_x, net, cache=cfg.cache, use_cache=cfg.use_cache)
+
+
+def prepare_real(adapter, cfg: SweepConfig, dist: Dist) -> RealData:
+    """Real data for the metrics (none for ``teacher`` alone), with the feature network and statistics
+    for the image metrics (FID/KID, precision/recall/density/coverage, IS)."""
+    plan = cfg.plan
+    if not plan.needs_real:
+        return RealData()
+    x, info = load_real(adapter, cfg)
+    real = RealData(x, info)
+    if not plan.needs_feature_net:
+        return real
+    from eval.features import load_feature_network
+
+    features = cfg.features
+    if features is None:
+        features = "digits-features" if tuple(adapter.sample_shape) == (1, 16, 16) else "inception"
+    real.net = net = load_feature_network(features, inception_weights=cfg.inception_weights)
+    net.probe(x[:2])
+    real.stats, info["stats_cache"] = _real_stats(x, net, cfg, dist)
+    info["feature_network"] = {"name": net.name, "num_features": net.num_features, "weights_sha256": net.weights_hash()}
+    few = cfg.num < net.num_features or real.stats.n < net.num_features
+    if few and any(n in ("fid", "kid") for n in plan.names):
+        msg = (f"N={cfg.num} generated / {real.stats.n} real samples < {net.num_features} feature dimensions: FID is "
+               "singular and strongly biased; compare only at equal N")
+        real.warnings.append(msg)
+        warnings.warn(msg, FewSamplesWarning, stacklevel=3)
+    return real
+
+
+# --------------------------------------------------------------------------- scorer
+
+
+def _shard_features(net, x_shard: torch.Tensor) -> torch.Tensor:
+    if x_shard.shape[0]:
+        return extract_features(net, x_shard)
+    return torch.zeros(0, net.num_features, dtype=torch.float64)
+
+
+class Scorer:
+    """Scores a shard of samples with the sweep's metrics; collective calls on every rank.
+
+    ``score`` returns (main value, extra values, listed metrics): the first two as a one-name
+    sweep always had them, the third only for a metric list (``plan.extended``).
+    """
+
+    def __init__(self, metric: str, dist: Dist, real: RealData, *, kid_subsets: int = 100,
+                 kid_subset_size: int = 1000, seed: int = 0, plan: MetricPlan | None = None):
+        self.metric, self.dist, self.real, self.seed = metric, dist, real, seed
+        self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
+        self.plan = plan or MetricPlan((metric,), False, real.net is not None)
+        self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if "fid" in self.plan.names:
+            self.fid = fid_metric(real.net.num_features)
+            # real sums live on rank 0 only: torchmetrics sums every state across processes
+            set_real_stats(self.fid, real.stats if dist.main else None)
+
+    def score(self, x_shard: torch.Tensor) -> tuple[float | None, dict[str, float], dict[str, float]]:
+        """(main value, extra values, listed metrics) of the samples gathered over the processes."""
+        self._memo = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FewSamplesWarning)
+            value, extra = self._main(x_shard)
+            listed = self._listed(x_shard, value, extra) if self.plan.extended else {}
+        self._memo = None
+        return (listed.get(self.metric) if value is None else value), extra, listed
+
+    def _main(self, x_shard: torch.Tensor) -> tuple[float | None, dict[str, float]]:
+        """A legacy main metric's value and extras; ``(None, {})`` for teacher and the newer metrics."""
+        if self.metric == "fid":
+            return self._fid(x_shard)
+        if self.metric == "kid":
+            return self._kid(x_shard)
+        if self.metric == "wasserstein":
+            m = lowdim_metrics(self.dist.gather_cat(x_shard), self.real.x)
+            return m["wasserstein"], {"mmd": m["mmd"], "energy": m["energy"]}
+        return None, {}
+
+    def _features(self, x_shard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this shard's, every process's) features, computed once per :meth:`score`; raw points for vectors."""
+        if self._memo is None or self._memo[0] is not x_shard:
+            if self.real.net is None:
+                f = x_shard.reshape(x_shard.shape[0], -1).to(torch.float64)
+            else:
+                f = _shard_features(self.real.net, x_shard)
+            self._memo = (x_shard, f, self.dist.gather_cat(f))
+        return self._memo[1], self._memo[2]
+
+    def _real_features(self) -> torch.Tensor:
+        if self.real.net is None:
+            return self.real.x.reshape(self.real.x.shape[0], -1).to(torch.float64)
+        return self.real.stats.features
+
+    def _fid_value(self, x_shard: torch.Tensor) -> float:
+        f, _ = self._features(x_shard)
+        self.fid.reset()
+        if f.shape[0]:
+            self.fid.update(f, real=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torchmetrics' compute-before-update on empty shards
+            return fid_from_metric(self.fid)
+
+    def _fid(self, x_shard: torch.Tensor) -> tuple[float, dict[str, float]]:
+        """FID, plus KID from the same features at no extra sampling cost (unbiased, so it reads well at small N)."""
+        v = self._fid_value(x_shard)
+        extra: dict[str, float] = {}
+        _, f_all = self._features(x_shard)
+        real_f = self.real.stats.features if self.real.stats is not None else None
+        if real_f is not None and f_all.shape[0] >= 2 and real_f.shape[0] >= 2:
+            size = min(self.kid_subset_size, f_all.shape[0], real_f.shape[0])
+            extra["kid"], extra["kid_std"] = kid_from_features(real_f, f_all, subsets=self.kid_subsets,
+                                                               subset_size=size, seed=self.seed)
+        return v, extra
+
+    def _kid(self, x_shard: torch.Tensor) -> tuple[float, dict[str, float]]:
+        _, f = self._features(x_shard)
+        mean, std = kid_from_features(self.real.stats.features, f, subsets=self.kid_subsets,
+                                      subset_size=self.kid_subset_size, seed=self.seed)
+        return mean, {"kid_std": std}
+
+    def _listed(self, x_shard: torch.Tensor, value: float | None, extra: dict[str, float]) -> dict[str, float]:
+        """Every listed metric computable from the samples (``teacher`` is added by the row, ``mmhm`` later)."""
+        names = self.plan.computed
+        out: dict[str, float] = {}
+        if value is not None:
+            out[self.metric] = value
+        if "kid" in extra:
+            out.setdefault("kid", extra["kid"])
+        if "fid" in names and "fid" not in out:
+            out["fid"] = self._fid_value(x_shard)
+        if "kid" in names and "kid" not in out:
+            out["kid"] = self._kid(x_shard)[0]
+        if "wasserstein" in names and "wasserstein" not in out:
+            out["wasserstein"] = self._main_wasserstein(x_shard)
+        if any(n in names for n in ("precision", "recall", "density", "coverage")):
+            out.update(manifold_values(self._real_features(), self._features(x_shard)[1], names))
+        if "is" in names:
+            out["is"] = inception_score_of(self.real.net, x_shard, self.dist.gather_cat)
+        return {n: out[n] for n in names if n in out}
+
+    def _main_wasserstein(self, x_shard: torch.Tensor) -> float:
+        return lowdim_metrics(self.dist.gather_cat(x_shard), self.real.x)["wasserstein"]
+
+
+def build_scorer(cfg: SweepConfig, real: RealData, dist: Dist) -> Scorer | None:
+    """The real-data scorer of the sweep's metrics (``None`` for ``teacher`` alone, scored by MSE)."""
+    if not cfg.plan.needs_real:
+        return None
+    size = min(cfg.kid_subset_size, cfg.num, real.stats.n) if cfg.metric == "kid" else cfg.kid_subset_size
+    return Scorer(cfg.metric, dist, real, kid_subsets=cfg.kid_subsets, kid_subset_size=size, seed=cfg.seed,
+                  plan=cfg.plan)
+
+
+def coupled_fidelity(dist: Dist, x: torch.Tensor, ref: torch.Tensor, n_total: int,
+                     data_range: float) -> dict[str, float]:
+    """:func:`eval.metrics.teacher_fidelity` of this shard's pairs, with the squared error summed over processes."""
+    se = float((x.to(torch.float64) - ref.to(torch.float64)).pow(2).sum()) if x.shape[0] else 0.0
+    dim = x[0].numel() if x.shape[0] else ref[0].numel() if ref.shape[0] else 1
+    return fidelity_from_squared_error(dist.sum(se), n_total, dim, data_range)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Grids:
+    """Sample grids under ``out/grids`` (main process only; ``size`` 0 or no ``out``: none)."""
+
+    def __init__(self, out_dir: Path | None, size: int, enabled: bool, reference: torch.Tensor | None = None):
+        self.out_dir, self.size, self.enabled, self.reference = out_dir, size, enabled, reference
+
+    def draw(self, x: torch.Tensor, name: str, title: str) -> str | None:
+        """Save up to ``size`` samples as ``grids/<name>.png``; returns the path relative to ``out``."""
+        if self.out_dir is None or not self.enabled or self.size <= 0 or x.shape[0] == 0:
+            return None
+        from schedules.viz import save_samples
+
+        p = save_samples(x[:self.size], self.out_dir / "grids" / f"{name}.png", title=title, reference=self.reference)
+        return str(p.relative_to(self.out_dir))
+
+
+@dataclass
+class SweepRun:
+    """What scoring the rows shares: the model, this process's noises, the progress bar and the grids."""
+
+    adapter: Any
+    cfg: SweepConfig
+    dist: Dist
+    noise: torch.Tensor
+    bar: Any
+    grids: Grids
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(max(self.noise.shape[0], 1) / self.cfg.batch_size)
+
+
+def start_run(adapter, cfg: SweepConfig, dist: Dist, cells: list[Cell], real: RealData) -> SweepRun:
+    """This process's slice of the shared noises, a progress bar in NFE·batches, and the grid drawer."""
+    from tqdm.auto import tqdm
+
+    noise = adapter.noise(cfg.num, cfg.seed)[dist.shard(cfg.num)]
+    n_batches = math.ceil(max(noise.shape[0], 1) / cfg.batch_size)
+    teacher_nfe = cfg.reference.nfe if cfg.teacher else 0
+    total = sum(c.table.nfe for c in cells) * n_batches + teacher_nfe * n_batches
+    bar = tqdm(total=total, desc="eval sweep", unit="NFE·batch", disable=not (cfg.progress and dist.main),
+               file=sys.stderr)
+    reference = real.x[:2000] if (real.x is not None and len(adapter.sample_shape) == 1) else None
+    out_dir = Path(cfg.out) if cfg.out is not None else None
+    return SweepRun(adapter, cfg, dist, noise, bar, Grids(out_dir, cfg.grid, dist.main, reference))
+
+
+def _timed_score(scorer: Scorer | None,
+                 x: torch.Tensor) -> tuple[float | None, dict[str, float], dict[str, float], float]:
+    t0 = time.perf_counter()
+    value, extra, listed = scorer.score(x) if scorer is not None else (None, {}, {})
+    return value, extra, listed, time.perf_counter() - t0
+
+
+def teacher_row(run: SweepRun, scorer: Scorer | None) -> tuple[dict[str, Any], torch.Tensor]:
+    """The teacher's row (its own score: the floor of the plot) and its samples from this process's noises."""
+    adapter, teacher = run.adapter, run.cfg.reference
+    calls0 = adapter.calls
+    run.bar.set_postfix_str(f"teacher ({teacher.steps} Heun steps)")
+    t0 = time.perf_counter()
+    ref_x = teacher_sample(adapter, run.noise, teacher, batch_size=run.cfg.batch_size,
+                           on_batch=lambda _done: run.bar.update(teacher.nfe)).x.detach().cpu()
+    if ref_x.shape[0]:
+        check_samples(ref_x, "reference samples", min_n=1)
+    t_sample = time.perf_counter() - t0
+    row: dict[str, Any] = {"label": "teacher", "solver": teacher.solver, "steps": teacher.steps, "nfe": teacher.nfe,
+                           "n": run.cfg.num, "model_calls": run.dist.sum(adapter.calls - calls0),
+                           "sampler": teacher.describe()}
+    value, extra, listed, t_metric = _timed_score(scorer, ref_x)
+    row.update(value=0.0 if value is None else value, extra=extra)
+    if run.cfg.plan.extended:
+        row["metrics"] = {**listed, **({"teacher": 0.0} if "teacher" in run.cfg.plan.names else {})}
+    row["timings"] = {"sample_seconds": round(t_sample, 3), "metric_seconds": round(t_metric, 3)}
+    row["grid"] = run.grids.draw(ref_x, "teacher", f"{adapter.name}: teacher (Heun {teacher.steps} steps)")
+    return row, ref_x
 
 
 @torch.no_grad()
 def sample_batched(adapter, noise: torch.Tensor, sigmas, solver: str, batch_size: int, on_batch=None) -> torch.Tensor:
+    """:func:`schedules.solvers.sample` in micro-batches of ``batch_size`` (``on_batch()`` after each), on the CPU."""
     from schedules.solvers import sample
 
     out = []
@@ -204,320 +581,162 @@ def sample_batched(adapter, noise: torch.Tensor, sigmas, solver: str, batch_size
     return torch.cat(out) if out else noise[:0].cpu()
 
 
-@torch.no_grad()
 def reference_batched(adapter, noise: torch.Tensor, steps: int, batch_size: int, on_batch=None) -> torch.Tensor:
-    from schedules.solvers import reference_sigmas
-
-    return sample_batched(adapter, noise, reference_sigmas(adapter.convention, steps), "heun", batch_size, on_batch)
-
-
-# --------------------------------------------------------------------------- scorer
+    """The sweep's teacher samples: ``teacher_sample`` with ``Teacher("heun", steps)``, micro-batched, on the CPU."""
+    callback = None if on_batch is None else (lambda _done: on_batch())
+    run = teacher_sample(adapter, noise, Teacher(solver="heun", steps=steps), batch_size=batch_size, on_batch=callback)
+    return run.x.detach().cpu()
 
 
-class Scorer:
-    """Scores a shard of samples with the sweep's metric; collective calls on every rank."""
-
-    def __init__(self, metric: str, dist: Dist, *, real: torch.Tensor | None, net=None, real_stats: FeatureStats | None,
-                 kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0):
-        self.metric, self.dist, self.net, self.seed = metric, dist, net, seed
-        self.real = real
-        self.real_stats = real_stats
-        self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
-        if metric == "fid":
-            self.fid = fid_metric(net.num_features)
-            # real sums live on rank 0 only: torchmetrics sums every state across processes
-            set_real_stats(self.fid, real_stats if dist.main else None)
-
-    def score(self, x_shard: torch.Tensor, n_total: int) -> tuple[float, dict[str, float]]:
-        """(main value, extra values) of the gathered samples."""
-        if self.metric == "fid":
-            f = extract_features(self.net, x_shard) if x_shard.shape[0] else torch.zeros(0, self.net.num_features,
-                                                                                            dtype=torch.float64)
-            self.fid.reset()
-            if f.shape[0]:
-                self.fid.update(f, real=False)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # torchmetrics' compute-before-update on empty shards
-                v = fid_from_metric(self.fid)
-            extra: dict[str, float] = {}
-            # KID from the same features at no extra sampling cost (unbiased, so it reads well at small N)
-            f_all = self.dist.gather_cat(f)
-            real_f = self.real_stats.features if self.real_stats is not None else None
-            if real_f is not None and f_all.shape[0] >= 2 and real_f.shape[0] >= 2:
-                size = min(self.kid_subset_size, f_all.shape[0], real_f.shape[0])
-                extra["kid"], extra["kid_std"] = kid_from_features(real_f, f_all, subsets=self.kid_subsets,
-                                                                   subset_size=size, seed=self.seed)
-            return v, extra
-        if self.metric == "kid":
-            f = extract_features(self.net, x_shard) if x_shard.shape[0] else torch.zeros(0, self.net.num_features,
-                                                                                            dtype=torch.float64)
-            f = self.dist.gather_cat(f)
-            mean, std = kid_from_features(self.real_stats.features, f, subsets=self.kid_subsets,
-                                          subset_size=self.kid_subset_size, seed=self.seed)
-            return mean, {"kid_std": std}
-        if self.metric == "wasserstein":
-            x = self.dist.gather_cat(x_shard)
-            m = lowdim_metrics(x, self.real)
-            return m["wasserstein"], {"mmd": m["mmd"], "energy": m["energy"]}
-        raise StepsmithError(f"metric {self.metric!r} has no real-data score")
+def sample_cell(run: SweepRun, table: TimestepTable) -> torch.Tensor:
+    """A cell's samples from this process's noises: the built-in solver, or the config's ``sampler``."""
+    noise, bs, sampler = run.noise, run.cfg.batch_size, run.cfg.sampler
+    if sampler is None:
+        return sample_batched(run.adapter, noise, table.sigmas, table.solver, bs, lambda: run.bar.update(table.nfe))
+    x = torch.cat([sampler(table, noise[i:i + bs]).detach().cpu() for i in range(0, noise.shape[0], bs)]
+                  or [noise[:0].cpu()])
+    run.bar.update(table.nfe * run.n_batches)
+    if tuple(x.shape) != tuple(noise.shape):
+        raise StepsmithError(f"sampler returned {list(x.shape)} for noise {list(noise.shape)}; it must return "
+                             "one sample per noise, of the model's shape")
+    return x
 
 
-def _fidelity(dist: Dist, x: torch.Tensor, ref: torch.Tensor, n_total: int, data_range: float) -> dict[str, float]:
-    se = float((x.to(torch.float64) - ref.to(torch.float64)).pow(2).sum()) if x.shape[0] else 0.0
-    se = dist.sum(se)
-    numel = n_total * (x[0].numel() if x.shape[0] else ref[0].numel() if ref.shape[0] else 1)
-    mse = se / numel
-    psnr = math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
-    return {"mse": mse, "rmse": math.sqrt(mse), "psnr": psnr}
+def score_cell(run: SweepRun, c: Cell, scorer: Scorer | None, ref_x: torch.Tensor | None) -> dict[str, Any]:
+    """One row: sample the cell, score it against the real data and (coupled) against the teacher."""
+    t, cfg = c.table, run.cfg
+    run.bar.set_postfix_str(f"{c.label} NFE {t.nfe}")
+    calls0 = run.adapter.calls
+    t0 = time.perf_counter()
+    x = sample_cell(run, t)
+    if x.shape[0]:
+        check_samples(x, f"samples of {c.label} at NFE {t.nfe}", min_n=1)
+    t_sample = time.perf_counter() - t0
+    row: dict[str, Any] = {
+        "label": c.label, "method": t.method, "nfe": int(t.nfe), "steps": int(t.steps), "solver": t.solver,
+        "sigmas": t.sigmas, "timesteps": t.timesteps, "source": c.source, "search_seed": c.search_seed,
+        "search_provenance": t.provenance, "n": cfg.num, "model_calls": run.dist.sum(run.adapter.calls - calls0),
+    }
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if ref_x is not None:
+        fidel = coupled_fidelity(run.dist, x, ref_x, cfg.num, cfg.data_range)
+        extra["teacher_mse"], extra["teacher_psnr"] = fidel["mse"], fidel["psnr"]
+    value, more, listed, _ = _timed_score(scorer, x)
+    extra.update(more)
+    row.update(value=extra["teacher_mse"] if value is None else value, extra=extra)
+    if cfg.plan.extended:
+        listed = {**listed, **({"teacher": extra["teacher_mse"]} if "teacher" in cfg.plan.names else {})}
+        row["metrics"] = {n: listed[n] for n in cfg.plan.computed}
+    row["timings"] = {"table_seconds": round(c.make_seconds, 3), "sample_seconds": round(t_sample, 3),
+                      "metric_seconds": round(time.perf_counter() - t0, 3)}
+    row["grid"] = run.grids.draw(x, f"{_safe(c.label)}_nfe{t.nfe}", f"{run.adapter.name}: {c.label} {t.solver} NFE {t.nfe}")
+    return row
+
+
+# --------------------------------------------------------------------------- report
+
+
+def build_report(run: SweepRun, cells: list[Cell], used_seeds: list[int], real: RealData,
+                 teacher: dict[str, Any] | None, rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """The ``stepsmith.eval/v1`` report dict."""
+    cfg = run.cfg
+    report = {
+        "format": REPORT_FORMAT,
+        "model": run.adapter.name,
+        "model_info": run.adapter.describe(),
+        "metric": cfg.metric,
+        "lower_is_better": True,
+        "num": cfg.num,
+        "eval_seed": cfg.seed,
+        "eval_noise": f"adapter.noise({cfg.num}, seed={cfg.seed}) — the same noises for every row",
+        "search_seeds": used_seeds,
+        "seeds_disjoint": cfg.seed not in used_seeds,
+        "solver": cfg.solver if cfg.methods else sorted({c.table.solver for c in cells}),
+        "nfe": sorted({int(c.table.nfe) for c in cells}),
+        "methods": list(dict.fromkeys(c.label for c in cells)),
+        "real": real.info,
+        "teacher": teacher,
+        "results": rows,
+        "processes": run.dist.world,
+        "batch_size": cfg.batch_size,
+        "warnings": real.warnings,
+        "seconds_total": round(seconds, 3),
+        "command": cfg.command,
+        "versions": _versions(),
+    }
+    if cfg.plan.extended:
+        report = _with_metric_list(report, cfg.plan)
+    return report
+
+
+def _with_metric_list(report: dict[str, Any], plan: MetricPlan) -> dict[str, Any]:
+    """A metric-list report: ``metrics`` (the names, main first) after ``metric``, the main metric's direction."""
+    out: dict[str, Any] = {}
+    for k, v in report.items():
+        out[k] = v
+        if k == "metric":
+            out["metrics"] = list(plan.names)
+    out["lower_is_better"] = lower_is_better(plan.main)
+    return out
+
+
+def score_mmhm(cfg: SweepConfig, rows: list[dict[str, Any]], dist: Dist,
+               source: str = "frozen bounds") -> dict[str, Any] | None:
+    """MMHM per NFE group into every row's ``metrics`` (when listed); saves the bounds used if asked.
+
+    Returns ``report["mmhm"]``: the metrics that went in, ε, the bounds per NFE and their source.
+    """
+    if not cfg.plan.mmhm_inputs:
+        return None
+    used = apply_mmhm(rows, cfg.plan, cfg.bounds)
+    source = "min/max over the rows of each NFE" if cfg.bounds is None else source
+    if cfg.save_bounds is not None and dist.main:
+        used.save(cfg.save_bounds)
+    return mmhm_info(rows, cfg.plan, used, source)
+
+
+def write_sweep_report(report: dict[str, Any], cfg: SweepConfig, dist: Dist) -> None:
+    """report.json / report.md / the plot into ``out`` (main process), then wait for every process."""
+    if cfg.out is not None and dist.main:
+        from eval.report import write_report
+
+        write_report(report, Path(cfg.out))
+    dist.barrier()
 
 
 # --------------------------------------------------------------------------- main entry
 
 
-def resolve_metric(adapter, metric: str | None) -> str:
-    if metric is None:
-        return "wasserstein" if len(adapter.sample_shape) == 1 else "fid"
-    if metric not in METRICS:
-        raise StepsmithError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    if metric in ("fid", "kid") and len(adapter.sample_shape) != 3:
-        raise StepsmithError(f"{metric} scores images [C, H, W]; {adapter.name} makes samples of shape "
-                             f"{list(adapter.sample_shape)} — use --metric wasserstein or teacher")
-    if metric == "wasserstein" and len(adapter.sample_shape) != 1:
-        raise StepsmithError("the exact Wasserstein distance is for low-dimensional vectors; use fid, kid or teacher "
-                             "for images")
-    return metric
-
-
-def run_sweep(model, *, tables=None, methods=None, nfe=(2, 4, 6, 8, 10), solver: str = "euler", num: int = 1000,
-              metric: str | None = None, out: str | os.PathLike | None = None, seed: int = DEFAULT_EVAL_SEED,
-              real: torch.Tensor | str | os.PathLike | None = None, real_seed: int | None = None,
-              features=None, inception_weights=None, teacher: bool = True, teacher_steps: int = 50,
-              batch_size: int = 500, grid: int = 64, cache: str | os.PathLike | None = None, use_cache: bool = True,
-              search_seed: int = 0, search_samples: int | None = None, search_options: dict | None = None,
-              kid_subsets: int = 100, kid_subset_size: int = 1000, data_range: float = 2.0,
-              progress: bool = True, command: str | None = None, sampler=None) -> dict[str, Any]:
+def run_sweep(model, config: SweepConfig | None = None, **kwargs: Any) -> dict[str, Any]:
     """Score tables or methods across NFE; returns the report dict (and writes it to ``out``).
 
-    ``model``: a spec (``builtin:digits-flow``...) or a :class:`~schedules.adapters.ModelAdapter`.
-    ``tables``: table files or :class:`TimestepTable` objects; ``methods``: names for
-    ``schedules.search.make_table`` evaluated at every ``nfe`` with ``solver``.
-    ``metric``: fid | kid | wasserstein | teacher (default: fid for images, wasserstein for
-    vectors). ``real``: real samples (tensor or path; default: the embedded model's data).
-    ``features``: feature network name or nn.Module (default digits-features for 16x16
-    digits, else inception, which needs local weights).
-    ``sampler``: optional ``sampler(table, noise) -> samples`` used instead of
-    :func:`schedules.solvers.sample` for the table rows (e.g. a diffusers pipeline driven by
-    the table); the teacher always uses the built-in reference sampler.
+    ``model``: a spec (``builtin:digits-flow``...) or a :class:`~schedules.adapters.ModelAdapter`;
+    ``config`` and/or ``kwargs``: the fields of :class:`SweepConfig` (kwargs override ``config``).
     """
     from schedules.adapters import ModelAdapter, load_model
 
+    cfg = replace(config, **kwargs) if config is not None else SweepConfig(**kwargs)
+    bounds_source = f"frozen: {cfg.bounds}" if isinstance(cfg.bounds, (str, os.PathLike)) else "frozen bounds"
     t_start = time.perf_counter()
     dist = current_dist()
     adapter = model if isinstance(model, ModelAdapter) else load_model(str(model))
-    metric = resolve_metric(adapter, metric)
-    if isinstance(num, bool) or not isinstance(num, int) or num < 2:
-        raise StepsmithError(f"--num must be an integer of at least 2, got {num!r}")
-    if metric == "teacher" and not teacher:
-        raise StepsmithError("--metric teacher needs the reference sampler; drop --no-teacher")
-    nfe = [int(n) for n in nfe]
-    if methods and (not nfe or any(n < 1 for n in nfe)):
-        raise StepsmithError(f"--nfe must list positive integers, got {nfe}")
-    caught: list[str] = []
-
-    # ---- tables (made once, on the main process)
-    cells: list[Cell] | None = None
-    error: str | None = None
-    if dist.main:
-        try:
-            cells = build_cells(adapter, tables=tables, methods=methods, nfe=nfe, solver=solver, search_seed=search_seed,
-                                search_samples=search_samples, search_options=search_options)
-        except StepsmithError as exc:
-            error = str(exc)
-    cells, error = dist.broadcast((cells, error))
-    if error:
-        raise StepsmithError(error)
-    used_search_seeds = sorted({s for c in cells for s in search_seeds(c.table)})
-    if seed in used_search_seeds:
-        raise StepsmithError(
-            f"evaluation seed {seed} was used to search a table (search seeds {used_search_seeds}); evaluate on "
-            f"held-out noises: pass another --seed (default {DEFAULT_EVAL_SEED})"
-        )
-
-    # ---- real data and the scorer
-    real_info: dict[str, Any] = {}
-    real_x: torch.Tensor | None = None
-    net = None
-    stats = None
-    if metric != "teacher":
-        if real is None:
-            rs = seed + 1 if real_seed is None else real_seed
-            real_x, desc = default_real(adapter, num, rs)
-            real_info["source"] = desc
-        elif isinstance(real, torch.Tensor):
-            real_x = check_samples(real, "real data")
-            real_info["source"] = "tensor"
-        else:
-            from eval.data import load_real_data
-
-            real_x = load_real_data(real, adapter.sample_shape)
-            real_info["source"] = str(real)
-        if tuple(real_x.shape[1:]) != tuple(adapter.sample_shape):
-            raise StepsmithError(f"real data have samples of shape {list(real_x.shape[1:])} but {adapter.name} makes "
-                                 f"{list(adapter.sample_shape)}; give real data of the model's size and channels")
-        from eval.data import tensor_hash
-
-        real_info.update(n=int(real_x.shape[0]), sha256=tensor_hash(real_x))
-        if metric in ("fid", "kid"):
-            from eval.data import real_feature_stats
-            from eval.features import load_feature_network
-
-            if features is None:
-                features = "digits-features" if tuple(adapter.sample_shape) == (1, 16, 16) else "inception"
-            net = load_feature_network(features, inception_weights=inception_weights)
-            net.probe(real_x[:2])
-            if dist.main:
-                stats, cinfo = real_feature_stats(real_x, net, cache=cache, use_cache=use_cache)
-                dist.barrier()
-            else:
-                dist.barrier()  # let the main process write the cache entry first
-                stats, cinfo = real_feature_stats(real_x, net, cache=cache, use_cache=use_cache)
-            real_info["stats_cache"] = cinfo
-            real_info["feature_network"] = {"name": net.name, "num_features": net.num_features,
-                                            "weights_sha256": net.weights_hash()}
-            if num < net.num_features or stats.n < net.num_features:
-                msg = (f"N={num} generated / {stats.n} real samples < {net.num_features} feature dimensions: FID is "
-                       "singular and strongly biased; compare only at equal N")
-                caught.append(msg)
-                warnings.warn(msg, FewSamplesWarning, stacklevel=2)
-        if metric == "kid":
-            kid_subset_size = min(kid_subset_size, num, stats.n)
-    scorer = (Scorer(metric, dist, real=real_x, net=net, real_stats=stats, kid_subsets=kid_subsets,
-                     kid_subset_size=kid_subset_size, seed=seed) if metric != "teacher" else None)
-
-    # ---- noises: the same for every cell; this process takes a contiguous slice
-    noise_all = adapter.noise(num, seed)
-    shard = dist.shard(num)
-    noise = noise_all[shard]
-    n_batches = math.ceil(max(noise.shape[0], 1) / batch_size)
-    from tqdm.auto import tqdm
-
-    total = sum(c.table.nfe for c in cells) * n_batches + (2 * teacher_steps - 1) * n_batches * int(teacher)
-    bar = tqdm(total=total, desc="eval sweep", unit="NFE·batch", disable=not (progress and dist.main), file=sys.stderr)
-    out_dir = Path(out) if out is not None else None
-    grids_dir = out_dir / "grids" if out_dir is not None else None
-
-    def draw(x: torch.Tensor, name: str, title: str) -> str | None:
-        if grids_dir is None or not dist.main or grid <= 0 or x.shape[0] == 0:
-            return None
-        from schedules.viz import save_samples
-
-        ref = real_x[:2000] if (real_x is not None and len(adapter.sample_shape) == 1) else None
-        p = save_samples(x[:grid], grids_dir / f"{name}.png", title=title, reference=ref)
-        return str(p.relative_to(out_dir))
-
-    # ---- teacher
-    teacher_row: dict[str, Any] | None = None
-    ref_x: torch.Tensor | None = None
-    if teacher:
-        calls0 = adapter.calls
-        bar.set_postfix_str(f"teacher ({teacher_steps} Heun steps)")
-        t0 = time.perf_counter()
-        ref_x = reference_batched(adapter, noise, teacher_steps, batch_size,
-                                  lambda: bar.update(2 * teacher_steps - 1))
-        check_samples(ref_x, "reference samples", min_n=1) if ref_x.shape[0] else None
-        t_sample = time.perf_counter() - t0
-        teacher_row = {"label": "teacher", "solver": "heun", "steps": teacher_steps, "nfe": 2 * teacher_steps - 1,
-                       "n": num, "model_calls": dist.sum(adapter.calls - calls0)}
-        t0 = time.perf_counter()
-        if scorer is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FewSamplesWarning)
-                v, extra = scorer.score(ref_x, num)
-            teacher_row.update(value=v, extra=extra)
-        else:
-            teacher_row.update(value=0.0, extra={})
-        teacher_row["timings"] = {"sample_seconds": round(t_sample, 3), "metric_seconds": round(time.perf_counter() - t0, 3)}
-        teacher_row["grid"] = draw(ref_x, "teacher", f"{adapter.name}: teacher (Heun {teacher_steps} steps)")
-
-    # ---- cells
-    rows: list[dict[str, Any]] = []
-    for c in cells:
-        t = c.table
-        bar.set_postfix_str(f"{c.label} NFE {t.nfe}")
-        calls0 = adapter.calls
-        t0 = time.perf_counter()
-        if sampler is None:
-            x = sample_batched(adapter, noise, t.sigmas, t.solver, batch_size, lambda c=c: bar.update(c.table.nfe))
-        else:
-            x = torch.cat([sampler(t, noise[i:i + batch_size]).detach().cpu() for i in range(0, noise.shape[0], batch_size)]
-                          or [noise[:0].cpu()])
-            bar.update(t.nfe * n_batches)
-            if tuple(x.shape) != tuple(noise.shape):
-                raise StepsmithError(f"sampler returned {list(x.shape)} for noise {list(noise.shape)}; it must return "
-                                     "one sample per noise, of the model's shape")
-        if x.shape[0]:
-            check_samples(x, f"samples of {c.label} at NFE {t.nfe}", min_n=1)
-        t_sample = time.perf_counter() - t0
-        row: dict[str, Any] = {
-            "label": c.label, "method": t.method, "nfe": int(t.nfe), "steps": int(t.steps), "solver": t.solver,
-            "sigmas": t.sigmas, "timesteps": t.timesteps, "source": c.source, "search_seed": c.search_seed,
-            "search_provenance": t.provenance, "n": num, "model_calls": dist.sum(adapter.calls - calls0),
-        }
-        t0 = time.perf_counter()
-        extra: dict[str, Any] = {}
-        if teacher:
-            fidel = _fidelity(dist, x, ref_x, num, data_range)
-            extra["teacher_mse"], extra["teacher_psnr"] = fidel["mse"], fidel["psnr"]
-        if scorer is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FewSamplesWarning)
-                value, more = scorer.score(x, num)
-            extra.update(more)
-        else:
-            value = extra["teacher_mse"]
-        row.update(value=value, extra=extra)
-        row["timings"] = {"table_seconds": round(c.make_seconds, 3), "sample_seconds": round(t_sample, 3),
-                          "metric_seconds": round(time.perf_counter() - t0, 3)}
-        row["grid"] = draw(x, f"{_safe(c.label)}_nfe{t.nfe}", f"{adapter.name}: {c.label} {t.solver} NFE {t.nfe}")
-        rows.append(row)
-    bar.close()
-
-    report: dict[str, Any] = {
-        "format": REPORT_FORMAT,
-        "model": adapter.name,
-        "model_info": adapter.describe(),
-        "metric": metric,
-        "lower_is_better": True,
-        "num": num,
-        "eval_seed": seed,
-        "eval_noise": f"adapter.noise({num}, seed={seed}) — the same noises for every row",
-        "search_seeds": used_search_seeds,
-        "seeds_disjoint": seed not in used_search_seeds,
-        "solver": solver if methods else sorted({c.table.solver for c in cells}),
-        "nfe": sorted({int(c.table.nfe) for c in cells}),
-        "methods": list(dict.fromkeys(c.label for c in cells)),
-        "real": real_info,
-        "teacher": teacher_row,
-        "results": rows,
-        "processes": dist.world,
-        "batch_size": batch_size,
-        "warnings": caught,
-        "seconds_total": round(time.perf_counter() - t_start, 3),
-        "command": command,
-        "versions": _versions(),
-    }
-    if out_dir is not None and dist.main:
-        from eval.report import write_report
-
-        write_report(report, out_dir)
-    dist.barrier()
+    cfg = check_config(cfg, adapter)
+    cells, used_seeds = prepare_cells(adapter, cfg, dist)
+    if cfg.bounds is not None:
+        check_bounds(cfg.bounds, cfg.plan, sorted({int(c.table.nfe) for c in cells}))
+    real = prepare_real(adapter, cfg, dist)
+    scorer = build_scorer(cfg, real, dist)
+    run = start_run(adapter, cfg, dist, cells, real)
+    teacher, ref_x = teacher_row(run, scorer) if cfg.teacher else (None, None)
+    rows = [score_cell(run, c, scorer, ref_x) for c in cells]
+    run.bar.close()
+    mmhm = score_mmhm(cfg, rows, dist, bounds_source)
+    report = build_report(run, cells, used_seeds, real, teacher, rows, time.perf_counter() - t_start)
+    if mmhm is not None:
+        report["mmhm"] = mmhm
+    write_sweep_report(report, cfg, dist)
     return report
-
-
-def default_real(adapter, n: int, seed: int) -> tuple[torch.Tensor, str]:
-    from eval.data import default_real_data
-
-    return default_real_data(adapter.name, n, seed)
 
 
 def _safe(label: str) -> str:
@@ -530,3 +749,7 @@ def _versions() -> dict[str, str]:
     from schedules.table import package_version
 
     return {"stepsmith": package_version(), "torch": torch.__version__, "torchmetrics": torchmetrics.__version__}
+
+
+__all__ = ["ALL_METRICS", "DEFAULT_EVAL_SEED", "METRICS", "Cell", "Dist", "Scorer", "SweepConfig", "build_cells", "current_dist",
+           "reference_batched", "resolve_metric", "run_sweep", "sample_batched", "search_seeds"]

@@ -16,7 +16,7 @@ def no_network(monkeypatch, tmp_path):
     """Fail loudly on any attempt to open a connection or fetch a URL; empty hub cache."""
     attempts = []
 
-    def refuse(*args, **kwargs):
+    def refuse(*args, **_kwargs):
         attempts.append(args)
         raise AssertionError(f"network access attempted: {args[:2]}")
 

@@ -202,4 +202,4 @@ def test_custom_sampler_and_file_feature_network(tmp_path):
     assert calls == [2, 4]
     assert [r["value"] for r in hooked["results"]] == pytest.approx([r["value"] for r in base["results"]], rel=1e-9)
     with pytest.raises(StepsmithError, match="one sample per noise"):
-        run_sweep(model, sampler=lambda t, z: z[:1], **kw)
+        run_sweep(model, sampler=lambda _t, z: z[:1], **kw)
