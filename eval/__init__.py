@@ -12,6 +12,10 @@ See :mod:`eval.metrics`, :mod:`eval.features`, :mod:`eval.manifold`, :mod:`eval.
 :mod:`eval.mmhm`, :mod:`eval.sweep`, :mod:`eval.sweep_metrics`, :mod:`eval.report`.
 """
 
+from eval.data import load_real_data, real_samples
+from eval.features import load_feature_network
+from eval.metrics import fid, kid, wasserstein
 from eval.sweep import DEFAULT_EVAL_SEED, SweepConfig, run_sweep
 
-__all__ = ["DEFAULT_EVAL_SEED", "SweepConfig", "run_sweep"]
+__all__ = ["DEFAULT_EVAL_SEED", "SweepConfig", "fid", "kid", "load_feature_network", "load_real_data", "real_samples",
+           "run_sweep", "wasserstein"]

@@ -56,6 +56,11 @@ def default_real_data(model_name: str, n: int, seed: int) -> tuple[torch.Tensor,
     )
 
 
+def real_samples(model_name: str, n: int = 2000, seed: int = 0) -> torch.Tensor:
+    """The real samples an embedded model is scored against (all 1797 digits; ``n`` fresh 2-D points for toy2d)."""
+    return default_real_data(model_name, n, seed)[0]
+
+
 def load_real_data(path: str | os.PathLike, sample_shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """Real samples from a safetensors file or a folder of PNGs (images scaled to [-1, 1])."""
     p = Path(path)

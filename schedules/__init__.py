@@ -14,21 +14,24 @@ import diffusers.
 
 from schedules.adapters import ModelAdapter, load_model
 from schedules.conventions import FlowConvention, VPConvention
+from schedules.embedded import embedded_path
 from schedules.io import StepsmithError
 from schedules.search import make_table
 from schedules.solvers import SOLVERS, reference_sample, sample
 from schedules.table import FORMAT, TimestepTable, load_table
 
 __all__ = [
-    "FORMAT", "SOLVERS", "FlowConvention", "ModelAdapter", "StepsmithError", "TimestepTable", "VPConvention",
-    "apply_table", "load_model", "load_table", "make_table", "pipeline_kwargs", "reference_sample", "sample",
+    "FORMAT", "SOLVERS", "FlowConvention", "ModelAdapter", "StepsmithError", "TimestepTable", "UnconditionalFlowMatchPipeline",
+    "VPConvention", "apply_table", "embedded_path", "load_model", "load_table", "make_table", "pipeline_kwargs",
+    "reference_sample", "sample",
 ]
 
-_LAZY = {"pipeline_kwargs": "schedules.diffusers", "apply_table": "schedules.diffusers"}
+_LAZY = {"pipeline_kwargs": "schedules.diffusers", "apply_table": "schedules.diffusers",
+         "UnconditionalFlowMatchPipeline": "schedules.pipeline"}
 
 
 def __getattr__(name: str):
-    """``schedules.pipeline_kwargs`` / ``schedules.apply_table`` without importing diffusers up front."""
+    """``pipeline_kwargs``, ``apply_table`` and the embedded models' pipeline class without importing diffusers up front."""
     if name in _LAZY:
         import importlib
 

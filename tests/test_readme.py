@@ -30,3 +30,9 @@ def test_readme_diffusers_example_runs(tmp_path, monkeypatch):
     value = float(out.getvalue().split("FID")[-1])
     assert math.isfinite(value) and value > 0
     assert (tmp_path / "digits-flow-dp6.json").is_file()
+
+
+def test_readme_example_imports_only_the_public_face():
+    code = re.search(r"## Ten lines for diffusers users\n\n```python\n(.*?)```", README, re.S).group(1)
+    imports = [ln.split()[1] for ln in code.splitlines() if ln.startswith(("from ", "import "))]
+    assert imports and set(imports) <= {"schedules", "eval"}, imports
