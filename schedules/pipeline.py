@@ -61,6 +61,24 @@ class UnconditionalFlowMatchPipeline(DiffusionPipeline):
         hw = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
         return (batch_size, cfg.in_channels, *hw)
 
+    def _initial_latents(self, batch_size, generator, latents, device, dtype) -> torch.Tensor:
+        shape = self._sample_shape(batch_size)
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if tuple(latents.shape) != shape:
+            raise StepsmithError(f"latents have shape {list(latents.shape)}, expected {list(shape)}")
+        return latents.to(device=device, dtype=dtype)
+
+    def _postprocess(self, latents: torch.Tensor, output_type: str):
+        """The final state as ``output_type``: the raw latents, or images in [0, 1] (pt / np / pil)."""
+        if output_type == "latent":
+            return latents
+        image = (latents / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return image
+        image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+        return self.numpy_to_pil(np.asarray(image)) if output_type == "pil" else image
+
     @torch.no_grad()
     def __call__(
         self,
@@ -91,13 +109,7 @@ class UnconditionalFlowMatchPipeline(DiffusionPipeline):
             raise StepsmithError(f"output_type {output_type!r}: use pil, np, pt or latent")
         device = self._execution_device
         dtype = self.unet.dtype
-        shape = self._sample_shape(batch_size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        elif tuple(latents.shape) != shape:
-            raise StepsmithError(f"latents have shape {list(latents.shape)}, expected {list(shape)}")
-        else:
-            latents = latents.to(device=device, dtype=dtype)
+        latents = self._initial_latents(batch_size, generator, latents, device, dtype)
         extra = {}
         if self.scheduler.config.get("use_dynamic_shifting"):
             if mu is None:
@@ -114,14 +126,7 @@ class UnconditionalFlowMatchPipeline(DiffusionPipeline):
             velocity = self.unet(model_in, t_b).sample
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
         self.maybe_free_model_hooks()
-        if output_type == "latent":
-            image = latents
-        else:
-            image = (latents / 2 + 0.5).clamp(0, 1)
-            if output_type != "pt":
-                image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-                if output_type == "pil":
-                    image = self.numpy_to_pil(np.asarray(image))
+        image = self._postprocess(latents, output_type)
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
