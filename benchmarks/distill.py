@@ -15,6 +15,8 @@ size and learning rate:
 * ``boss@K``   — BOSS-straightened to the K-step DP table, sampled with that table;
 * ``reflow``   — one 2-rectified flow (uniform t), sampled with the uniform table ("uniform
   reflow") and with the DP table;
+* ``ot-reflow`` — the same reflow with the noises and teacher samples re-coupled by minibatch
+  exact OT (``ot_batch`` pairs per OT problem; :class:`distill.base.TeacherPairs`), sampled likewise;
 * ``kstep@K``  — k-step distillation on the uniform K-grid, sampled with that grid.
 
 Quality on ``eval_samples`` from noise seed 10 000: toy2d → exact W2 to fresh ``toy2d_data``
@@ -57,7 +59,8 @@ class DistillBenchConfig:
 
     model: str = field(default="builtin:toy2d-flow", metadata={"help": "a builtin: model, diffusers folder or file.py:attr"})
     nfe: tuple[int, ...] = field(default=(1, 2, 4, 6), metadata={"help": "step counts K, one table and student each"})
-    methods: tuple[str, ...] = field(default=("boss", "reflow", "kstep"), metadata={"help": "students to train"})
+    methods: tuple[str, ...] = field(default=("boss", "reflow", "kstep"),
+                                     metadata={"help": "students to train (also: ot-reflow)"})
     table_method: str = field(default="dp", metadata={"help": "make_table method of the K-step tables"})
     search_samples: int = field(default=64, metadata={"help": "search samples of the table search"})
     table_options: dict[str, Any] = field(default_factory=dict, metadata={
@@ -71,16 +74,18 @@ class DistillBenchConfig:
     ema_decay: float = 0.999
     lora_rank: int = field(default=0, metadata={"help": "0 = full fine-tuning"})
     pairs: int = field(default=20_000, metadata={"help": "teacher trajectories shared by every student"})
+    ot_batch: int = field(default=0, metadata={"help": "pairs per OT problem of the ot-reflow student (0: the batch)"})
     teacher_steps: int = field(default=100, metadata={"help": "fine grid of the teacher, merged with the table nodes"})
     eval_samples: int = field(default=2000, metadata={"help": "held-out samples per quality cell"})
     straight_samples: int = field(default=500, metadata={"help": "samples of the straightness integral"})
 
-    def training(self, method: str):
+    def training(self, method: str, coupling: str = "independent"):
         """The :class:`distill.trainer.DistillConfig` of one student."""
         from distill.trainer import DistillConfig
 
         every = max(1, self.steps // 10)
-        return DistillConfig(method=method, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+        ot = {} if coupling == "independent" else {"coupling": coupling, "ot_batch": self.ot_batch or None}
+        return DistillConfig(method=method, **ot, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
                              warmup=self.warmup, ema_decay=self.ema_decay, lora_rank=self.lora_rank, pairs=self.pairs,
                              teacher_steps=self.teacher_steps, seed=DATA_SEED, progress=False, log_every=every,
                              eval_every=every)
@@ -167,11 +172,11 @@ class _Run:
         self.rows.append(r)
         self.log(json.dumps(r))
 
-    def train(self, name: str, method: str, tables):
+    def train(self, name: str, method: str, tables, coupling: str = "independent"):
         from distill.trainer import distill
 
         t0 = time.perf_counter()
-        res = distill(self.adapter, tables, self.cfg.training(method), None, teacher_data=self.data)
+        res = distill(self.adapter, tables, self.cfg.training(method, coupling), None, teacher_data=self.data)
         self.runs[name] = {"seconds": round(time.perf_counter() - t0, 1), "val_loss_start": res.history[0]["val_loss"],
                            "val_loss_end": res.info["final_val_loss"],
                            "trainable_parameters": res.info["trainable_parameters"],
@@ -226,20 +231,21 @@ def _train_all(run: _Run, dp: dict, uni: dict, write: Callable[[], Any]) -> None
     for k in nfes:
         run.add("teacher", run.adapter, "dp", k, dp[k].sigmas)
         run.add("teacher", run.adapter, "uniform", k, uni[k].sigmas)
-    if "reflow" in methods:
-        m = run.train("reflow", "reflow", list(dp.values()))
-        for k in nfes:
-            run.add("reflow", m, "uniform", k, uni[k].sigmas)
-            run.add("reflow", m, "dp", k, dp[k].sigmas)
-        write()
+    for name, coupling in (("reflow", "independent"), ("ot-reflow", "ot")):
+        if name in methods:
+            m = run.train(name, "reflow", list(dp.values()), coupling)
+            for k in nfes:
+                run.add(name, m, "uniform", k, uni[k].sigmas)
+                run.add(name, m, "dp", k, dp[k].sigmas)
+            write()
     for k in nfes:
         if "boss" in methods:
             m = run.train(f"boss@{k}", "boss", [dp[k]])
             run.add(f"boss@{k}", m, "dp", k, dp[k].sigmas)
         if "kstep" in methods:
-            if k == 1 and f"boss@{k}" in run.runs:
-                # one step: BOSS's only segment (σ=1 → 0) and the 1-grid give the same examples,
-                # targets and batch stream, so the trained model is identical; reuse it
+            if k == 1 and f"boss@{k}" in run.runs and abs(dp[k].sigmas[0] - run.data.s_max) < 1e-9:
+                # one step from σ_max: BOSS's only segment (σ=1 → 0) and the 1-grid give the same
+                # examples, targets and batch stream, so the trained model is identical; reuse it
                 run.runs["kstep@1"] = {**run.runs["boss@1"], "same_as": "boss@1"}
                 run.add("kstep@1", m, "uniform", k, uni[k].sigmas)
             else:

@@ -21,13 +21,14 @@ global batch see the same examples, and a resumed run draws the batches it would
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from schedules.adapters import ModelAdapter
 from schedules.conventions import Convention, prediction_to_x0
+from schedules.couplings import Coupling
 
 
 def _bcast(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -106,3 +107,41 @@ def straight_path(conv: Convention, z0: torch.Tensor, x1: torch.Tensor, s: torch
     slope = (z0 / c_max - x1) / s_max
     y = x1 + sb * slope
     return y * ode_scale(conv, s, x1), slope.expand_as(y)
+
+
+@dataclass
+class TeacherPairs:
+    """The (noise, teacher sample) pairs reflow and k-step distillation train on, optionally re-coupled.
+
+    ``independent`` keeps the teacher's own coupling (z0, ODE(z0)) — reflow as Liu et al. define it.
+    ``ot`` / ``c2ot`` re-couple: the noises and the teacher samples of a pool are drawn from
+    *independent* trajectory indices (so the teacher's pairing plays no part) and matched by the
+    coupling within each OT batch (:class:`schedules.couplings.Coupling`), on the CPU, when the batch
+    is drawn. That is minibatch OT flow matching towards the teacher's sample distribution
+    ("OT-reflow"): the straight-line targets then join nearby noise and samples, which the
+    teacher's pairs do not, at the price of no longer matching the teacher sample by sample.
+    """
+
+    noise: torch.Tensor
+    final: torch.Tensor
+    coupling: Coupling = field(default_factory=Coupling)
+
+    def __post_init__(self) -> None:
+        self.coupling.check(len(self.noise), conditional=False)  # teacher data carries no conditions
+
+    def draw(self, gen: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` pairs (z0, x1), reproducible from ``gen``."""
+        n = len(self.noise)
+        if self.coupling.kind == "independent":
+            traj = torch.randint(0, n, (batch_size,), generator=gen)
+            return self.noise[traj], self.final[traj]
+        pool = self.coupling.pool_size(batch_size)
+        tz = torch.randint(0, n, (pool,), generator=gen)
+        tx = torch.randint(0, n, (pool,), generator=gen)
+        z0, x1 = self.noise[tz], self.final[tx]
+        x1 = x1[self.coupling.couple(z0, x1)]
+        return z0[:batch_size], x1[:batch_size]
+
+    def fixed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every pair once, in order (validation): the teacher's pairs, or their coupling OT batch by OT batch."""
+        return self.noise, self.final[self.coupling.couple(self.noise, self.final)]

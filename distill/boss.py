@@ -12,6 +12,16 @@ from schedules.conventions import Convention
 from schedules.table import TimestepTable
 
 
+def table_segments(data: TeacherData, table: TimestepTable) -> list[tuple[int, int, float]]:
+    """The table's steps as (input state index, target state index, input sigma) of ``data``.
+
+    Step 0 reads the noise (state 0, recorded at σ_max) at the table's first node; step k > 0
+    reads the teacher's state at node k.
+    """
+    idx = [data.node_index(v) for v in table.sigmas]
+    return [(0 if k == 0 else a, b, data.nodes[a]) for k, (a, b) in enumerate(zip(idx[:-1], idx[1:]))]
+
+
 class BOSSStraightening:
     """BOSS straightening (Nguyen et al., "Bellman Optimal Stepsize Straightening of
     Flow-Matching Models", ICLR 2024, arXiv:2312.16414).
@@ -27,19 +37,24 @@ class BOSSStraightening:
     few-step sampler on that table reproduces the teacher. With several tables, the
     segments of all of them are pooled. Examples are (trajectory, segment) pairs drawn
     uniformly; validation uses every segment of the held-out trajectories.
+
+    The trajectories all start from the noise at the model's σ_max (:mod:`distill.data`). A
+    table's first step is always taken from the noise itself, read at the table's first node τ0
+    (that is what the sampler does), so its segment is (noise at τ0 → the teacher's x_τ1): for a
+    table that starts at σ_max this is the usual first segment; for a "free start" table
+    (τ0 < σ_max) the student learns exactly the jump the few-step sampler will make.
     """
 
     name = "boss"
 
     def __init__(self, data: TeacherData, tables: Sequence[TimestepTable], conv: Convention):
         self.data, self.conv = data, conv
-        segs = set()
-        for t in tables:
-            idx = [data.node_index(v) for v in t.sigmas]
-            segs.update(zip(idx[:-1], idx[1:]))
-        self.segments = torch.tensor(sorted(segs), dtype=torch.long)  # [S, 2] node indices (a, b)
+        segs = sorted({seg for t in tables for seg in table_segments(data, t)})
+        self.segments = torch.tensor([(a, b) for a, b, _ in segs], dtype=torch.long)  # [S, 2] state indices (a, b)
         nodes = torch.tensor(data.nodes, dtype=torch.float64)
-        self.s_a, self.s_b = nodes[self.segments[:, 0]], nodes[self.segments[:, 1]]
+        # s_a: the sigma the sampler reads state a at (the table's first node for the noise)
+        self.s_a = torch.tensor([s for _, _, s in segs], dtype=torch.float64)
+        self.s_b = nodes[self.segments[:, 1]]
 
     def _examples(self, traj: torch.Tensor, seg: torch.Tensor) -> Batch:
         a, b = self.segments[seg, 0], self.segments[seg, 1]

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from schedules.couplings import COUPLINGS, Coupling
 from schedules.io import StepsmithError
 
 METHODS = ("boss", "reflow", "kstep")
@@ -47,6 +48,10 @@ class DistillConfig:
     teacher_solver: str = option("heun", "solver of the teacher trajectories", choices=TEACHER_SOLVERS)
     val_fraction: float = option(0.1, "fraction of the teacher trajectories held out for validation "
                                       "(default %(default)s)")
+    coupling: str = option("independent", "noise–sample coupling of the reflow / k-step pairs: the teacher's own "
+                                          "pairs, minibatch exact OT, or condition-aware OT (C²OT)", choices=COUPLINGS)
+    ot_batch: int | None = option(None, "pairs per OT problem of --coupling ot|c2ot, separate from the network batch "
+                                        "(default: the network batch)")
     seed: int = option(0, "teacher noise and batch sampling seed")
     mixed_precision: str = option("no", "for GPUs", choices=MIXED_PRECISION)
     # run settings (free to change on resume)
@@ -73,6 +78,16 @@ class DistillConfig:
             raise StepsmithError(f"`ema_decay` must lie in [0, 1), got {self.ema_decay}", param="ema_decay")
         if not 0 < self.val_fraction < 0.5:
             raise StepsmithError(f"`val_fraction` must lie in (0, 0.5), got {self.val_fraction}", param="val_fraction")
+        self.check_coupling()
+
+    def check_coupling(self) -> None:
+        """The coupling exists, has a positive OT batch, and belongs to a method that draws (noise, sample) pairs."""
+        if self.coupling != "independent" and self.method == "boss":
+            raise StepsmithError(f"`coupling` {self.coupling!r} applies to reflow and kstep; BOSS regresses the "
+                                 "teacher's own trajectories", param="coupling")
+        n_val = max(1, int(round(self.pairs * self.val_fraction)))
+        # before any teacher call; the teacher data carries no conditions (unconditional models)
+        Coupling(self.coupling, self.ot_batch).check(self.pairs - n_val, conditional=False)
 
     def hyperparameters(self) -> dict[str, Any]:
         """The settings a resumed run must share with its checkpoint."""

@@ -3,11 +3,21 @@
 One teacher run serves every method, so that BOSS, reflow and k-step distillation see
 exactly the same teacher samples (equal budget):
 
-* the initial noise z0 (= the state at σ_max),
+* the initial noise z0, the state at the model's σ_max (the top of the convention's
+  ``sampling_range``: 1 for flow models, the VP/EDM σ_max) — *every* trajectory starts there,
+  whatever the tables' first node,
 * the states x_τ at the *nodes* of one or several timestep tables (the union of their
   sigmas, terminal 0 included), integrated on a fine grid that contains those nodes, so
   the recorded states are the teacher's own trajectory, not an interpolation,
 * the final sample x(0) = ODE(z0).
+
+A "free start" table (first node τ0 below σ_max, noise read as a later state, like
+diffusers' ``leading`` spacing or a DP table with a free start) is sampled by placing the
+noise at τ0. Its teacher is still the ODE from σ_max: the student is trained to make the jump
+it will be asked to make, from the noise read at τ0 to the teacher's state at τ1 of the
+trajectory that starts from that noise at σ_max (:class:`distill.boss.BOSSStraightening`).
+Integrating the teacher from τ0 instead would teach the student the ODE from a mismatched start,
+and its samples would drift from the teacher's.
 
 The teacher is :mod:`schedules.teacher`'s, on the convention's reference grid (uniform in σ for
 flow models, EDM ρ=7 for VP) merged with the table nodes (:func:`distill_teacher`); the solver is
@@ -43,7 +53,7 @@ class TeacherData:
     """Teacher trajectories at the table nodes.
 
     ``states[n, m]`` is trajectory ``n`` at sigma ``nodes[m]`` (``nodes`` strictly
-    decreasing, ``nodes[0]`` = the tables' start, ``nodes[-1] = 0``); ``states[:, 0]`` is
+    decreasing, ``nodes[0]`` = the model's σ_max, ``nodes[-1] = 0``); ``states[:, 0]`` is
     the noise z0 and ``states[:, -1]`` the teacher sample ODE(z0). ``teacher`` is the teacher's
     :meth:`~schedules.teacher.Teacher.describe`.
     """
@@ -69,6 +79,11 @@ class TeacherData:
         if split == "val":
             return slice(self.n_train, self.n)
         raise ValueError(split)
+
+    @property
+    def s_max(self) -> float:
+        """The sigma every trajectory starts from (the noise's)."""
+        return self.nodes[0]
 
     @property
     def noise(self) -> torch.Tensor:
@@ -105,17 +120,35 @@ class TeacherData:
 
 
 def table_nodes(tables: Sequence[TimestepTable]) -> list[float]:
-    """Union of the tables' sigmas, strictly decreasing, terminal 0 included."""
+    """Union of the tables' sigmas, strictly decreasing, terminal 0 included.
+
+    The tables may start at different sigmas: every teacher trajectory starts at σ_max and each
+    table's first step reads the noise at that table's own first node.
+    """
     if not tables:
         raise StepsmithError("distillation needs at least one timestep table")
-    starts = {t.sigmas[0] for t in tables}
-    if len(starts) > 1:
-        raise StepsmithError(f"the tables start at different sigmas {sorted(starts)}; straighten tables that share σ_max")
+    return _distinct_descending(v for t in tables for v in t.sigmas)
+
+
+def _distinct_descending(values) -> list[float]:
     nodes: list[float] = []
-    for v in sorted({v for t in tables for v in t.sigmas}, reverse=True):
+    for v in sorted(set(values), reverse=True):
         if not nodes or not math.isclose(v, nodes[-1], rel_tol=1e-9, abs_tol=1e-12):
             nodes.append(v)
     return nodes
+
+
+def model_sigma_max(adapter: ModelAdapter) -> float:
+    """The model's noise level: the top of its convention's sampling range."""
+    return float(adapter.convention.sampling_range()[1])
+
+
+def recorded_nodes(adapter: ModelAdapter, tables: Sequence[TimestepTable]) -> list[float]:
+    """The sigmas the teacher data records: σ_max (the noise) followed by the tables' nodes."""
+    nodes, s_max = table_nodes(tables), model_sigma_max(adapter)
+    if nodes[0] > s_max * (1 + 1e-9):
+        raise StepsmithError(f"a table starts at σ={nodes[0]:g}, above the model's σ_max {s_max:g}", param="table")
+    return _distinct_descending([s_max, *nodes])
 
 
 def fine_grid(adapter: ModelAdapter, nodes: Sequence[float], steps: int) -> list[float]:
@@ -132,10 +165,15 @@ def distill_teacher(adapter: ModelAdapter, nodes: Sequence[float], steps: int, s
     return Teacher.on_grid(fine_grid(adapter, nodes, steps), solver, label=f"reference-{steps}+nodes")
 
 
+# bumped when the meaning of the recorded data changes (v2: every trajectory starts at σ_max)
+DATA_VERSION = 2
+
+
 def data_fingerprint(adapter: ModelAdapter, nodes: Sequence[float], n: int, seed: int, teacher_steps: int,
                      teacher_solver: str, val_fraction: float) -> str:
-    key = json.dumps([adapter.name, adapter.describe(), [round(v, 12) for v in nodes], n, seed, teacher_steps,
-                      teacher_solver, val_fraction], sort_keys=True, default=str)
+    """Identity of the teacher data for ``nodes`` (the tables' :func:`table_nodes`) and these settings."""
+    key = json.dumps([DATA_VERSION, adapter.name, adapter.describe(), [round(v, 12) for v in nodes], n, seed,
+                      teacher_steps, teacher_solver, val_fraction], sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -143,14 +181,14 @@ def data_fingerprint(adapter: ModelAdapter, nodes: Sequence[float], n: int, seed
 def generate_teacher_data(adapter: ModelAdapter, tables: Sequence[TimestepTable], n: int, *, seed: int = 0,
                           teacher_steps: int = 100, teacher_solver: str = "heun", val_fraction: float = 0.1,
                           batch_size: int = 1024, progress: bool = False) -> TeacherData:
-    """Run the teacher from ``n`` noises (``adapter.noise(n, seed)``) and record the table nodes."""
+    """Run the teacher from ``n`` noises (``adapter.noise(n, seed)``) at σ_max and record the table nodes."""
     if teacher_solver not in TEACHER_SOLVERS:
         raise StepsmithError(f"teacher solver {teacher_solver!r}: use one of {', '.join(TEACHER_SOLVERS)}")
     if n < 2:
         raise StepsmithError(f"--pairs {n}: need at least 2 teacher trajectories (10% are held out)")
     for t in tables:
         t.check_compatible(adapter.convention, adapter.prediction, what=adapter.name)
-    nodes = table_nodes(tables)
+    nodes = recorded_nodes(adapter, tables)
     teacher = distill_teacher(adapter, nodes, teacher_steps, teacher_solver)
     noise = adapter.noise(n, seed)
     out = torch.empty((n, len(nodes), *adapter.sample_shape), dtype=torch.float32)
@@ -166,6 +204,6 @@ def generate_teacher_data(adapter: ModelAdapter, tables: Sequence[TimestepTable]
     n_val = max(1, int(round(n * val_fraction))) if val_fraction > 0 else 0
     if n - n_val < 1:
         raise StepsmithError(f"--pairs {n} leaves no training trajectories after holding out {n_val}")
-    fp = data_fingerprint(adapter, nodes, n, seed, teacher_steps, teacher_solver, val_fraction)
+    fp = data_fingerprint(adapter, table_nodes(tables), n, seed, teacher_steps, teacher_solver, val_fraction)
     return TeacherData(states=out, nodes=list(nodes), n_val=n_val, fingerprint=fp, teacher_calls=adapter.calls - calls0,
                        teacher=teacher.describe())

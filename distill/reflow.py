@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from distill.base import Batch, straight_path
+from distill.base import Batch, TeacherPairs, straight_path
 from distill.data import TeacherData
 from schedules.conventions import Convention
+from schedules.couplings import Coupling
 
 
 class Reflow:
@@ -20,13 +21,19 @@ class Reflow:
     For VP models the straight line is taken in the EDM coordinates y = x / c(s) and the
     "uniform t" is uniform in the model's discrete time (its training distribution).
     Validation: the held-out pairs at fixed, evenly spread sigmas.
+
+    ``coupling`` other than ``independent`` re-couples noises and teacher samples by minibatch
+    OT (:class:`distill.base.TeacherPairs`: "OT-reflow"); the held-out pairs are coupled the same way.
     """
 
     name = "reflow"
 
-    def __init__(self, data: TeacherData, conv: Convention):
+    def __init__(self, data: TeacherData, conv: Convention, coupling: Coupling | None = None):
         self.data, self.conv = data, conv
-        self.s_max = data.nodes[0]
+        self.s_max = data.s_max
+        tr, val = data.split("train"), data.split("val")
+        self.train = TeacherPairs(data.noise[tr], data.final[tr], coupling or Coupling())
+        self.val = TeacherPairs(data.noise[val], data.final[val], self.train.coupling.clipped(data.n_val))
 
     def sample_sigmas(self, u: torch.Tensor) -> torch.Tensor:
         """Map u ∈ (0, 1] to native sigmas uniform in the model's own time."""
@@ -36,20 +43,21 @@ class Reflow:
         t_max = float(self.conv.model_time(torch.tensor([self.s_max], dtype=torch.float64))[0])
         return self.conv.sigma_from_model_time((u.to(torch.float64) * t_max).clamp(0, T - 1))
 
-    def _examples(self, traj: torch.Tensor, s: torch.Tensor) -> Batch:
-        z0, x1 = self.data.noise[traj], self.data.final[traj]
+    def _examples(self, z0: torch.Tensor, x1: torch.Tensor, s: torch.Tensor) -> Batch:
         x, slope = straight_path(self.conv, z0, x1, s, self.s_max)
         return Batch(x, s, slope)
 
     def draw(self, gen: torch.Generator, batch_size: int) -> Batch:
-        traj = torch.randint(0, self.data.n_train, (batch_size,), generator=gen)
+        z0, x1 = self.train.draw(gen, batch_size)
         u = 1 - torch.rand(batch_size, generator=gen, dtype=torch.float64)  # (0, 1]
-        return self._examples(traj, self.sample_sigmas(u))
+        return self._examples(z0, x1, self.sample_sigmas(u))
 
     def validation(self) -> Batch:
-        val = torch.arange(self.data.n_train, self.data.n)
-        u = (torch.arange(len(val), dtype=torch.float64) + 0.5) / len(val)
-        return self._examples(val, self.sample_sigmas(u))
+        z0, x1 = self.val.fixed()
+        u = (torch.arange(len(z0), dtype=torch.float64) + 0.5) / len(z0)
+        return self._examples(z0, x1, self.sample_sigmas(u))
 
     def describe(self) -> dict:
-        return {"method": self.name, "train_pairs": self.data.n_train, "val_pairs": self.data.n_val}
+        c = self.train.coupling
+        return {"method": self.name, "train_pairs": self.data.n_train, "val_pairs": self.data.n_val,
+                "coupling": c.kind, "ot_batch": c.ot_batch}
