@@ -12,7 +12,7 @@ cases the first-order step is exactly DDIM, so ``euler`` and ``ddim`` are the sa
 
 NFE (model evaluations) for a table of K steps (K+1 sigmas ending in 0):
 
-* ``euler`` / ``ddim`` / ``dpmpp-2m``: K.
+* ``euler`` / ``ddim`` / ``dpmpp-2m`` / ``ipndm``: K.
 * ``heun``: 2K - 1 — two evaluations per step, except the final jump to σ=0, which is an
   Euler step (k-diffusion and diffusers' HeunDiscrete do the same).
 
@@ -56,9 +56,10 @@ class NodeState:
     x0: torch.Tensor
     x0_prev: torch.Tensor | None = None
     s_prev: float | None = None
+    hist: tuple[torch.Tensor, ...] = ()  # dy/ds at earlier nodes, most recent first (solvers with ``history``)
 
 
-Prev = tuple[torch.Tensor | None, float | None]
+Prev = tuple  # (x0_prev, s_prev, *hist): the previous node's D and σ, then earlier derivatives (``history``)
 StepFn = Callable[[Convention, Callable, torch.Tensor, torch.Tensor, float, float, Prev], torch.Tensor]
 
 
@@ -158,7 +159,31 @@ def _heun(conv, denoise, x, x0, s, s_next, _prev):
 
 
 def _dpmpp_2m(conv, _denoise, x, x0, s, s_next, prev):
-    return dpmpp_2m_step(conv, x, x0, s, s_next, *prev)
+    return dpmpp_2m_step(conv, x, x0, s, s_next, prev[0], prev[1])
+
+
+# Adams–Bashforth coefficients of iPNDM, by the number of earlier derivatives available (0..3).
+IPNDM_COEFFS: tuple[tuple[float, ...], ...] = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12),
+                                               (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+def ipndm_step(conv: Convention, x: torch.Tensor, x0: torch.Tensor, s: float, s_next: float,
+               hist: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """iPNDM (Zhang & Chen 2023, DEIS; the solver of GITS, Chen et al. 2024): explicit Adams–Bashforth on dy/ds.
+
+    The derivative d = (y - D)/s at this node and up to three earlier ones (``hist``, most recent
+    first) are combined with the fixed equal-step AB coefficients of order len(hist)+1 ≤ 4 (the
+    lower orders warm the method up over the first steps); one model call per step.
+    """
+    c, c_next = _scale(conv, s), _scale(conv, s_next)
+    y = x / c
+    ds = ((y - x0) / s, *hist[:3])
+    slope = sum(w * d for w, d in zip(IPNDM_COEFFS[len(ds) - 1], ds))
+    return (y + (s_next - s) * slope) * c_next
+
+
+def _ipndm(conv, _denoise, x, x0, s, s_next, prev):
+    return ipndm_step(conv, x, x0, s, s_next, prev[2:])
 
 
 @dataclass(frozen=True)
@@ -168,6 +193,7 @@ class SolverSpec:
     evals_per_step: int
     description: str
     step: StepFn
+    history: int = 0  # earlier derivatives the step needs (NodeState.hist), kept by :func:`integrate`
 
     def nfe(self, steps: int) -> int:
         """Model evaluations for ``steps`` steps ending at σ=0."""
@@ -187,6 +213,7 @@ SOLVERS: dict[str, SolverSpec] = {
     "ddim": SolverSpec("ddim", 1, 1, "DDIM = first-order DPM-Solver (identical to Euler)", _euler),
     "heun": SolverSpec("heun", 2, 2, "Heun's 2nd-order method (EDM), Euler on the last step", _heun),
     "dpmpp-2m": SolverSpec("dpmpp-2m", 2, 1, "DPM-Solver++(2M) multistep, first order on the last step", _dpmpp_2m),
+    "ipndm": SolverSpec("ipndm", 4, 1, "iPNDM: 4th-order Adams–Bashforth multistep (GITS' solver)", _ipndm, history=3),
 }
 
 
@@ -220,9 +247,16 @@ def check_sigmas(sigmas: Sequence[float] | torch.Tensor) -> list[float]:
 
 
 def evaluate(denoiser: Denoiser, x: torch.Tensor, s: float, x0_prev: torch.Tensor | None = None,
-             s_prev: float | None = None) -> NodeState:
+             s_prev: float | None = None, hist: tuple[torch.Tensor, ...] = ()) -> NodeState:
     """The solver state at node ``s``: one denoiser call."""
-    return NodeState(x, denoiser.denoise(x, _expand(s, x)), x0_prev, s_prev)
+    return NodeState(x, denoiser.denoise(x, _expand(s, x)), x0_prev, s_prev, hist)
+
+
+def _history(spec: SolverSpec, conv: Convention, st: NodeState, s: float) -> tuple[torch.Tensor, ...]:
+    """The derivative history the next node inherits from ``st`` at ``s`` (empty for solvers without ``history``)."""
+    if not spec.history:
+        return ()
+    return (ode_derivative(conv, st.x, s, st.x0), *st.hist)[:spec.history]
 
 
 @torch.no_grad()
@@ -242,10 +276,10 @@ def integrate(denoiser: Denoiser, start: torch.Tensor | NodeState, sigmas: Seque
     x = st.x
     for i in tqdm(range(len(sigmas) - 1), desc=f"sampling ({solver})", disable=not progress, leave=False):
         if i > 0:
-            st = evaluate(denoiser, x, sigmas[i], st.x0, sigmas[i - 1])
+            st = evaluate(denoiser, x, sigmas[i], st.x0, sigmas[i - 1], _history(spec, conv, st, sigmas[i - 1]))
         if on_node is not None:
             on_node(i, sigmas[i], st)
-        x = spec.step(conv, denoise, st.x, st.x0, sigmas[i], sigmas[i + 1], (st.x0_prev, st.s_prev))
+        x = spec.step(conv, denoise, st.x, st.x0, sigmas[i], sigmas[i + 1], (st.x0_prev, st.s_prev, *st.hist))
     return x
 
 

@@ -14,6 +14,10 @@ Modes (option ``mode``):
   loses to diffusers' defaults on final-sample error, because local errors are not how errors add up
   over a few large steps; this mode optimises what is measured.
 
+Published variants (option ``variant``), each run as its authors define it (:data:`VARIANTS`):
+``boss``, ``gits``, ``gits-sd`` and ``oss``. Several budgets come out of one pass with
+:func:`dp_tables` (one reference pass, one Bellman pass; only the refinement runs per budget).
+
 Several processes (``accelerate launch``, or any initialised torch.distributed group) split the
 reference trajectories and the cost accumulation and sum-reduce the cost matrix; the student
 DP and the refinement then run identically on every rank.
@@ -22,15 +26,25 @@ DP and the refinement then run identically on every rank.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from schedules.baselines import BASELINES, steps_for
 from schedules.io import StepsmithError
 from schedules.search.common import final_mse_kind, make_grid, snap_path
-from schedules.search.dp import final_error, refine_final_error, student_dp, teacher_dp
+from schedules.search.dp import (
+    aggregate_paths,
+    final_error,
+    refine_final_error,
+    student_dp,
+    student_dp_per_sample,
+    teacher_dp,
+    teacher_reference,
+)
 from schedules.search.evolution import snap_genome
 from schedules.table import TimestepTable
+from schedules.teacher import Teacher
 
 MODES = ("refined", "teacher", "student")
 
@@ -54,43 +68,153 @@ def refinement_starts(adapter, nfe: int, solver: str, g: list[float], paths: dic
     return starts
 
 
-def dp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, seed: int = 0, progress: bool = False,
-             mode: str = "refined", grid: int | None = None, grid_kind: str = "auto", micro_batch: int = 16,
-             late_weight: float = 1.0, substeps: int = 1, candidates: int = 12, max_sweeps: int = 4,
-             free_start: bool = True) -> TimestepTable:
-    """The ``dp`` table of ``mode`` for ``nfe`` evaluations on a ``grid``-interval grid (see the module docstring)."""
-    if mode not in MODES:
-        raise StepsmithError(f"unknown dp `mode` {mode!r}; use one of {', '.join(MODES)}", param="mode")
-    if not late_weight > 0:
-        raise StepsmithError(f"`late_weight` must be positive, got {late_weight}", param="late_weight")
-    K = steps_for(adapter, nfe, solver)
+@dataclass(frozen=True)
+class DPVariant:
+    """A published DP over steps, as its authors define it: teacher, grid, cost, recursion, aggregation."""
+
+    name: str
+    paper: str
+    mode: str  # "teacher": Bellman on teacher-state costs; "student": OSS's per-sample student-state DP
+    teacher_solver: str  # the reference trajectory's solver, run on the grid itself
+    grid: int  # intervals of the reference grid
+    grid_kind: str  # "uniform" (in the model's own time) or "rho" (EDM ρ = 7)
+    late_weight: float = 1.0  # GITS' discount coefficient (1: plain sum)
+    metric: str = "mse"  # per-sample one-step error: mean squared ("mse") or Euclidean norm ("l2")
+    reduce: str = "median"  # student mode: per-step aggregation of the per-sample paths
+
+
+VARIANTS: dict[str, DPVariant] = {
+    "boss": DPVariant("boss", "Nguyen et al. 2024, 'Bellman Optimal Stepsize Straightening of Flow-Matching Models' "
+                      "(BOSS): 100-step Euler teacher on a uniform grid, one Euler jump from teacher states, mean "
+                      "squared error, plain sum", "teacher", "euler", 100, "uniform"),
+    "gits": DPVariant("gits", "Chen et al. 2024, 'On the Trajectory Regularity of ODE-based Diffusion Sampling' (GITS): "
+                      "60-step iPNDM teacher on the EDM rho=7 grid, one Euler jump from teacher states, l2 cost, "
+                      "V[j][k] = min_i c[j][i] + 1.15 V[i][k-1]", "teacher", "ipndm", 60, "rho", 1.15, "l2"),
+    "gits-sd": DPVariant("gits-sd", "GITS with the discount 1.20 its authors use for Stable Diffusion", "teacher",
+                         "ipndm", 60, "rho", 1.20, "l2"),
+    "oss": DPVariant("oss", "Wang et al. 2025, 'Optimal Stepsize for Diffusion Sampling' (OSS): 200-step Euler "
+                     "teacher, per-sample DP over the student's own Euler states, per-step median over samples "
+                     "(OSS-ave)", "student", "euler", 200, "auto"),
+}
+
+
+def variant_grid(adapter, kind: str, n: int) -> list[float]:
+    """The variant's reference grid: the convention's grid, or EDM ρ = 7 (flow: the karras baseline on σ)."""
+    if kind == "rho" and adapter.convention.discrete_timesteps is None:
+        return BASELINES["karras"](adapter, n, "euler").sigmas
+    return make_grid(adapter.convention, n, kind)
+
+
+def _variant_paths(adapter, v: DPVariant, g: list[float], noise, Ks: list[int], w: float, micro_batch: int,
+                   reduce: str) -> tuple[dict[int, list[int]], dict[int, float | None], dict, Teacher, torch.Tensor]:
+    """Paths per budget, the variant's own objective (None: computed later), provenance, teacher, teacher finals."""
+    teacher = Teacher.on_grid(g, v.teacher_solver, label=f"{v.name}-grid")
+    calls0 = getattr(adapter, "calls", 0)
+    if v.mode == "teacher":
+        dps = teacher_dp(adapter, noise, g, "euler", max(Ks), micro_batch=micro_batch, late_weight=w,
+                         teacher=teacher, metric=v.metric)
+        missing = [K for K in Ks if K not in dps.result.paths]
+        if missing:
+            raise StepsmithError(f"no {missing[0]}-step path on the grid; raise `grid`", param="grid")
+        # GITS weighs step m (from the start) by w^m; bellman_all weighs it by w^(m-K+1): same argmin
+        objs = {K: dps.result.costs[K] * w ** (K - 1) for K in Ks}
+        return ({K: dps.result.paths[K] for K in Ks}, objs, {"reference_calls": dps.model_calls}, teacher,
+                dps.teacher_final)
+    ref = teacher_reference(adapter, noise, g, teacher)
+    ref_calls = getattr(adapter, "calls", 0) - calls0
+    per = student_dp_per_sample(adapter, noise, g, Ks, ref.x)
+    paths = {K: aggregate_paths(per[K], reduce) for K in Ks}
+    return paths, dict.fromkeys(Ks), {"reference_calls": ref_calls}, teacher, ref.x[-1]
+
+
+def variant_tables(adapter, nfes: list[int], solver: str, v: DPVariant, *, samples: int, seed: int,
+                   grid: int | None, late_weight: float | None, micro_batch: int, reduce: str | None,
+                   grid_kind: str | None = None) -> dict[int, TimestepTable]:
+    """The tables of a published variant for every budget of ``nfes`` from one pass (see :data:`VARIANTS`)."""
+    w = v.late_weight if late_weight is None else float(late_weight)
+    how = reduce or v.reduce
+    Ks = {nfe: steps_for(adapter, nfe, solver) for nfe in nfes}
+    g = variant_grid(adapter, grid_kind or v.grid_kind, int(grid or v.grid))
+    if max(Ks.values()) > len(g) - 1:
+        raise StepsmithError(f"NFE {max(nfes)} does not fit the {v.name} grid of {len(g)} nodes; raise `grid`",
+                             param="grid")
+    noise = adapter.noise(samples, seed)
+    t0, calls0 = time.perf_counter(), getattr(adapter, "calls", 0)
+    paths, objs, shared, teacher, target = _variant_paths(adapter, v, g, noise, sorted(set(Ks.values())), w,
+                                                          micro_batch, how)
+    pass_calls, pass_seconds = getattr(adapter, "calls", 0) - calls0, time.perf_counter() - t0
+    out = {}
+    for nfe, K in Ks.items():
+        calls_k = getattr(adapter, "calls", 0)
+        sig = [g[i] for i in paths[K]]
+        obj = objs[K] if objs[K] is not None else final_error(adapter, solver, sig, noise, target)
+        kind = (f"{v.name} dp path cost ({'discounted ' if w != 1 else ''}sum of per-sample {v.metric} one-step "
+                f"Euler errors vs {teacher.name})") if v.mode == "teacher" else final_mse_kind(teacher)
+        prov = {"variant": v.name, "paper": v.paper, "mode": v.mode, "late_weight": w, "metric": v.metric,
+                "grid": grid_provenance(g, grid_kind or v.grid_kind, adapter.convention),
+                "teacher": teacher.describe(), "objective_kind": kind, "path": paths[K],
+                **shared, "search_seconds": round(time.perf_counter() - t0, 3)}
+        if v.mode == "student":
+            prov["reduce"] = how
+        if len(nfes) > 1:
+            prov.update(model_calls=getattr(adapter, "calls", 0) - calls_k, shared_pass={
+                "shared": True, "nfe": nfes, "model_calls": pass_calls, "seconds": round(pass_seconds, 3),
+                "note": "one reference (and DP) pass for every budget; model_calls excludes it"})
+        out[nfe] = TimestepTable.from_sigmas(sig, convention=adapter.convention, prediction=adapter.prediction,
+                                             solver=solver, method="dp", model=adapter.name, objective=obj,
+                                             provenance=prov)
+    return out
+
+
+@dataclass
+class _Shared:
+    """The one pass every budget of a dp search shares: grid, noise, teacher DP (all budgets), student DP."""
+
+    g: list[float]
+    noise: torch.Tensor
+    dps: object
+    st: object
+    seconds: float
+    calls: int
+
+
+def _shared_pass(adapter, Ks: list[int], solver: str, *, samples, seed, progress, mode, grid, grid_kind,
+                 micro_batch, late_weight, substeps) -> _Shared:
     n = int(grid or (100 if solver != "heun" else 50))
     g = make_grid(adapter.convention, n, grid_kind)
     n = len(g) - 1
+    K = max(Ks)
     if K > n:
-        raise StepsmithError(f"NFE {nfe} ({K} steps with {solver}) does not fit a grid of {n + 1} nodes; "
+        raise StepsmithError(f"NFE ({K} steps with {solver}) does not fit a grid of {n + 1} nodes; "
                              "lower `nfe` or raise `grid`", param="grid")
     noise = adapter.noise(samples, seed)
-    t0 = time.perf_counter()
+    calls0, t0 = getattr(adapter, "calls", 0), time.perf_counter()
     need_states = mode == "student" or (mode == "refined" and solver != "heun")
     dps = teacher_dp(adapter, noise, g, solver, K, micro_batch=micro_batch, late_weight=late_weight,
                      substeps=substeps, progress=progress, keep_states=need_states)
-    if K not in dps.result.paths:
-        raise StepsmithError(f"no {K}-step path on the grid; raise `grid`", param="grid")
+    for k in Ks:
+        if k not in dps.result.paths:
+            raise StepsmithError(f"no {k}-step path on the grid; raise `grid`", param="grid")
+    st = student_dp(adapter, noise, g, solver, K, dps.extra["states"], progress=progress) if need_states else None
+    return _Shared(g, noise, dps, st, time.perf_counter() - t0, getattr(adapter, "calls", 0) - calls0)
+
+
+def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_kind, micro_batch, late_weight,
+            candidates, max_sweeps, free_start, progress) -> TimestepTable:
+    """One budget's table from the shared pass (the refinement, in the default mode)."""
+    g, dps, noise = sh.g, sh.dps, sh.noise
+    t0 = time.perf_counter()
     prov: dict = {"grid": grid_provenance(g, grid_kind, adapter.convention), "mode": mode,
                   "reference_seconds": round(dps.ref_seconds, 3), "dp_seconds": round(dps.dp_seconds, 3),
                   "dp_over_reference": round(dps.dp_seconds / max(dps.ref_seconds, 1e-9), 3),
                   "micro_batch": micro_batch, "late_weight": late_weight, "teacher": dps.teacher.describe(),
                   "processes": dps.extra["world"], "reference_calls": dps.model_calls}
     target = dps.teacher_final
-    path = dps.result.paths[K]
-    objective = dps.result.costs[K]
-    if need_states:
-        st = student_dp(adapter, noise, g, solver, K, dps.extra["states"], progress=progress)
-        if mode == "student":
-            path, objective = st.paths[K], st.costs[K]
+    path, objective = dps.result.paths[K], dps.result.costs[K]
+    if mode == "student":
+        path, objective = sh.st.paths[K], sh.st.costs[K]
     if mode == "refined":
-        dp_paths = {"dp-teacher": dps.result.paths[K]} | ({"dp-student": st.paths[K]} if solver != "heun" else {})
+        dp_paths = {"dp-teacher": dps.result.paths[K]} | ({"dp-student": sh.st.paths[K]} if solver != "heun" else {})
         starts = refinement_starts(adapter, nfe, solver, g, dp_paths, free_start)
         errs = {name: final_error(adapter, solver, [g[i] for i in p], noise, target) for name, p in starts.items()}
         start = min(errs, key=errs.get)
@@ -102,8 +226,64 @@ def dp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, see
     else:
         prov["objective_kind"] = f"dp path cost (mean squared one-step error vs {dps.teacher.name})" \
             if mode == "teacher" else final_mse_kind(dps.teacher)
-    prov["search_seconds"] = round(time.perf_counter() - t0, 3)
+    prov["search_seconds"] = round(sh.seconds + time.perf_counter() - t0, 3)
     prov["path"] = path
     return TimestepTable.from_sigmas([g[i] for i in path], convention=adapter.convention,
                                      prediction=adapter.prediction, solver=solver, method="dp", model=adapter.name,
                                      objective=objective, provenance=prov)
+
+
+def _check_options(mode: str, late_weight: float | None, variant: str | None) -> None:
+    if variant is not None and variant not in VARIANTS:
+        raise StepsmithError(f"unknown dp `variant` {variant!r}; use one of {', '.join(VARIANTS)}", param="variant")
+    if mode not in MODES:
+        raise StepsmithError(f"unknown dp `mode` {mode!r}; use one of {', '.join(MODES)}", param="mode")
+    if late_weight is not None and not late_weight > 0:
+        raise StepsmithError(f"`late_weight` must be positive, got {late_weight}", param="late_weight")
+
+
+def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int = 64, seed: int = 0,
+              progress: bool = False, mode: str = "refined", grid: int | None = None, grid_kind: str = "auto",
+              micro_batch: int = 16, late_weight: float | None = None, substeps: int = 1, candidates: int = 12,
+              max_sweeps: int = 4, free_start: bool = True, variant: str | None = None,
+              reduce: str | None = None) -> dict[int, TimestepTable]:
+    """The ``dp`` tables of every budget in ``nfes`` from ONE reference pass and ONE Bellman pass.
+
+    Only the refinement runs per budget. With several budgets each table's ``model_calls`` are its
+    own (refinement) calls and ``shared_pass`` records the shared pass once, flagged ``shared``.
+    """
+    _check_options(mode, late_weight, variant)
+    nfes = list(dict.fromkeys(int(v) for v in nfes))
+    if variant is not None:
+        return variant_tables(adapter, nfes, solver, VARIANTS[variant], samples=samples, seed=seed, grid=grid,
+                              late_weight=late_weight, micro_batch=micro_batch, reduce=reduce,
+                              grid_kind=None if grid_kind == "auto" else grid_kind)
+    if reduce is not None:
+        raise StepsmithError("`reduce` is an option of the per-sample dp variant (variant=oss)", param="reduce")
+    w = 1.0 if late_weight is None else float(late_weight)
+    Ks = {nfe: steps_for(adapter, nfe, solver) for nfe in nfes}
+    sh = _shared_pass(adapter, sorted(set(Ks.values())), solver, samples=samples, seed=seed, progress=progress,
+                      mode=mode, grid=grid, grid_kind=grid_kind, micro_batch=micro_batch, late_weight=w,
+                      substeps=substeps)
+    out = {}
+    for nfe, K in Ks.items():
+        calls0 = getattr(adapter, "calls", 0)
+        out[nfe] = _finish(adapter, nfe, K, solver, sh, mode=mode, grid_kind=grid_kind, micro_batch=micro_batch,
+                           late_weight=w, candidates=candidates, max_sweeps=max_sweeps, free_start=free_start,
+                           progress=progress)
+        if len(nfes) > 1:
+            out[nfe].provenance.update(model_calls=getattr(adapter, "calls", 0) - calls0, shared_pass={
+                "shared": True, "nfe": nfes, "model_calls": sh.calls, "seconds": round(sh.seconds, 3),
+                "note": "one reference and Bellman pass for every budget; model_calls excludes it"})
+    return out
+
+
+def dp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, seed: int = 0, progress: bool = False,
+             mode: str = "refined", grid: int | None = None, grid_kind: str = "auto", micro_batch: int = 16,
+             late_weight: float | None = None, substeps: int = 1, candidates: int = 12, max_sweeps: int = 4,
+             free_start: bool = True, variant: str | None = None, reduce: str | None = None) -> TimestepTable:
+    """The ``dp`` table of ``mode`` (or of a published ``variant``) for ``nfe`` evaluations (module docstring)."""
+    return dp_tables(adapter, [nfe], solver, samples=samples, seed=seed, progress=progress, mode=mode, grid=grid,
+                     grid_kind=grid_kind, micro_batch=micro_batch, late_weight=late_weight, substeps=substeps,
+                     candidates=candidates, max_sweeps=max_sweeps, free_start=free_start, variant=variant,
+                     reduce=reduce)[nfe]
