@@ -3,6 +3,7 @@
 :func:`load_feature_network` accepts
 
 * ``"digits-features"`` — the embedded 128-d digits CNN (default for the digits models);
+* ``"sharp-features"`` — the same CNN trained on the binarised digits (default for ``builtin:sharp-ddpm``);
 * an ``nn.Module`` of your own (called on images, must return [B, D]);
 * ``"inception"`` — the standard FID Inception-v3 (2048-d), from the optional
   ``inception`` extra (torch-fidelity + a torchvision matching your torch) and only when
@@ -123,20 +124,33 @@ def _device(net: nn.Module) -> torch.device:
 # --------------------------------------------------------------------------- loaders
 
 
-def digits_features() -> FeatureNetwork:
-    """The embedded digits CNN (128-d penultimate layer), images [B, 1, 16, 16] in [-1, 1]."""
+# embedded models whose default feature network is not digits-features (trained on other data)
+MODEL_FEATURES = {"builtin:sharp-ddpm": "sharp-features"}
+
+
+def default_feature_network(model_name: str, sample_shape: tuple[int, ...]) -> str:
+    """The feature network a sweep uses when none is given: the model's own, digits-features for
+    other 16x16 one-channel images, else inception (which needs local weights)."""
+    if model_name in MODEL_FEATURES:
+        return MODEL_FEATURES[model_name]
+    return "digits-features" if tuple(sample_shape) == (1, 16, 16) else "inception"
+
+
+def digits_features(name: str = "digits-features") -> FeatureNetwork:
+    """An embedded digits CNN (128-d penultimate layer), images [B, 1, 16, 16] in [-1, 1]:
+    ``digits-features`` (trained on the digits) or ``sharp-features`` (on the binarised digits)."""
     from schedules.adapters import load_state_dict
     from schedules.embedded import embedded_path
     from schedules.embedded.nets import DIGITS_SIZE, DigitsFeatures
     from schedules.io import load_safetensors
 
-    path = embedded_path("digits-features") / "model.safetensors"
+    path = embedded_path(name) / "model.safetensors"
     if not path.is_file():
         raise StepsmithError(f"embedded feature network missing: {path}; reinstall stepsmith or retrain it with "
-                             "`python -m schedules.embedded.train digits-features`")
+                             f"`python -m schedules.embedded.train {name}`")
     net = DigitsFeatures()
     load_state_dict(net, load_safetensors(path), str(path))
-    return FeatureNetwork(net, "digits-features", DigitsFeatures.num_features, (1, DIGITS_SIZE, DIGITS_SIZE))
+    return FeatureNetwork(net, name, DigitsFeatures.num_features, (1, DIGITS_SIZE, DIGITS_SIZE))
 
 
 def inception_weights_path(weights: str | os.PathLike | None = None) -> Path | None:
@@ -201,13 +215,15 @@ def load_feature_network(spec: str | nn.Module | None = "digits-features", *,
         fn = FeatureNetwork(spec, type(spec).__name__)
     elif spec is None or spec in ("digits-features", "builtin:digits-features"):
         fn = digits_features()
+    elif spec in ("sharp-features", "builtin:sharp-features"):
+        fn = digits_features("sharp-features")
     elif spec in ("inception", "inception-v3", "2048"):
         fn = inception_features(inception_weights)
     elif isinstance(spec, str) and ".py:" in spec:
         fn = _user_file_network(spec)
     elif isinstance(spec, str):
         raise StepsmithError(
-            f"unknown feature network {spec!r}: use digits-features, inception (with local weights), "
+            f"unknown feature network {spec!r}: use digits-features, sharp-features, inception (with local weights), "
             "path/to/file.py:attr (an nn.Module returning [B, D]), or pass an nn.Module from Python"
         )
     else:
