@@ -4,7 +4,14 @@
     python -m schedules.embedded.train digits-flow --steps 1500 --warmup 200 --seed 0 --threads 1
     python -m schedules.embedded.train digits-ddpm --steps 4000 --warmup 200 --seed 0 --threads 1
     python -m schedules.embedded.train digits-features --steps 1500 --seed 0 --threads 1
-    python -m schedules.embedded.train digits-cond --steps 1500 --warmup 150 --seed 0 --threads 1
+    python -m schedules.embedded.train sharp-ddpm --steps 1400 --batch-size 32 --warmup 140 --seed 0 --threads 1
+    python -m schedules.embedded.train sharp-features --steps 600 --seed 0 --threads 1
+    python -m schedules.embedded.train digits-cond --steps 650 --batch-size 48 --warmup 65 --seed 0 --threads 1
+
+The flow models take ``--coupling independent|ot`` (with ``--ot-batch N``): which noise each
+training sample is paired with (:mod:`schedules.couplings`; ``ot`` is minibatch exact OT, computed
+on the CPU per OT batch of N pairs, N independent of ``--batch-size``). The embedded models are
+unconditional, so the condition-aware ``c2ot`` is refused.
 
 The weights are written (atomically) to ``schedules/embedded/<name>/`` together with
 ``training.json``: the exact command, seed, steps, final loss and seconds. Training
@@ -26,9 +33,18 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from schedules.couplings import COUPLINGS, Coupling
 from schedules.embedded import EMBEDDED_DIR
-from schedules.embedded.nets import DIGITS_NULL_CLASS, DigitsFeatures, Toy2DVelocity, digits_data, digits_unet_config, toy2d_data
-from schedules.io import atomic_torch_save, atomic_write_json, safe_torch_load, save_safetensors
+from schedules.embedded.nets import (
+    DIGITS_NULL_CLASS,
+    DigitsFeatures,
+    Toy2DVelocity,
+    digits_data,
+    digits_unet_config,
+    sharp_digits_data,
+    toy2d_data,
+)
+from schedules.io import StepsmithError, atomic_torch_save, atomic_write_json, safe_torch_load, save_safetensors
 
 DDPM_SCHEDULER = dict(
     num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
@@ -37,6 +53,8 @@ DDPM_SCHEDULER = dict(
 FLOW_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0)
 FLOW_PIPELINE_CLASS = "UnconditionalFlowMatchPipeline"
 COND_PIPELINE_CLASS = "ClassConditionalFlowMatchPipeline"
+DDPM_MODELS = ("digits-ddpm", "sharp-ddpm")  # ε-prediction UNets with the linear-beta DDPM_SCHEDULER
+CLASSIFIERS = ("digits-features", "sharp-features")  # FID feature networks (DigitsFeatures)
 LABEL_DROPOUT = 0.1  # digits-cond: share of labels replaced by the null label, so one network gives D_u and D_c
 
 
@@ -46,16 +64,27 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             pe.lerp_(pm, 1.0 - decay)
 
 
-def _loss_toy2d(model, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    # diffusers FlowMatch convention: x_σ = (1-σ)·x0 + σ·ε, target ε - x0
+def _coupled(batch: torch.Tensor, gen: torch.Generator, coupling: Coupling | None,
+             batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise for a pool of samples, the samples re-paired by ``coupling``, cut to ``batch_size``."""
     eps = torch.randn(batch.shape, generator=gen)
+    if coupling is not None:
+        batch = batch[coupling.couple(eps, batch)]
+    return eps[:batch_size], batch[:batch_size]
+
+
+def _loss_toy2d(model, batch: torch.Tensor, gen: torch.Generator, coupling: Coupling | None = None,
+                batch_size: int | None = None) -> torch.Tensor:
+    # diffusers FlowMatch convention: x_σ = (1-σ)·x0 + σ·ε, target ε - x0
+    eps, batch = _coupled(batch, gen, coupling, batch_size or len(batch))
     sigma = torch.rand(batch.shape[0], generator=gen)
     x = (1 - sigma[:, None]) * batch + sigma[:, None] * eps
     return F.mse_loss(model(x, sigma), eps - batch)
 
 
-def _loss_digits_flow(model, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    eps = torch.randn(batch.shape, generator=gen)
+def _loss_digits_flow(model, batch: torch.Tensor, gen: torch.Generator, coupling: Coupling | None = None,
+                      batch_size: int | None = None) -> torch.Tensor:
+    eps, batch = _coupled(batch, gen, coupling, batch_size or len(batch))
     sigma = torch.rand(batch.shape[0], generator=gen)
     s = sigma[:, None, None, None]
     x = (1 - s) * batch + s * eps
@@ -85,7 +114,7 @@ def _loss_digits_ddpm(model, batch: torch.Tensor, gen: torch.Generator, alphas_c
 def _build(name: str):
     if name == "toy2d-flow":
         return Toy2DVelocity()
-    if name == "digits-features":
+    if name in CLASSIFIERS:
         return DigitsFeatures()
     from diffusers import UNet2DModel
 
@@ -109,8 +138,8 @@ def _data(name: str, seed: int):
     """Training data and labels, plus the held-out 20% (features network only) that reports accuracy."""
     if name == "toy2d-flow":
         return toy2d_data(200_000, seed=seed), None, None
-    data, labels = digits_data()
-    if name != "digits-features":
+    data, labels = sharp_digits_data() if name.startswith("sharp-") else digits_data()
+    if name not in CLASSIFIERS:
         return data, labels, None
     # hold out 20% to report accuracy; the shipped network is trained on the other 80%
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
@@ -148,13 +177,14 @@ def _checkpoint(run: _Run, ckpt: Path, config: list, warmup: int, step: int) -> 
     ))
 
 
-def _loss(name: str, model, data, labels, idx, gen: torch.Generator, alphas_cumprod) -> torch.Tensor:
+def _loss(name: str, model, data, labels, idx, gen: torch.Generator, alphas_cumprod,
+          coupling: Coupling | None = None, batch_size: int | None = None) -> torch.Tensor:
     batch = data[idx]
     if name == "toy2d-flow":
-        return _loss_toy2d(model, batch, gen)
+        return _loss_toy2d(model, batch, gen, coupling, batch_size)
     if name == "digits-flow":
-        return _loss_digits_flow(model, batch, gen)
-    if name == "digits-ddpm":
+        return _loss_digits_flow(model, batch, gen, coupling, batch_size)
+    if name in DDPM_MODELS:
         return _loss_digits_ddpm(model, batch, gen, alphas_cumprod)
     if name == "digits-cond":
         return _loss_digits_cond(model, batch, labels[idx], gen)
@@ -165,15 +195,27 @@ def _loss(name: str, model, data, labels, idx, gen: torch.Generator, alphas_cump
 
 
 def _ddpm_alphas_cumprod(name: str):
-    if name != "digits-ddpm":
+    if name not in DDPM_MODELS:
         return None
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(**DDPM_SCHEDULER).alphas_cumprod.float()
 
 
+def training_coupling(name: str, kind: str, ot_batch: int | None, n_data: int) -> Coupling | None:
+    """The coupling of a flow model's training pairs (``None``: independent, the default stream)."""
+    coupling = Coupling(kind, ot_batch)
+    if kind == "independent":
+        return None
+    if name not in ("toy2d-flow", "digits-flow"):
+        raise StepsmithError(f"`coupling` {kind!r} applies to the flow models, not {name}", param="coupling")
+    coupling.check(n_data, conditional=False)  # the embedded flow models are unconditional
+    return coupling
+
+
 def train(name: str, steps: int, seed: int, batch_size: int, lr: float, work: Path,
-          ckpt_every: int, ema_decay: float = 0.998, warmup: int | None = None) -> dict:
+          ckpt_every: int, ema_decay: float = 0.998, warmup: int | None = None,
+          coupling: str = "independent", ot_batch: int | None = None) -> dict:
     """Train ``name`` for ``steps`` (resuming from ``work``); returns the EMA model, ``info`` and the checkpoint path."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -186,8 +228,10 @@ def train(name: str, steps: int, seed: int, batch_size: int, lr: float, work: Pa
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, warmup)))
     run = _Run(model, ema, opt, sched, gen)
     data, labels, heldout = _data(name, seed)
+    coupler = training_coupling(name, coupling, ot_batch, len(data))
+    pool = coupler.pool_size(batch_size) if coupler is not None else batch_size
     alphas_cumprod = _ddpm_alphas_cumprod(name)
-    config = [steps, seed, batch_size, lr]
+    config = [steps, seed, batch_size, lr] + ([coupling, ot_batch] if coupler is not None else [])
     ckpt = work / f"{name}.ckpt"
     start = _resume(run, ckpt, name, config, warmup)
 
@@ -195,8 +239,8 @@ def train(name: str, steps: int, seed: int, batch_size: int, lr: float, work: Pa
     losses: list[float] = []
     bar = tqdm(range(start, steps), desc=f"train {name}", initial=start, total=steps)
     for step in bar:
-        idx = torch.randint(0, len(data), (batch_size,), generator=gen)
-        loss = _loss(name, model, data, labels, idx, gen, alphas_cumprod)
+        idx = torch.randint(0, len(data), (pool,), generator=gen)
+        loss = _loss(name, model, data, labels, idx, gen, alphas_cumprod, coupler, batch_size)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -210,6 +254,7 @@ def train(name: str, steps: int, seed: int, batch_size: int, lr: float, work: Pa
             _checkpoint(run, ckpt, config, warmup, step + 1)
     info = dict(
         model=name, steps=steps, seed=seed, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
+        **({"coupling": coupling, "ot_batch": ot_batch} if coupler is not None else {}),
         final_loss=sum(losses[-200:]) / max(1, len(losses[-200:])),
         seconds_this_run=round(time.perf_counter() - t0, 1),
         torch=torch.__version__, threads=torch.get_num_threads(),
@@ -226,13 +271,13 @@ def export(name: str, model: torch.nn.Module, info: dict, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if name in ("toy2d-flow", "digits-features"):
+    if name in ("toy2d-flow", *CLASSIFIERS):
         save_safetensors(tmp / "model.safetensors", model.state_dict())
     else:
         import diffusers
 
         model.save_pretrained(tmp / "unet", safe_serialization=True)
-        if name == "digits-ddpm":
+        if name in DDPM_MODELS:
             sched_cls, sched_cfg, pipe_cls = "DDPMScheduler", DDPM_SCHEDULER, "DDPMPipeline"
         else:
             sched_cls, sched_cfg = "FlowMatchEulerDiscreteScheduler", FLOW_SCHEDULER
@@ -252,7 +297,8 @@ def export(name: str, model: torch.nn.Module, info: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", choices=["toy2d-flow", "digits-flow", "digits-ddpm", "digits-features", "digits-cond"])
+    p.add_argument("model", choices=["toy2d-flow", "digits-flow", "digits-ddpm", "digits-features", "digits-cond",
+                                     "sharp-ddpm", "sharp-features"])
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
@@ -262,6 +308,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=Path("runs/embedded-train"))
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--out", type=Path, default=None, help="default: schedules/embedded/<model>")
+    p.add_argument("--coupling", choices=COUPLINGS, default="independent",
+                   help="noise–sample coupling of the flow models' training pairs (default independent)")
+    p.add_argument("--ot-batch", type=int, default=None,
+                   help="pairs per OT problem of --coupling ot (default: the batch size)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     defaults = {
@@ -269,18 +319,26 @@ def main(argv: list[str] | None = None) -> None:
         "digits-flow": (1500, 64, 1e-3),
         "digits-ddpm": (4000, 64, 1e-3),  # ε-prediction needs longer than flow: 1500 steps left ~5% noise blobs
         "digits-features": (1500, 128, 1e-3),
-        "digits-cond": (1500, 64, 1e-3),
+        "sharp-ddpm": (1400, 32, 1e-3),  # fits a 15-minute one-thread CPU budget on a shared machine
+        "sharp-features": (600, 128, 1e-3),
+        "digits-cond": (650, 48, 1e-3),  # label dropout 0.1 (null label 10); 650 steps fit a 12-minute CPU budget
     }[a.model]
     steps = a.steps or defaults[0]
     bs = a.batch_size or defaults[1]
     lr = a.lr or defaults[2]
     a.work.mkdir(parents=True, exist_ok=True)
     warmup = a.warmup if a.warmup is not None else min(200, steps // 10)
-    res = train(a.model, steps, a.seed, bs, lr, a.work, a.ckpt_every, warmup=warmup)
+    try:
+        res = train(a.model, steps, a.seed, bs, lr, a.work, a.ckpt_every, warmup=warmup, coupling=a.coupling,
+                    ot_batch=a.ot_batch)
+    except StepsmithError as exc:
+        p.error(str(exc).replace("`coupling`", "--coupling").replace("`ot_batch`", "--ot-batch"))
     info = res["info"]
+    coupling_flags = [] if a.coupling == "independent" else [f"--coupling {a.coupling}"] + (
+        [f"--ot-batch {a.ot_batch}"] if a.ot_batch is not None else [])
     info["command"] = "python -m schedules.embedded.train " + " ".join(
         [a.model, f"--steps {steps}", f"--seed {a.seed}", f"--batch-size {bs}", f"--lr {lr}", f"--warmup {warmup}",
-         f"--threads {a.threads}"])
+         f"--threads {a.threads}", *coupling_flags])
     out = a.out or EMBEDDED_DIR / a.model
     export(a.model, res["model"], info, out)
     res["ckpt"].unlink(missing_ok=True)
