@@ -34,20 +34,24 @@ def latest_checkpoint(work: Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def save_checkpoint(work: Path, step: int, accelerator, ema, history: list[dict], keep: int) -> None:
+def save_checkpoint(work: Path, step: int, accelerator, ema, history: list[dict], keep: int,
+                    cost: dict[str, float] | None = None) -> None:
     """``accelerator.save_state`` into a temporary folder, renamed to ``ckpt-<step>`` when complete;
-    only the newest ``keep`` checkpoints stay."""
+    only the newest ``keep`` checkpoints stay. ``cost`` (seconds spent so far) is kept so a resumed
+    run reports the whole run's cost, not only its own part."""
     tmp = work / f".ckpt-{step:08d}.tmp"
     final = work / f"ckpt-{step:08d}"
     main = accelerator.is_main_process
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
+        for stale in work.glob(".ckpt-*.tmp"):  # left by a run killed while checkpointing
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if main:
         if ema is not None:
             save_ema(tmp / EMA_FILE, ema)
-        atomic_write_json(tmp / META_FILE, {"step": step, "history": history})
+        atomic_write_json(tmp / META_FILE, {"step": step, "history": history, "cost": cost or {}})
     accelerator.wait_for_everyone()
     if main:
         shutil.rmtree(final, ignore_errors=True)
@@ -57,9 +61,9 @@ def save_checkpoint(work: Path, step: int, accelerator, ema, history: list[dict]
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(path: Path, accelerator, ema) -> tuple[int, list[dict]]:
-    """Restore the state saved in ``path`` (model, optimizer, RNG, EMA); returns (step, history)."""
-    step, history = _read_meta(path)
+def load_checkpoint(path: Path, accelerator, ema) -> tuple[int, list[dict], dict[str, float]]:
+    """Restore the state saved in ``path`` (model, optimizer, RNG, EMA); returns (step, history, cost so far)."""
+    step, history, cost = _read_meta(path)
     try:
         accelerator.load_state(str(path))
     except Exception as exc:
@@ -69,14 +73,15 @@ def load_checkpoint(path: Path, accelerator, ema) -> tuple[int, list[dict]]:
                              ) from None
     if ema is not None:
         load_ema(path / EMA_FILE, ema, default_step=step)
-    return step, history
+    return step, history, cost
 
 
-def _read_meta(path: Path) -> tuple[int, list[dict]]:
+def _read_meta(path: Path) -> tuple[int, list[dict], dict[str, float]]:
     try:
         meta = json.loads((path / META_FILE).read_text())
-        return int(meta["step"]), list(meta["history"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        cost = {str(k): float(v) for k, v in dict(meta.get("cost") or {}).items()}
+        return int(meta["step"]), list(meta["history"]), cost
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StepsmithError(f"checkpoint {path} is corrupt or incomplete ({type(exc).__name__}: {exc}); "
                              "delete it to resume from an older one, or start without --resume") from None
 

@@ -77,6 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (written atomically at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the work folder")
     p.add_argument("--overwrite", action="store_true", help="replace a finished model folder / old checkpoints")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="straighten along a table searched for another model (e.g. the same model copied elsewhere)")
     add_config_args(p, g, tuple(f.name for f in dataclasses.fields(DistillConfig) if f.name not in MAIN_FIELDS))
     g.add_argument("--work-dir", default=None, help="checkpoints, teacher cache and loss log (default OUT.work)")
     g.add_argument("--stop-after", type=int, default=None,
@@ -92,6 +94,13 @@ def run(args: argparse.Namespace) -> None:
     check_output_path(args.out, param="out", folder=True)  # before the model loads
     if args.work_dir is not None:
         check_output_path(args.work_dir, param="work_dir", folder=True)
+    from schedules.adapters import check_table_model
+
+    for t, path in zip(tables, args.table):  # the table's model, before the model loads
+        try:
+            check_table_model(t.model, args.model, allow_other_model=args.allow_other_model)
+        except StepsmithError as exc:
+            raise StepsmithError(f"{path}: {exc}", param=exc.param) from None
     model = model_from_args(args)
     for t, path in zip(tables, args.table):
         try:

@@ -37,7 +37,8 @@ from distill.reflow import Reflow
 from distill.student import Student, build_student
 from distill.workdir import LOSS_LOG, LossLog, cached_teacher_data, default_work_dir, prepare_work_dir, run_record
 from schedules.adapters import ModelAdapter
-from schedules.io import StepsmithError
+from schedules.couplings import Coupling
+from schedules.io import StepsmithError, remove_stale_siblings
 from schedules.table import TimestepTable
 
 __all__ = ["DistillConfig", "DistillResult", "Training", "build_method", "distill", "learning_rate"]
@@ -52,12 +53,13 @@ class DistillResult:
     out: Path | None = None
 
 
-def build_method(name: str, data: TeacherData, tables: Sequence[TimestepTable], adapter: ModelAdapter) -> DistillMethod:
+def build_method(name: str, data: TeacherData, tables: Sequence[TimestepTable], adapter: ModelAdapter,
+                 coupling: Coupling | None = None) -> DistillMethod:
     conv = adapter.convention
     if name == "boss":
         return BOSSStraightening(data, tables, conv)
     if name == "reflow":
-        return Reflow(data, conv)
+        return Reflow(data, conv, coupling)
     if name == "kstep":
         from schedules.baselines import uniform
 
@@ -67,7 +69,7 @@ def build_method(name: str, data: TeacherData, tables: Sequence[TimestepTable], 
                 grid += torch.linspace(data.nodes[0], 0.0, t.steps + 1, dtype=torch.float64).tolist()
             else:
                 grid += uniform(adapter, t.steps, "euler").sigmas
-        return KStepDistillation(data, grid, conv)
+        return KStepDistillation(data, grid, conv, coupling)
     raise StepsmithError(f"unknown method {name!r}; use one of {', '.join(METHODS)}")
 
 
@@ -109,13 +111,15 @@ class Training:
     start: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    teacher_seconds: float = 0.0     # this run's teacher-data seconds (generated or read)
+    earlier: dict[str, float] = field(default_factory=dict)  # cost of the runs this one resumed
     val_batch: Batch = field(init=False)  # the method's fixed held-out batch
 
     def __post_init__(self) -> None:
         self.val_batch = self.method.validation()
 
     def resume(self, ckpt: Path) -> None:
-        self.start, self.history = load_checkpoint(ckpt, self.accelerator, self.student.ema)
+        self.start, self.history, self.earlier = load_checkpoint(ckpt, self.accelerator, self.student.ema)
         if self.accelerator.is_main_process:
             print(f"stepsmith distill: resumed from {ckpt} (step {self.start})")
 
@@ -155,7 +159,7 @@ class Training:
             self.history.append({"step": 0, "val_loss": self.val_loss()})
         if self.work is None:
             return None
-        log = LossLog(self.work, self.accelerator.is_main_process, append=not fresh)
+        log = LossLog(self.work, self.accelerator.is_main_process, append=not fresh, upto=self.start)
         if fresh:
             log.write({"step": 0, "loss": float("nan"), "val_loss": self.history[0]["val_loss"], "lr": 0.0,
                        "seconds": 0.0})
@@ -184,7 +188,7 @@ class Training:
         the validation loss every ``eval_every`` steps and at the end."""
         cfg = self.config
         rec = {"step": done, "loss": sum(running) / len(running), "lr": learning_rate(cfg, done - 1),
-               "seconds": round(time.perf_counter() - self.started, 2)}
+               "seconds": self.train_seconds()}
         if done % cfg.eval_every == 0 or done == cfg.steps:
             rec["val_loss"] = self.val_loss()
         self.history.append(rec)
@@ -193,7 +197,16 @@ class Training:
     def checkpoint(self, done: int) -> None:
         if self.work is not None:
             save_checkpoint(self.work, done, self.accelerator, self.student.ema, self.history,
-                            self.config.keep_checkpoints)
+                            self.config.keep_checkpoints, cost=self.cost())
+
+    def train_seconds(self) -> float:
+        """Training seconds so far, the resumed runs' included."""
+        return round(self.earlier.get("train_seconds", 0.0) + time.perf_counter() - self.started, 2)
+
+    def cost(self) -> dict[str, float]:
+        """Seconds spent so far (teacher data, training), the resumed runs' included; kept in checkpoints."""
+        return {"train_seconds": self.train_seconds(),
+                "teacher_seconds": round(self.earlier.get("teacher_seconds", 0.0) + self.teacher_seconds, 2)}
 
     def stop(self, end: int) -> None:
         """End a run cut short at step ``end``: checkpoint it (unless the loop just did)."""
@@ -222,6 +235,7 @@ def distill(adapter: ModelAdapter, tables: TimestepTable | Sequence[TimestepTabl
     out = Path(out) if out is not None else None
     if out is not None:
         check_output_free(out, overwrite)
+        remove_stale_siblings(out, ("tmp", "old"))  # a killed export's hidden folders
     work = Path(work_dir) if work_dir is not None else (default_work_dir(out) if out is not None else None)
     accelerator = accelerator if accelerator is not None else _accelerator(config)
     if config.batch_size % accelerator.num_processes:
@@ -234,10 +248,11 @@ def distill(adapter: ModelAdapter, tables: TimestepTable | Sequence[TimestepTabl
 
     t0 = time.perf_counter()
     data = teacher_data if teacher_data is not None else cached_teacher_data(adapter, tables, config, work, accelerator)
-    method = build_method(config.method, data, tables, adapter)
+    method = build_method(config.method, data, tables, adapter, Coupling(config.coupling, config.ot_batch))
     seconds_teacher = time.perf_counter() - t0
 
-    training = Training(config, method, build_student(adapter, config, accelerator), accelerator, work)
+    training = Training(config, method, build_student(adapter, config, accelerator), accelerator, work,
+                        teacher_seconds=seconds_teacher)
     if start_ckpt is not None:
         training.resume(start_ckpt)
     end = config.steps if stop_after is None else min(config.steps, stop_after)
@@ -245,7 +260,7 @@ def distill(adapter: ModelAdapter, tables: TimestepTable | Sequence[TimestepTabl
     if end < config.steps:
         training.stop(end)
         return None
-    result = _result(training, adapter, tables, data, seconds_teacher, command)
+    result = _result(training, adapter, tables, data, command)
     result.out = _export(result, adapter, tables, out, work, accelerator, overwrite)
     return result
 
@@ -270,7 +285,7 @@ def _accelerator(config: DistillConfig):
 
 
 def _result(training: Training, adapter: ModelAdapter, tables: list[TimestepTable], data: TeacherData,
-            seconds_teacher: float, command: str | None) -> DistillResult:
+            command: str | None) -> DistillResult:
     """The final validation losses (raw, then EMA weights), the distilled module and its record."""
     val_raw = training.val_loss()
     training.student.apply_ema()
@@ -281,8 +296,7 @@ def _result(training: Training, adapter: ModelAdapter, tables: list[TimestepTabl
         "convention": adapter.describe(), "tables": [t.to_dict() for t in tables],
         "parameters": training.student.n_parameters, "trainable_parameters": training.student.n_trainable,
         "processes": training.accelerator.num_processes,
-        "teacher_calls": data.teacher_calls, "teacher_seconds": round(seconds_teacher, 2),
-        "train_seconds": round(time.perf_counter() - training.started, 2), "final_val_loss_raw": val_raw,
+        "teacher_calls": data.teacher_calls, **training.cost(), "resumed_from_step": training.start or None, "final_val_loss_raw": val_raw,
         "final_val_loss": val_ema, "teacher_data": data.fingerprint, "command": command,
     }
     return DistillResult(module=final, adapter=dataclasses.replace(adapter, module=final, calls=0),

@@ -18,12 +18,24 @@ from distill.checkpoint import latest_checkpoint, list_checkpoints
 from distill.config import DistillConfig
 from distill.data import TeacherData, generate_teacher_data, table_nodes
 from schedules.adapters import ModelAdapter
-from schedules.io import StepsmithError, atomic_write_json
+from schedules.io import StepsmithError, atomic_write, atomic_write_json
 from schedules.table import TimestepTable
 
 RUN_FILE = "run.json"
 TEACHER_FILE = "teacher.safetensors"
 LOSS_LOG = "loss.log"
+LOSS_HEADER = "step\tloss\tval_loss\tlr\tseconds\n"
+
+
+def cut_log(text: str, upto: int) -> str:
+    """The loss log ``text`` without the rows after step ``upto`` (and without a torn last line)."""
+    lines = text.splitlines(keepends=True)
+    keep = [LOSS_HEADER]
+    for ln in lines[1:]:
+        step = ln.split("\t", 1)[0]
+        if ln.endswith("\n") and step.isdigit() and int(step) <= upto:
+            keep.append(ln)
+    return "".join(keep)
 
 
 def default_work_dir(out: Path) -> Path:
@@ -127,15 +139,18 @@ def _load_teacher(path: Path) -> TeacherData | None:
 class LossLog:
     """Plain-text loss log ``<work>/loss.log`` (tab separated), plus TensorBoard when it is installed.
 
-    Only the main process writes; ``append`` continues the log of a resumed run.
+    Only the main process writes; ``append`` continues the log of a run resumed at step ``upto``,
+    first cutting the rows the killed run wrote after that checkpoint (they are trained again).
     """
 
-    def __init__(self, work: Path, main: bool, append: bool):
+    def __init__(self, work: Path, main: bool, append: bool, upto: int | None = None):
         self.main, self.path, self.tb = main, work / LOSS_LOG, None
         if not main:
             return
         if not append or not self.path.exists():
-            self.path.write_text("step\tloss\tval_loss\tlr\tseconds\n")
+            atomic_write(self.path, LOSS_HEADER)
+        elif upto is not None:
+            atomic_write(self.path, cut_log(self.path.read_text(), upto))
         try:
             from torch.utils.tensorboard import SummaryWriter
 

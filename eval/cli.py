@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from schedules.io import StepsmithError
+from schedules.io import StepsmithError, check_output_path
 
 
 def _int_list(text: str) -> list[int]:
@@ -54,7 +54,7 @@ def register(sub) -> None:
                     "(FID/KID under a feature network, or the exact Wasserstein distance for 2D models) and "
                     "against the teacher (reference sampler). Writes report.json, report.md, quality_vs_nfe.png "
                     "and sample grids into --out.")
-    add_model_args(p)
+    add_model_args(p, conditional=True)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tables", nargs="+", metavar="TABLE.json", help="stepsmith.schedule/v1 tables to score")
     src.add_argument("--methods", type=_str_list, help="comma-separated methods made with schedules.search "
@@ -88,6 +88,8 @@ def register(sub) -> None:
                         "dp: --option grid=60 --option candidates=6 --option max_sweeps=2")
     p.add_argument("--cache-dir", default=None, help="real-statistics cache (default $STEPSMITH_CACHE or ~/.cache/stepsmith)")
     p.add_argument("--no-cache", action="store_true", help="recompute real statistics")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="score --tables searched for another model (e.g. the same model copied elsewhere)")
     p.set_defaults(func=run)
 
 
@@ -99,6 +101,13 @@ def sweep_config(args: argparse.Namespace):
         raise StepsmithError("--teacher-steps must be at least 1")
     if args.batch_size < 1:
         raise StepsmithError("--batch-size must be at least 1")
+    check_output_path(args.out, param="out", folder=True)  # before the model loads
+    if args.tables:  # the tables' model, also before the model loads
+        from schedules.adapters import check_table_model
+        from schedules.table import load_table
+
+        for t in args.tables:
+            check_table_model(load_table(t).model, args.model, allow_other_model=args.allow_other_model)
     if args.metric and "teacher" in args.metric.replace(" ", "").split(",") and args.no_teacher:
         raise StepsmithError("--metric teacher needs the reference sampler; drop --no-teacher")
     return SweepConfig(
@@ -108,6 +117,7 @@ def sweep_config(args: argparse.Namespace):
         batch_size=args.batch_size, grid=args.grid, cache=args.cache_dir, use_cache=not args.no_cache,
         search_seed=args.search_seed, search_samples=args.search_samples, command=args.invocation,
         search_options=dict(args.option) or None, bounds=args.bounds, save_bounds=args.save_bounds,
+        allow_other_model=args.allow_other_model,
     )
 
 

@@ -21,8 +21,9 @@ from eval.features import FeatureNetwork
 from eval.metrics import FeatureStats, check_samples, extract_features
 from schedules.io import StepsmithError, load_safetensors, save_safetensors
 
-DIGITS_MODELS = ("builtin:digits-flow", "builtin:digits-ddpm")
+DIGITS_MODELS = ("builtin:digits-flow", "builtin:digits-ddpm", "builtin:digits-cond")
 TOY2D_MODELS = ("builtin:toy2d-flow",)
+SHARP_MODELS = ("builtin:sharp-ddpm",)
 TENSOR_KEYS = ("images", "samples", "x", "data", "real")
 
 
@@ -46,6 +47,10 @@ def default_real_data(model_name: str, n: int, seed: int) -> tuple[torch.Tensor,
         from schedules.embedded.nets import digits_data
 
         return digits_data()[0], "digits_data() (all 1797 sklearn digits, 16x16, [-1, 1])"
+    if model_name in SHARP_MODELS:
+        from schedules.embedded.nets import sharp_digits_data
+
+        return sharp_digits_data()[0], "sharp_digits_data() (all 1797 sklearn digits, 16x16, thresholded to ±1)"
     if model_name in TOY2D_MODELS:
         from schedules.embedded.nets import toy2d_data
 

@@ -9,10 +9,12 @@ exactly as it always was.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from schedules.io import StepsmithError, atomic_path, atomic_write, atomic_write_json
+from schedules.io import StepsmithError, atomic_path, atomic_write, atomic_write_json, remove_stale_siblings
 
 METRIC_NAMES = {
     "fid": "FID",
@@ -335,3 +337,46 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     return obj
+
+
+# --------------------------------------------------------------------------- whole output folders
+
+PRODUCTS = ("report.json", "report.md", "quality_vs_nfe.png", "metrics_vs_nfe.png", "grids")  # what a sweep writes
+STAGING_TAG = "partial"
+
+
+def staging_folder(out: str | Path) -> Path:
+    """A fresh folder ``.<name>.partial-<pid>`` beside ``out`` where a sweep builds its outputs.
+
+    Those of killed runs (their process gone) are removed first, so interruptions leave nothing
+    behind for long.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(out, (STAGING_TAG,))
+    stage = out.with_name(f".{out.name}.{STAGING_TAG}-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    return stage
+
+
+def publish(stage: Path, out: str | Path) -> Path:
+    """Move a finished sweep from ``stage`` into ``out``.
+
+    A new ``out`` is ``stage`` renamed (whole or absent). Into an existing folder (which may hold
+    other files) the old report goes first and the new ``report.json`` comes last, so a kill midway
+    never leaves a report beside the grids of another run.
+    """
+    out = Path(out)
+    if not out.exists():
+        stage.rename(out)
+        return out
+    (out / "report.json").unlink(missing_ok=True)
+    for name in PRODUCTS:
+        old = out / name
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+    for name in reversed(PRODUCTS):
+        if (stage / name).exists():
+            (stage / name).rename(out / name)
+    shutil.rmtree(stage, ignore_errors=True)
+    return out

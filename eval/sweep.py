@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -56,11 +57,13 @@ from eval.metrics import (
     lowdim_metrics,
     set_real_stats,
 )
+from eval.report import staging_folder
 from eval.sweep_metrics import (
     KNOWN,
     MetricPlan,
     apply_mmhm,
     check_bounds,
+    class_accuracy_of,
     inception_score_of,
     lower_is_better,
     manifold_values,
@@ -68,8 +71,9 @@ from eval.sweep_metrics import (
     parse_metrics,
     plan_metrics,
 )
+from schedules.conditioning import bind, micro_batches
 from schedules.distributed import Dist, current_dist  # noqa: F401  (re-exported for older callers)
-from schedules.io import StepsmithError
+from schedules.io import StepsmithError, check_output_path
 from schedules.table import TimestepTable, load_table
 from schedules.teacher import Teacher, teacher_sample
 
@@ -136,6 +140,7 @@ class SweepConfig:
     sampler: Sampler | None = None
     bounds: Any = None
     save_bounds: str | os.PathLike | None = None
+    allow_other_model: bool = False  # score tables searched for another model
     plan: MetricPlan | None = None  # set by check_config from `metric`
 
     @property
@@ -223,9 +228,13 @@ def _first_seed(table: TimestepTable) -> int | None:
     return seeds[0] if seeds else None
 
 
-def _table_cell(adapter, t: TimestepTable | str | os.PathLike) -> Cell:
+def _table_cell(adapter, t: TimestepTable | str | os.PathLike, allow_other_model: bool = False) -> Cell:
+    from schedules.adapters import check_table_model
+
     table = t if isinstance(t, TimestepTable) else load_table(t)
+    check_table_model(table.model, adapter.name, allow_other_model=allow_other_model)
     table.check_compatible(adapter.convention, adapter.prediction, what=adapter.name)
+    table.check_conditioning(getattr(adapter, "conditioning", None))  # warns for another guidance / condition set
     src = "table" if isinstance(t, TimestepTable) else str(t)
     return Cell(table.method, table, src, float(table.provenance.get("seconds") or 0.0), _first_seed(table))
 
@@ -255,7 +264,7 @@ def _unique_labels(cells: list[Cell]) -> None:
 
 def build_cells(adapter, cfg: SweepConfig) -> list[Cell]:
     """The given tables, then every method at every NFE (searched without a progress bar)."""
-    cells = [_table_cell(adapter, t) for t in cfg.tables or ()]
+    cells = [_table_cell(adapter, t, cfg.allow_other_model) for t in cfg.tables or ()]
     cells += [_method_cell(adapter, cfg, m, n) for m in cfg.methods or () for n in cfg.nfe]
     if not cells:
         raise StepsmithError("nothing to evaluate: give `tables` (table files or TimestepTable objects) or `methods` "
@@ -343,7 +352,9 @@ def prepare_real(adapter, cfg: SweepConfig, dist: Dist) -> RealData:
 
     features = cfg.features
     if features is None:
-        features = "digits-features" if tuple(adapter.sample_shape) == (1, 16, 16) else "inception"
+        from eval.features import default_feature_network
+
+        features = default_feature_network(adapter.name, adapter.sample_shape)
     real.net = net = load_feature_network(features, inception_weights=cfg.inception_weights)
     net.probe(x[:2])
     real.stats, info["stats_cache"] = _real_stats(x, net, cfg, dist)
@@ -374,8 +385,10 @@ class Scorer:
     """
 
     def __init__(self, metric: str, dist: Dist, real: RealData, *, kid_subsets: int = 100,
-                 kid_subset_size: int = 1000, seed: int = 0, plan: MetricPlan | None = None):
+                 kid_subset_size: int = 1000, seed: int = 0, plan: MetricPlan | None = None,
+                 labels: torch.Tensor | None = None):
         self.metric, self.dist, self.real, self.seed = metric, dist, real, seed
+        self.labels = labels  # class-conditional sweeps: this process's samples' intended labels
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.plan = plan or MetricPlan((metric,), False, real.net is not None)
         self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -465,19 +478,34 @@ class Scorer:
             out.update(manifold_values(self._real_features(), self._features(x_shard)[1], names))
         if "is" in names:
             out["is"] = inception_score_of(self.real.net, x_shard, self.dist.gather_cat)
+        if "class-accuracy" in names:
+            out["class-accuracy"] = class_accuracy_of(self.real.net, x_shard, self.labels, self.dist.gather_cat)
         return {n: out[n] for n in names if n in out}
 
     def _main_wasserstein(self, x_shard: torch.Tensor) -> float:
         return lowdim_metrics(self.dist.gather_cat(x_shard), self.real.x)["wasserstein"]
 
 
-def build_scorer(cfg: SweepConfig, real: RealData, dist: Dist) -> Scorer | None:
+def build_scorer(cfg: SweepConfig, real: RealData, dist: Dist, labels: torch.Tensor | None = None) -> Scorer | None:
     """The real-data scorer of the sweep's metrics (``None`` for ``teacher`` alone, scored by MSE)."""
     if not cfg.plan.needs_real:
         return None
     size = min(cfg.kid_subset_size, cfg.num, real.stats.n) if cfg.metric == "kid" else cfg.kid_subset_size
     return Scorer(cfg.metric, dist, real, kid_subsets=cfg.kid_subsets, kid_subset_size=size, seed=cfg.seed,
-                  plan=cfg.plan)
+                  plan=cfg.plan, labels=labels)
+
+
+def sample_indices(cfg: SweepConfig, dist: Dist) -> torch.Tensor:
+    """Indices of this process's samples among the sweep's ``num`` (sample i has condition i mod P in every row)."""
+    return torch.arange(cfg.num)[dist.shard(cfg.num)]
+
+
+def intended_labels(adapter, cfg: SweepConfig, dist: Dist) -> torch.Tensor | None:
+    """The class each of this process's samples is generated for (class-conditional models), else None."""
+    cond = getattr(adapter, "conditioning", None)
+    if cond is None or cond.kind != "class":
+        return None
+    return cond.labels_of(sample_indices(cfg, dist))
 
 
 def coupled_fidelity(dist: Dist, x: torch.Tensor, ref: torch.Tensor, n_total: int,
@@ -523,8 +551,10 @@ class SweepRun:
         return math.ceil(max(self.noise.shape[0], 1) / self.cfg.batch_size)
 
 
-def start_run(adapter, cfg: SweepConfig, dist: Dist, cells: list[Cell], real: RealData) -> SweepRun:
-    """This process's slice of the shared noises, a progress bar in NFE·batches, and the grid drawer."""
+def start_run(adapter, cfg: SweepConfig, dist: Dist, cells: list[Cell], real: RealData,
+              stage: Path | None = None) -> SweepRun:
+    """This process's slice of the shared noises, a progress bar in NFE·batches, and the grid drawer
+    (grids go to ``stage``, the folder the outputs are built in before they move to ``out``)."""
     from tqdm.auto import tqdm
 
     noise = adapter.noise(cfg.num, cfg.seed)[dist.shard(cfg.num)]
@@ -534,8 +564,7 @@ def start_run(adapter, cfg: SweepConfig, dist: Dist, cells: list[Cell], real: Re
     bar = tqdm(total=total, desc="eval sweep", unit="NFE·batch", disable=not (cfg.progress and dist.main),
                file=sys.stderr)
     reference = real.x[:2000] if (real.x is not None and len(adapter.sample_shape) == 1) else None
-    out_dir = Path(cfg.out) if cfg.out is not None else None
-    return SweepRun(adapter, cfg, dist, noise, bar, Grids(out_dir, cfg.grid, dist.main, reference))
+    return SweepRun(adapter, cfg, dist, noise, bar, Grids(stage, cfg.grid, dist.main, reference))
 
 
 def _timed_score(scorer: Scorer | None,
@@ -551,8 +580,9 @@ def teacher_row(run: SweepRun, scorer: Scorer | None) -> tuple[dict[str, Any], t
     calls0 = adapter.calls
     run.bar.set_postfix_str(f"teacher ({teacher.steps} Heun steps)")
     t0 = time.perf_counter()
-    ref_x = teacher_sample(adapter, run.noise, teacher, batch_size=run.cfg.batch_size,
-                           on_batch=lambda _done: run.bar.update(teacher.nfe)).x.detach().cpu()
+    with bind(sample_indices(run.cfg, run.dist)):
+        ref_x = teacher_sample(adapter, run.noise, teacher, batch_size=run.cfg.batch_size,
+                               on_batch=lambda _done: run.bar.update(teacher.nfe)).x.detach().cpu()
     if ref_x.shape[0]:
         check_samples(ref_x, "reference samples", min_n=1)
     t_sample = time.perf_counter() - t0
@@ -574,8 +604,9 @@ def sample_batched(adapter, noise: torch.Tensor, sigmas, solver: str, batch_size
     from schedules.solvers import sample
 
     out = []
-    for i in range(0, noise.shape[0], batch_size):
-        out.append(sample(adapter, noise[i:i + batch_size], sigmas, solver).detach().cpu())
+    for sl in micro_batches(noise.shape[0], batch_size):
+        with bind(sl):  # conditional models: every micro-batch keeps its samples' conditions
+            out.append(sample(adapter, noise[sl], sigmas, solver).detach().cpu())
         if on_batch is not None:
             on_batch()
     return torch.cat(out) if out else noise[:0].cpu()
@@ -593,7 +624,7 @@ def sample_cell(run: SweepRun, table: TimestepTable) -> torch.Tensor:
     noise, bs, sampler = run.noise, run.cfg.batch_size, run.cfg.sampler
     if sampler is None:
         return sample_batched(run.adapter, noise, table.sigmas, table.solver, bs, lambda: run.bar.update(table.nfe))
-    x = torch.cat([sampler(table, noise[i:i + bs]).detach().cpu() for i in range(0, noise.shape[0], bs)]
+    x = torch.cat([_bound_call(sampler, table, noise, sl) for sl in micro_batches(noise.shape[0], bs)]
                   or [noise[:0].cpu()])
     run.bar.update(table.nfe * run.n_batches)
     if tuple(x.shape) != tuple(noise.shape):
@@ -602,13 +633,19 @@ def sample_cell(run: SweepRun, table: TimestepTable) -> torch.Tensor:
     return x
 
 
+def _bound_call(sampler, table: TimestepTable, noise: torch.Tensor, sl: slice) -> torch.Tensor:
+    with bind(sl):
+        return sampler(table, noise[sl]).detach().cpu()
+
+
 def score_cell(run: SweepRun, c: Cell, scorer: Scorer | None, ref_x: torch.Tensor | None) -> dict[str, Any]:
     """One row: sample the cell, score it against the real data and (coupled) against the teacher."""
     t, cfg = c.table, run.cfg
     run.bar.set_postfix_str(f"{c.label} NFE {t.nfe}")
     calls0 = run.adapter.calls
     t0 = time.perf_counter()
-    x = sample_cell(run, t)
+    with bind(sample_indices(cfg, run.dist)):  # the same samples, hence the same conditions, in every row
+        x = sample_cell(run, t)
     if x.shape[0]:
         check_samples(x, f"samples of {c.label} at NFE {t.nfe}", min_n=1)
     t_sample = time.perf_counter() - t0
@@ -696,12 +733,14 @@ def score_mmhm(cfg: SweepConfig, rows: list[dict[str, Any]], dist: Dist,
     return mmhm_info(rows, cfg.plan, used, source)
 
 
-def write_sweep_report(report: dict[str, Any], cfg: SweepConfig, dist: Dist) -> None:
-    """report.json / report.md / the plot into ``out`` (main process), then wait for every process."""
-    if cfg.out is not None and dist.main:
-        from eval.report import write_report
+def write_sweep_report(report: dict[str, Any], cfg: SweepConfig, dist: Dist, stage: Path | None) -> None:
+    """report.json / report.md / the plot into ``stage``, moved with the grids into ``out`` (main
+    process), then wait for every process."""
+    if cfg.out is not None and stage is not None:
+        from eval.report import publish, write_report
 
-        write_report(report, Path(cfg.out))
+        write_report(report, stage)
+        publish(stage, cfg.out)
     dist.barrier()
 
 
@@ -709,7 +748,8 @@ def write_sweep_report(report: dict[str, Any], cfg: SweepConfig, dist: Dist) -> 
 
 
 def run_sweep(model, config: SweepConfig | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Score tables or methods across NFE; returns the report dict (and writes it to ``out``).
+    """Score tables or methods across NFE; returns the report dict (and writes it to ``out``: built in
+    a folder beside it and moved in at the end, so a killed sweep leaves ``out`` as it was).
 
     ``model``: a spec (``builtin:digits-flow``...) or a :class:`~schedules.adapters.ModelAdapter`;
     ``config`` and/or ``kwargs``: the fields of :class:`SweepConfig` (kwargs override ``config``).
@@ -717,6 +757,8 @@ def run_sweep(model, config: SweepConfig | None = None, **kwargs: Any) -> dict[s
     from schedules.adapters import ModelAdapter, load_model
 
     cfg = replace(config, **kwargs) if config is not None else SweepConfig(**kwargs)
+    if cfg.out is not None:  # an existing file, an unwritable place: refused before the model loads
+        check_output_path(cfg.out, param="out", folder=True)
     bounds_source = f"frozen: {cfg.bounds}" if isinstance(cfg.bounds, (str, os.PathLike)) else "frozen bounds"
     t_start = time.perf_counter()
     dist = current_dist()
@@ -726,16 +768,21 @@ def run_sweep(model, config: SweepConfig | None = None, **kwargs: Any) -> dict[s
     if cfg.bounds is not None:
         check_bounds(cfg.bounds, cfg.plan, sorted({int(c.table.nfe) for c in cells}))
     real = prepare_real(adapter, cfg, dist)
-    scorer = build_scorer(cfg, real, dist)
-    run = start_run(adapter, cfg, dist, cells, real)
-    teacher, ref_x = teacher_row(run, scorer) if cfg.teacher else (None, None)
-    rows = [score_cell(run, c, scorer, ref_x) for c in cells]
-    run.bar.close()
-    mmhm = score_mmhm(cfg, rows, dist, bounds_source)
-    report = build_report(run, cells, used_seeds, real, teacher, rows, time.perf_counter() - t_start)
-    if mmhm is not None:
-        report["mmhm"] = mmhm
-    write_sweep_report(report, cfg, dist)
+    scorer = build_scorer(cfg, real, dist, intended_labels(adapter, cfg, dist))
+    stage = staging_folder(cfg.out) if cfg.out is not None and dist.main else None
+    try:
+        run = start_run(adapter, cfg, dist, cells, real, stage)
+        teacher, ref_x = teacher_row(run, scorer) if cfg.teacher else (None, None)
+        rows = [score_cell(run, c, scorer, ref_x) for c in cells]
+        run.bar.close()
+        mmhm = score_mmhm(cfg, rows, dist, bounds_source)
+        report = build_report(run, cells, used_seeds, real, teacher, rows, time.perf_counter() - t_start)
+        if mmhm is not None:
+            report["mmhm"] = mmhm
+        write_sweep_report(report, cfg, dist, stage)
+    finally:  # a failed sweep leaves no half-built folder
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
     return report
 
 

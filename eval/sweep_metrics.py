@@ -14,8 +14,10 @@ the plot and the bold of the main table); every listed name is then also a key o
   features;
 * ``is`` — the Inception-Score analogue from the feature network's classifier head (the
   digits network has one; Inception and networks of your own without ``classify`` are refused);
-* ``class-accuracy`` — needs a class-conditional model: none can be driven by a sweep yet, so
-  it is refused; ``clip`` — needs a text-to-image model, prompts and a CLIP network: refused;
+* ``class-accuracy`` — for a class-conditional model (``--classes``): the fraction of samples the
+  feature network's classifier head assigns to the class they were generated for (sample i has
+  label i mod P in every row); refused for unconditional models; ``clip`` — needs a text-to-image
+  model, prompts and a CLIP network: refused;
 * ``mmhm`` — aggregates every other listed metric (:func:`eval.mmhm.mmhm`), min–max per metric
   over the rows of one NFE (the teacher row is not a table and is left out); it cannot be first.
 
@@ -37,7 +39,7 @@ from schedules.io import StepsmithError
 LEGACY = ("fid", "kid", "wasserstein", "teacher")
 MANIFOLD = ("precision", "recall", "density", "coverage")
 KNOWN = LEGACY + MANIFOLD + ("is", "class-accuracy", "clip", "mmhm")
-FEATURE_NET = ("fid", "kid", *MANIFOLD, "is")  # image metrics that need the feature network
+FEATURE_NET = ("fid", "kid", *MANIFOLD, "is", "class-accuracy")  # image metrics that need the feature network
 K_PRECISION, K_DENSITY = 3, 5
 
 
@@ -63,7 +65,7 @@ def _has_classifier(features: Any, images_16: bool) -> bool:
     if features is None:
         return images_16
     if isinstance(features, str):
-        if features in ("digits-features", "builtin:digits-features"):
+        if features in ("digits-features", "builtin:digits-features", "sharp-features", "builtin:sharp-features"):
             return True
         if ".py:" not in features:
             return False
@@ -77,6 +79,12 @@ def _has_classifier(features: Any, images_16: bool) -> bool:
 def check_applicable(adapter, name: str, *, teacher: bool, features: Any) -> None:
     """A clear :class:`StepsmithError` when ``name`` cannot be computed for this model and setup."""
     shape = tuple(adapter.sample_shape)
+    cond = getattr(adapter, "conditioning", None)
+    if name == "class-accuracy" and cond is not None and cond.kind == "class":
+        if len(shape) != 3 or not _has_classifier(features, shape == (1, 16, 16)):
+            raise StepsmithError(f"`metric` class-accuracy needs a classifier of {adapter.name}'s images (the "
+                                 "digits-features network has one; pass --features)", param="metric")
+        return
     if name == "class-accuracy":
         raise StepsmithError(f"`metric` class-accuracy scores samples against the class they were generated for; "
                              f"{adapter.name} is an unconditional model (a sweep drives no class labels) — drop "
@@ -163,6 +171,14 @@ def manifold_values(real_f: torch.Tensor, fake_f: torch.Tensor, names: Sequence[
         return {}
     m = manifold_metrics(real_f, fake_f, k=K_PRECISION, k_density=K_DENSITY).as_dict()
     return {n: float(m[n]) for n in wanted}
+
+
+def class_accuracy_of(net, x_shard: torch.Tensor, labels_shard: torch.Tensor, gather) -> float:
+    """Class accuracy of the samples of every process against their intended labels (gathered alike)."""
+    from eval.classifier_metrics import class_accuracy, digits_logits
+
+    logits = digits_logits(net, x_shard) if x_shard.shape[0] else torch.zeros(0, 10, dtype=torch.float64)
+    return class_accuracy(gather(logits), gather(labels_shard.long()))
 
 
 def inception_score_of(net, x_shard: torch.Tensor, gather) -> float:

@@ -3,7 +3,7 @@
 :func:`load_model` turns a model spec into a :class:`ModelAdapter`:
 
 * ``builtin:NAME`` — an embedded default model (``toy2d-flow``, ``digits-flow``,
-  ``digits-ddpm``);
+  ``digits-ddpm``, the class-conditional ``digits-cond``);
 * a diffusers folder — a pipeline folder with ``model_index.json`` (``unet`` or
   ``transformer`` plus ``scheduler``), or a model folder with ``config.json`` and a
   scheduler config (``scheduler/`` beside or inside it, or ``scheduler_config=``). The
@@ -101,7 +101,7 @@ class ModelAdapter:
         if s.ndim == 0:
             s = s.expand(x.shape[0])
         t = self.convention.model_time(s.to(torch.float64)).to(device=x.device, dtype=torch.float32)
-        out = self.call(self.module, x, t, **self.model_kwargs)
+        out = self.network(x, t)
         self.calls += 1
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -115,6 +115,10 @@ class ModelAdapter:
                 "check the weights, the dtype (try float32) and the time convention (--prediction)"
             )
         return out
+
+    def network(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One network evaluation at model times ``t`` (conditional adapters add their conditions here)."""
+        return self.call(self.module, x, t, **self.model_kwargs)
 
     def denoise(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """x0 estimate at native sigmas ``s`` [B]."""
@@ -160,6 +164,33 @@ def _scheduler_config_file(path: Path) -> Path:
         if cand.is_file():
             return cand
     raise StepsmithError(f"no scheduler_config.json in {path}; pass --scheduler-config DIR holding one")
+
+
+def read_scheduler_config(path: Path) -> dict:
+    """A diffusers scheduler config, read by its ``_class_name`` (a timestep table or any other JSON is
+    refused rather than read as DDPM-linear betas)."""
+    cfg = _read_json(path, "scheduler config")
+    if isinstance(cfg, dict) and str(cfg.get("format", "")).startswith("stepsmith.schedule"):
+        raise StepsmithError(f"`scheduler_config` {path} is a stepsmith timestep table, not a diffusers scheduler "
+                             "config; pass it as --table", param="scheduler_config")
+    cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
+    if not isinstance(cls, str) or not cls.endswith("Scheduler"):
+        raise StepsmithError(f"`scheduler_config` {path} has no diffusers scheduler `_class_name` (got {cls!r}); give "
+                             "the scheduler_config.json of the model's scheduler", param="scheduler_config")
+    return cfg
+
+
+def _check_prediction(cfg: dict, prediction: str, path: Path) -> VPConvention:
+    """The VP convention of ``cfg`` for a file model with ``prediction``; refused when they disagree."""
+    conv, pred = convention_from_scheduler_config(cfg)
+    if conv.name == "flow":
+        raise StepsmithError(f"`scheduler_config` {path} is a {cfg['_class_name']} (flow matching) config but "
+                             f"`prediction` is {prediction!r}; pass `prediction` flow without it, or a VP scheduler "
+                             "config", param="scheduler_config")
+    if "prediction_type" in cfg and pred != prediction:
+        raise StepsmithError(f"`scheduler_config` {path} says prediction {pred!r} but `prediction` is "
+                             f"{prediction!r}; make them agree", param="scheduler_config")
+    return conv
 
 
 def convention_from_scheduler_config(cfg: dict) -> tuple[Convention, str]:
@@ -220,15 +251,18 @@ def _load_diffusers(folder: Path, name: str, prediction: str | None, shape, sche
     else:
         raise StepsmithError(f"{folder} is neither a diffusers pipeline folder (model_index.json) nor a model folder (config.json)")
 
-    sched_cfg = _read_json(sched_file, "scheduler config")
+    sched_cfg = read_scheduler_config(sched_file)
     conv, pred = convention_from_scheduler_config(sched_cfg)
     if prediction is not None and prediction != pred:
         raise StepsmithError(
             f"{sched_file} says prediction {pred!r} but --prediction {prediction!r} was given; drop --prediction "
             "or fix the scheduler config"
         )
+    _check_supported(_read_json(model_dir / "config.json", "model config").get("_class_name"), folder)
     module = _load_diffusers_module(model_dir)
     mcfg = dict(module.config)
+    if shape is not None:
+        check_shape_fits(tuple(shape), mcfg, type(module).__name__)
     if shape is None:
         if "sample_size" in mcfg and "in_channels" in mcfg and type(module).__name__ in ("UNet2DModel",):
             size = mcfg["sample_size"]
@@ -236,13 +270,32 @@ def _load_diffusers(folder: Path, name: str, prediction: str | None, shape, sche
             shape = (mcfg["in_channels"], *hw)
         else:
             raise StepsmithError(f"cannot infer the sample shape of {type(module).__name__}; pass --shape C,H,W")
-    if type(module).__name__ != "UNet2DModel":
-        raise StepsmithError(
-            f"{type(module).__name__} is a conditional denoiser: build a ModelAdapter in Python with "
-            "model_kwargs (prompt embeddings) and a call function; the CLI drives unconditional models"
-        )
     return ModelAdapter(module=module.eval(), convention=conv, prediction=pred, sample_shape=tuple(shape),
                         name=name, scheduler_config=sched_cfg)
+
+
+def check_shape_fits(shape: tuple[int, ...], mcfg: dict, cls: str) -> None:
+    """Refuse a ``--shape`` that disagrees with the model config's ``in_channels`` / ``sample_size``."""
+    size = mcfg.get("sample_size")
+    hw = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    want = (mcfg.get("in_channels"), *hw)
+    if None in want or tuple(shape) == want:
+        return
+    raise StepsmithError(f"`shape` {','.join(map(str, shape))} disagrees with the {cls} config (in_channels "
+                         f"{want[0]}, sample_size {size}): it was trained on {','.join(map(str, want))} — drop "
+                         "`shape`", param="shape")
+
+
+def _check_supported(cls_name: Any, folder: Path) -> None:
+    """Refuse, before loading weights, a denoiser class the loader has no adapter for."""
+    if cls_name == "UNet2DModel":
+        return
+    raise StepsmithError(
+        f"{folder}: {cls_name} is not supported yet — stepsmith loads UNet2DModel folders (unconditional, or "
+        "class-conditional with num_class_embeds: --classes / --guidance); for DiT and text-to-image pipelines "
+        "(SD, SDXL, SD3, Flux) build the adapter in Python: schedules.conditioning.ConditionalAdapter(module=..., "
+        "condition_kwargs=fn) with fn(cond, sample_indices, uncond, device) returning the network's inputs"
+    )
 
 
 def _import_file(file: Path):
@@ -296,8 +349,9 @@ def _load_callable(file: Path, attr: str, name: str, prediction: str | None, sha
         sched_cfg = None
     elif prediction in PREDICTIONS["vp"]:
         if scheduler_config:
-            sched_cfg = _read_json(_scheduler_config_file(Path(scheduler_config)), "scheduler config")
-            conv = VPConvention.from_scheduler_config(sched_cfg)
+            sched_file = _scheduler_config_file(Path(scheduler_config))
+            sched_cfg = read_scheduler_config(sched_file)
+            conv = _check_prediction(sched_cfg, prediction, sched_file)
         else:
             conv, sched_cfg = VPConvention.default(), None
     else:
@@ -310,6 +364,45 @@ def _load_callable(file: Path, attr: str, name: str, prediction: str | None, sha
         load_state_dict(module, load_safetensors(weights), str(weights))
     return ModelAdapter(module=module.eval(), convention=conv, prediction=prediction, sample_shape=tuple(shape),
                         name=name, scheduler_config=sched_cfg)
+
+
+def local_model_path(spec: str | None) -> Path | None:
+    """The folder a builtin model or a model-folder spec names (``None`` for other specs)."""
+    if not spec or not isinstance(spec, str):
+        return None
+    if spec.startswith("builtin:"):
+        from schedules.embedded import embedded_path
+
+        p = embedded_path(spec.split(":", 1)[1])
+    else:
+        p = Path(spec)
+    return p.resolve() if p.is_dir() else None
+
+
+def _distilled_teacher(folder: Path) -> str | None:
+    """The teacher a stepsmith distill output folder was distilled from (its tables name the teacher)."""
+    try:
+        return json.loads((folder / "distill.json").read_text())["load"]["teacher"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_table_model(table_model: str | None, model: str, *, allow_other_model: bool = False) -> None:
+    """Refuse a table searched for another local model (builtin or folder) than ``model``.
+
+    Only compares when both name a builtin model or an existing folder (flow models share one
+    convention, so the name is the only identity a flow table carries); a distilled folder accepts
+    its teacher's tables. The override is the same as ``pipeline_kwargs(..., allow_other_model=True)``.
+    """
+    mine, theirs = local_model_path(table_model), local_model_path(model)
+    if allow_other_model or mine is None or theirs is None or mine == theirs:
+        return
+    teacher = _distilled_teacher(theirs)
+    if teacher is not None and local_model_path(teacher) == mine:
+        return
+    raise StepsmithError(f"the table was searched for {table_model} but the model is {model}; search a table for "
+                         "this model, or pass `allow_other_model` if it is the same model copied elsewhere",
+                         param="allow_other_model")
 
 
 def load_state_dict(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -354,8 +447,14 @@ def _spec_text(spec: Any) -> str:
 
 def load_model(spec: str | os.PathLike, *, prediction: str | None = None, shape: str | tuple[int, ...] | None = None,
                scheduler_config: str | Path | None = None, weights: str | Path | None = None,
-               device: str | torch.device = "cpu", probe: bool = True) -> ModelAdapter:
+               device: str | torch.device = "cpu", probe: bool = True, conditioning=None,
+               null_class: int | None = None) -> ModelAdapter:
     """Resolve a model spec (``builtin:NAME``, diffusers folder, ``file.py:attr``) to an adapter.
+
+    A class-conditional network (a ``UNet2DModel`` with ``num_class_embeds``) needs a
+    :class:`~schedules.conditioning.Conditioning` (class labels, guidance; the null label is the
+    last embedding unless ``null_class`` says otherwise) and comes back as a
+    :class:`~schedules.conditioning.ConditionalAdapter`; an unconditional one refuses a conditioning.
 
     With ``probe`` the model is run once on two samples, so a wrong ``shape`` or time
     convention fails here with a clear message instead of deep inside a search.
@@ -382,6 +481,9 @@ def load_model(spec: str | os.PathLike, *, prediction: str | None = None, shape:
             f"model {spec!r} not found: give builtin:NAME ({', '.join(BUILTIN_MODELS)}), a diffusers folder, "
             "or path/to/file.py:attr"
         )
+    from schedules.conditioning import conditional_from
+
+    adapter = conditional_from(adapter, conditioning, null_class)
     adapter.module.to(device)
     if probe:
         _probe(adapter)

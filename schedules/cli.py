@@ -21,23 +21,80 @@ from schedules.io import StepsmithError
 COMMAND_ORDER = ("quickstart", "search", "sample", "eval", "distill", "bench")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, conditional: bool = False) -> None:
+    """The model options; ``conditional`` adds the conditioning ones (--classes, --guidance, ...)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True,
-                   help="builtin:toy2d-flow|digits-flow|digits-ddpm, a diffusers folder, or path/to/file.py:attr")
+                   help="builtin:toy2d-flow|digits-flow|digits-ddpm|digits-cond|sharp-ddpm, a diffusers folder, "
+                        "or path/to/file.py:attr")
     g.add_argument("--prediction", choices=["flow", "epsilon", "v", "x0"], default=None,
                    help="for file.py:attr models: flow (FlowMatch, t=σ∈[0,1]) or epsilon|v|x0 (VP, discrete t)")
     g.add_argument("--shape", default=None, help="per-sample shape when it cannot be inferred, e.g. 2 or 1,16,16")
     g.add_argument("--scheduler-config", default=None, help="folder with scheduler_config.json (VP betas / FlowMatch)")
     g.add_argument("--weights", default=None, help="safetensors state dict to load into a file.py:attr module")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps; checked before loading")
+    if conditional:
+        add_conditioning_args(p)
+
+
+def add_conditioning_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("conditioning (conditional models)")
+    g.add_argument("--classes", default=None,
+                   help="class labels of a class-conditional model: all or 0,1,2 (sample i gets label i mod P)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale w ≥ 0 (default 1: no guidance)")
+    g.add_argument("--null-class", type=int, default=None,
+                   help="the unconditional (null) label (default: the model's last class embedding)")
+    g.add_argument("--prompts", default=None, help="text file of prompts, one a line (text-to-image models)")
+
+
+def _read_prompts(path: str) -> tuple[str, ...]:
+    from pathlib import Path
+
+    f = Path(path)
+    if not f.is_file():
+        raise StepsmithError(f"`prompts` file {path} does not exist", param="prompts")
+    prompts = tuple(line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
+    if not prompts:
+        raise StepsmithError(f"`prompts` file {path} holds no prompts (one a line)", param="prompts")
+    return prompts
+
+
+def conditioning_from_args(args: argparse.Namespace):
+    """The run's :class:`~schedules.conditioning.Conditioning` from --classes / --prompts / --guidance (None:
+    none asked for), checked before the model loads."""
+    from schedules.conditioning import Conditioning, parse_classes
+
+    classes, prompts = getattr(args, "classes", None), getattr(args, "prompts", None)
+    w = getattr(args, "guidance", None)
+    if classes is not None and prompts is not None:
+        raise StepsmithError("give --classes (class-conditional) or --prompts (text-to-image), not both")
+    if classes is None and prompts is None:
+        if w is not None:
+            Conditioning(labels="all", guidance=w)  # a negative guidance is refused first
+        return None
+    guidance = 1.0 if w is None else w
+    if classes is not None:
+        return Conditioning(labels=parse_classes(classes), guidance=guidance)
+    return Conditioning(prompts=_read_prompts(prompts), guidance=guidance)
+
+
+def _refuse_guidance_only(model, args: argparse.Namespace) -> None:
+    if getattr(args, "guidance", None) is None or getattr(model, "conditioning", None) is not None:
+        return
+    raise StepsmithError(f"{model.name} is an unconditional model; `guidance` applies to conditional models only "
+                         "(drop it)", param="guidance")
 
 
 def model_from_args(args: argparse.Namespace):
     from schedules.adapters import load_model
 
-    return load_model(args.model, prediction=args.prediction, shape=args.shape,
-                      scheduler_config=args.scheduler_config, weights=args.weights, device=args.device)
+    cond = conditioning_from_args(args)
+    model = load_model(args.model, prediction=args.prediction, shape=args.shape,
+                       scheduler_config=args.scheduler_config, weights=args.weights, device=args.device,
+                       conditioning=cond, null_class=getattr(args, "null_class", None))
+    _refuse_guidance_only(model, args)
+    return model
 
 
 def invocation(argv: list[str]) -> str:

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="sample a model along a timestep table and save a grid / scatter plot",
                        description="Sample a model along a timestep table (or a uniform schedule of --nfe "
                                    "evaluations) and save the samples as a PNG (grid for images, scatter for 2D).")
-    add_model_args(p)
+    add_model_args(p, conditional=True)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--table", help="a stepsmith.schedule/v1 JSON table")
     src.add_argument("--nfe", type=int, help="model evaluations for a uniform schedule (default 16)")
@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="PNG file to write (must end in .png; other formats are refused)")
     p.add_argument("--save-tensor", default=None, help="also save the samples as safetensors")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="use a --table searched for another model (e.g. the same model copied elsewhere)")
     p.set_defaults(func=run)
 
 
@@ -54,11 +56,35 @@ def check_args(args: argparse.Namespace):
     if args.solver is not None:
         get_solver(args.solver)
     if args.table is not None:  # an empty --table is refused, not read as 'no table'
-        return load_table(args.table)
+        from schedules.adapters import check_table_model
+
+        table = load_table(args.table)
+        check_table_model(table.model, args.model, allow_other_model=args.allow_other_model)
+        return table
     if args.nfe is not None:  # the default 16 stays as it was (Heun: 8 steps, NFE 15)
         get_solver(args.solver or "euler").steps_for_nfe(args.nfe)  # "NFE must be at least 1"
         check_request("uniform", args.nfe, args.solver or "euler", exact_nfe=True)
     return None
+
+
+def class_rows(x: torch.Tensor, classes: int) -> tuple[torch.Tensor, int]:
+    """Samples rearranged so that row c of a grid holds the samples of condition c (i mod P = c);
+    short rows are padded with blank (white) images. Returns (images, images per row)."""
+    cols = -(-x.shape[0] // classes)
+    out = torch.ones((classes * cols, *x.shape[1:]), dtype=x.dtype)
+    for c in range(classes):
+        row = x[c::classes]
+        out[c * cols: c * cols + len(row)] = row
+    return out, cols
+
+
+def save_class_grid(x: torch.Tensor, path: str, classes: int) -> None:
+    from schedules.io import atomic_path
+    from schedules.viz import image_grid
+
+    images, cols = class_rows(x.detach().float().cpu(), classes)
+    with atomic_path(path) as tmp:
+        image_grid(images, nrow=cols).save(tmp, format="PNG")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -77,6 +103,7 @@ def run(args: argparse.Namespace) -> None:
     else:
         if table is not None:
             table.check_compatible(model.convention, model.prediction, what=args.model)
+            warn_conditioning(table, model)
             solver = args.solver or table.solver
         else:
             solver = args.solver or "euler"
@@ -89,10 +116,28 @@ def run(args: argparse.Namespace) -> None:
         from schedules.embedded.nets import toy2d_data
 
         ref = toy2d_data(2000, seed=12345)
-    save_samples(x, args.out, title=f"{model.name}: {label}", reference=ref)
+    cond = getattr(model, "conditioning", None)
+    if cond is not None and cond.kind == "class" and x.ndim == 4:
+        save_class_grid(x, args.out, cond.size)  # rows = classes
+    else:
+        save_samples(x, args.out, title=f"{model.name}: {label}", reference=ref)
     if args.save_tensor:
         from schedules.io import save_safetensors
 
         save_safetensors(args.save_tensor, {"samples": x.detach().cpu().to(torch.float32)})
     print(json.dumps({"out": args.out, "model": model.name, "schedule": label, "num": args.num,
-                      "seed": args.seed, "model_calls": model.calls, "seconds": round(seconds, 2)}))
+                      "seed": args.seed, "model_calls": model.calls, "seconds": round(seconds, 2),
+                      **({"conditioning": cond.describe()} if cond is not None else {})}))
+
+
+def warn_conditioning(table, model) -> None:
+    """One warning line on stderr when the table was searched for another guidance / condition set."""
+    import sys
+
+    from schedules.conditioning import conditioning_mismatch
+
+    if table.conditioning is None:  # baselines and unconditional tables hold for any setting
+        return
+    msg = conditioning_mismatch(table.conditioning, getattr(model, "conditioning", None))
+    if msg is not None:
+        print(f"stepsmith sample: warning: {msg}; its steps may not be the best for this setting", file=sys.stderr)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 from schedules.io import StepsmithError, check_output_path
 
@@ -24,18 +28,77 @@ def _parse_option(text: str) -> tuple[str, object]:
     return key, val
 
 
+def _parse_nfe(text: str) -> list[int]:
+    """``--nfe 6`` or ``--nfe 4,6,8,10`` → the budgets."""
+    try:
+        out = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise StepsmithError(f"`nfe` {text!r}: give an integer or a comma list (4,6,8)", param="nfe") from None
+    if not out:
+        raise StepsmithError("`nfe` needs at least one budget", param="nfe")
+    return out
+
+
+def final_jump(table) -> dict:
+    """The table's last evaluated node and the jump from it to σ = 0.
+
+    ``fraction`` is the share of the table's noise range (in model time, t_last / t_first) that the
+    final step crosses in one evaluation: a long last jump lands on the posterior mean, which a
+    coupled-MSE objective favours and which shows as blur on sharp data.
+    """
+    t_first, t_last = table.timesteps[0], table.timesteps[-1]
+    return {"sigma_last": float(f"{table.sigmas[-2]:.6g}"), "timestep_last": round(t_last, 4),
+            "fraction": round(t_last / t_first, 4) if t_first > 0 else None}
+
+
+def _write_folder(out: str, tables: dict) -> list[str]:
+    """Every table as ``out/<method>-nfe<K>.json``, built in a sibling folder and renamed into place."""
+    dst = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        names = []
+        for nfe, t in tables.items():
+            names.append(f"{t.method}-nfe{nfe}.json")
+            t.save(tmp / names[-1])
+        old = None
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            dst.rename(old)
+        tmp.rename(dst)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return [str(dst / n) for n in names]
+
+
+def _check_folder(out: str, overwrite: bool) -> None:
+    path = check_output_path(out, param="out", folder=True)
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise StepsmithError(f"`out` folder {path} exists and holds files; pass --overwrite to replace it",
+                             param="out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from schedules.cli import add_model_args
 
     p = sub.add_parser("search", help="search (or generate) a timestep table",
                        description="Search a timestep table for a model, solver and NFE budget, or generate a "
                                    "baseline schedule. The table is written atomically as stepsmith.schedule/v1 JSON.")
-    add_model_args(p)
+    add_model_args(p, conditional=True)
     p.add_argument("--method", default="dp",
                    help="dp (default), evolution, ays, or a baseline: uniform, quadratic, karras, exponential, logsnr, "
                         "shift, linspace, leading, trailing, default, ays-gaussian, ays-published")
-    p.add_argument("--nfe", type=int, required=True, help="model evaluations (Heun: 2K-1 for K steps, so odd)")
-    p.add_argument("--solver", default="euler", help="euler | ddim | heun | dpmpp-2m")
+    p.add_argument("--nfe", required=True,
+                   help="model evaluations (Heun: 2K-1 for K steps, so odd); a list 4,6,8 writes one table per "
+                        "budget into the --out folder (dp: all from one pass)")
+    p.add_argument("--solver", default=None, help="euler (default) | ddim | heun | dpmpp-2m | ipndm "
+                                                  "(interp: the source table's solver)")
+    p.add_argument("--from", dest="source", default=None, metavar="TABLE",
+                   help="--method interp: the table to interpolate log-linearly to --nfe")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (several budgets)")
     p.add_argument("--samples", type=int, default=None, help="search samples B (default 64)")
     p.add_argument("--grid", type=int, default=None, help="grid intervals for dp/evolution (default 100; heun 50)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the search samples (evaluate on others)")
@@ -43,33 +106,58 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="method option, repeatable (dp: mode=refined|teacher|student, late_weight=1.15; "
                         "karras: rho=7; shift: shift=3; evolution: generations=10, checkpoint=PATH; ays: ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, help="JSON table to write")
+    p.add_argument("--out", required=True, help="JSON table to write (several budgets: the folder to write)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from schedules.cli import model_from_args
     from schedules.distributed import current_dist
-    from schedules.search import SEARCHED, check_request, make_table
+    from schedules.search import SEARCHED, check_request, make_tables
+    from schedules.table import load_table
 
+    args.nfe = _parse_nfe(args.nfe)
     options = dict(_parse_option(o) for o in args.option)
     if args.grid is not None:
         options["grid"] = args.grid
+    if args.source is not None or args.method == "interp":
+        if args.method != "interp" or args.source is None:
+            raise StepsmithError("--from TABLE goes with --method interp (and interp needs --from)", param="source")
+        options["source"] = load_table(args.source)
+        args.solver = args.solver or options["source"].solver
+    args.solver = args.solver or "euler"
     # before loading the model: the request, then the output path
-    check_request(args.method, args.nfe, args.solver, samples=args.samples, options=options, exact_nfe=True)
-    check_output_path(args.out, param="out")
+    for nfe in args.nfe:
+        check_request(args.method, nfe, args.solver, samples=args.samples, options=options, exact_nfe=True)
+    if len(args.nfe) > 1:
+        _check_folder(args.out, args.overwrite)
+    else:
+        check_output_path(args.out, param="out")
     dist = current_dist()  # joins the process group under accelerate launch / torchrun
     model = model_from_args(args)
     t0 = time.perf_counter()
     kw = {} if args.method not in SEARCHED else {"samples": args.samples, "seed": args.seed,
                                                    "progress": not args.no_progress}
-    table = make_table(model, args.method, args.nfe, args.solver, **kw, **options)
-    table.model = args.model
-    table.provenance["command"] = args.invocation
+    if "source" in options and options["source"].model == args.model:
+        options["source"].model = model.name  # the CLI records tables under the --model spelling
+    tables = make_tables(model, args.method, args.nfe, args.solver, **kw, **options)
+    for t in tables.values():
+        t.model = args.model
+        t.provenance["command"] = args.invocation
+        if args.method in SEARCHED:
+            t.provenance["final_jump"] = final_jump(t)
     if not dist.main:  # under accelerate launch only the main process writes
         return
+    if len(tables) > 1:
+        print(json.dumps({"out": args.out, "method": args.method, "tables": _write_folder(args.out, tables),
+                          "final_jump": {nfe: final_jump(t) for nfe, t in tables.items()},
+                          "seconds": round(time.perf_counter() - t0, 2)}))
+        return
+    table = next(iter(tables.values()))
     table.save(args.out)
     print(json.dumps({"out": args.out, "method": table.method, "solver": table.solver, "nfe": table.nfe,
                       "steps": table.steps, "timesteps": [round(t, 4) for t in table.timesteps],
-                      "objective": table.objective, "model_calls": table.provenance.get("model_calls", 0),
+                      "objective": table.objective, "final_jump": final_jump(table),
+                      "model_calls": table.provenance.get("model_calls", 0),
+                      **({"conditioning": table.conditioning} if table.conditioning else {}),
                       "seconds": round(time.perf_counter() - t0, 2)}))

@@ -147,3 +147,34 @@ def check_output_path(path: str | os.PathLike | None, *, param: str = "out", fol
     except OSError as exc:
         raise StepsmithError(f"`{param}` {path}: cannot write in {parent} ({exc.strerror or exc})", param=param) from None
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_siblings(path: str | os.PathLike, tags: tuple[str, ...]) -> list[Path]:
+    """Delete ``.<name>.<tag>-<pid>`` temporaries beside ``path`` left by killed runs.
+
+    Multi-file outputs are built in such a folder and renamed into place; a run killed before the
+    rename leaves it behind. Only those whose process is gone are removed (a live run keeps its own).
+    """
+    import shutil
+
+    path = Path(path)
+    gone = []
+    if not path.parent.is_dir():
+        return gone
+    for tag in tags:
+        for p in path.parent.glob(f".{path.name}.{tag}-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                gone.append(p)
+    return gone

@@ -16,8 +16,11 @@ A table is what a search produces and what a pipeline consumes. JSON layout
       "method": "dp",
       "model": "builtin:digits-flow",
       "objective": 0.0123,    # the search objective reached, or null
-      "provenance": {...}     # seed, samples, grid, seconds, model calls, version
+      "provenance": {...},    # seed, samples, grid, seconds, model calls, version
+      "conditioning": {...}   # optional (conditional models): guidance, classes / prompt fingerprint, negative
     }
+
+A table without ``conditioning`` (every unconditional table) is the same v1 file as before.
 
 Validation runs on construction and on load; each error names the field and the fix.
 """
@@ -52,7 +55,7 @@ _FIELD_TYPES: dict[str, tuple[str, tuple[type, ...], bool]] = {
     "sigmas": ("a list of numbers", (list,), False), "timesteps": ("a list of numbers", (list,), False),
     "steps": ("an integer", (int,), True), "nfe": ("an integer", (int,), True),
     "objective": ("a number", (int, float), True), "convention_config": ("an object", (dict,), False),
-    "provenance": ("an object", (dict,), False),
+    "provenance": ("an object", (dict,), False), "conditioning": ("an object", (dict,), True),
 }
 
 # VP noise schedules (by ᾱ hash) seen in this process: a table for one of them has its
@@ -111,6 +114,7 @@ class TimestepTable:
     steps: int | None = None
     nfe: int | None = None
     format: str = FORMAT
+    conditioning: dict[str, Any] | None = None  # what a conditional model's table is valid for (guidance, classes)
 
     def __post_init__(self) -> None:
         self.sigmas = _floats(self.sigmas, "sigmas")
@@ -220,6 +224,8 @@ class TimestepTable:
         d = asdict(self)
         order = ["format", "sigmas", "timesteps", "steps", "nfe", "solver", "prediction", "convention",
                  "convention_config", "method", "model", "objective", "provenance"]
+        if self.conditioning is not None:
+            order.append("conditioning")
         return {k: d[k] for k in order}
 
     def save(self, path: str | Path) -> Path:
@@ -267,6 +273,19 @@ class TimestepTable:
             )
         _remember(convention)
         self.check_timesteps(convention)
+
+
+    def check_conditioning(self, conditioning: Any) -> str | None:
+        """Warn (``UserWarning``) when this table was searched for another guidance scale or condition set
+        than ``conditioning`` (a :class:`~schedules.conditioning.Conditioning`, or None); returns the message.
+
+        Baseline tables (no ``conditioning`` block) never warn: they do not depend on the conditioning.
+        """
+        if self.conditioning is None:
+            return None
+        from schedules.conditioning import warn_if_mismatch
+
+        return warn_if_mismatch(self, conditioning)
 
 
 def _floats(values: Any, name: str) -> list[float]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from schedules.conditioning import bind, micro_batches
 from schedules.io import StepsmithError
 from schedules.solvers import check_sigmas, get_solver, sample
 
@@ -131,17 +132,17 @@ def teacher_sample(denoiser, noise: torch.Tensor, teacher: Teacher = DEFAULT_TEA
     """
     grid = teacher.grid(denoiser.convention)
     pos = _node_positions(grid, nodes) if nodes is not None else []
-    bs = len(noise) if not batch_size else int(batch_size)
     xs, sts, dns = [], [], []
-    starts = range(0, len(noise), max(bs, 1))
-    for b0 in tqdm(starts, desc=f"teacher ({teacher.name})", disable=not progress or len(starts) == 1, leave=False):
-        x, st, dn = _run_batch(denoiser, noise[b0:b0 + bs], teacher, grid, pos, progress and len(starts) == 1)
+    slices = micro_batches(len(noise), batch_size)
+    for sl in tqdm(slices, desc=f"teacher ({teacher.name})", disable=not progress or len(slices) == 1, leave=False):
+        with bind(sl):  # conditional models: sample i of the batch keeps condition i mod P
+            x, st, dn = _run_batch(denoiser, noise[sl], teacher, grid, pos, progress and len(slices) == 1)
         xs.append(x)
         if pos:
             sts.append(torch.stack([st[p] for p in pos]))
             dns.append(torch.stack([dn[p] for p in pos]))
         if on_batch is not None:
-            on_batch(b0 + len(x))
+            on_batch(sl.stop)
     x = torch.cat(xs) if xs else noise
     if not pos:
         return TeacherRun(x, teacher)

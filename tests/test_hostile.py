@@ -76,11 +76,37 @@ def build_fixtures(root: Path) -> dict[str, str]:
     (root / "sched").mkdir(exist_ok=True)
     (root / "sched" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear"}))
+    _model_json_fixtures(root)
     tables = {k: str(root / f"{k}.json") for k in variants}
-    return {"d": str(root), "ok": str(root / "ok.json"), **tables,
+    extra = {k: str(root / f"{k}.json") for k in EXTRA_JSON}
+    return {"d": str(root), "ok": str(root / "ok.json"), **tables, **extra, "ddpm": _ddpm_folder(),
             "list": str(root / "list.json"), "vp_bad": str(root / "vp_bad.json"),
             "tabledir": str(root / "tabledir"), "outdir": str(root / "outdir"), "afile": str(root / "afile"),
             **{k: str(root / f"{k}.py") for k in ("m", "oom", "exit0", "exit3")}, "sched": str(root / "sched")}
+
+
+EXTRA_JSON = ("flow_sched", "noclass_sched", "v_sched", "evo_trunc", "evo_other", "evo_rng")
+
+
+def _ddpm_folder() -> str:
+    from schedules.embedded import embedded_path
+
+    return str(embedded_path("digits-ddpm"))
+
+
+def _model_json_fixtures(root: Path) -> None:
+    """Scheduler configs of the wrong kind and malformed evolution checkpoints."""
+    files = {"flow_sched": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000},
+             "noclass_sched": {"num_train_timesteps": 1000, "beta_schedule": "linear"},
+             "v_sched": {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "prediction_type": "v_prediction"},
+             "evo_other": {"config_key": "0123456789abcdef", "generation": 0, "population": [[0, 1, 2]],
+                           "cache": [[[0, 1, 2], 0.5]], "rng": {"bit_generator": "PCG64"}},
+             "evo_rng": None}
+    for name, obj in files.items():
+        if obj is not None:
+            (root / f"{name}.json").write_text(json.dumps(obj))
+    (root / "evo_trunc.json").write_text('{"config_key": "abc", "generation": 1, "popul')
+    (root / "evo_rng.json").write_text(json.dumps({**files["evo_other"], "population": "0,1,2"}))
 
 
 def _vp_mismatch(model: str) -> dict:
@@ -100,6 +126,9 @@ def _vp_mismatch(model: str) -> dict:
 
 OUT_JSON = "{d}/new/t.json"
 OUT_PNG = "{d}/new/g.png"
+EVAL = ["eval", "--model", TOY, "--methods", "uniform", "--nfe", "2", "--num", "4", "--teacher-steps", "2"]
+EVO = ["search", "--model", TOY, "--method", "evolution", "--nfe", "3", "--samples", "4", "--grid", "8",
+       "--no-progress"]
 
 # (id, argv template, expected text in the one stderr line)
 CLI_CASES: list[tuple[str, list[str], str]] = [
@@ -169,6 +198,47 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
      "cannot write"),
     ("distill-device-foo", ["distill", "--model", TOY, "--table", "{ok}", "--steps", "1", "--device", "foo",
                             "--out", "{d}/new/student"], "not a torch device"),
+    # eval: the output folder before any model call
+    ("eval-out-file", [*EVAL, "--out", "{afile}"], "is an existing file"),
+    ("eval-out-table-file", [*EVAL, "--out", "{ok}"], "is an existing file"),
+    ("eval-out-empty", [*EVAL, "--out", ""], "--out is empty"),
+    ("eval-out-readonly", [*EVAL, "--out", "/sys/stepsmith_ev"], "cannot write"),
+    ("eval-out-under-file", [*EVAL, "--out", "{afile}/ev"], "is a file"),
+    # evolution options and checkpoints, before any model call
+    ("evo-seed-negative", [*EVO, "--seed", "-1", "--out", OUT_JSON], "--seed must be an integer of at least 0"),
+    ("evo-population-str", [*EVO, "--option", "population=ten", "--out", OUT_JSON], "`population` must be an integer"),
+    ("evo-generations-0", [*EVO, "--option", "generations=0", "--out", OUT_JSON], "`generations` must be"),
+    ("evo-elite-gt-pop", [*EVO, "--option", "population=4", "--option", "elite=9", "--out", OUT_JSON], "exceeds"),
+    ("evo-p-mutation-2", [*EVO, "--option", "p_mutation=2", "--out", OUT_JSON], "probability"),
+    ("evo-ckpt-list", [*EVO, "--option", "checkpoint={list}", "--out", OUT_JSON], "not an evolution checkpoint"),
+    ("evo-ckpt-truncated", [*EVO, "--option", "checkpoint={evo_trunc}", "--out", OUT_JSON], "is corrupt"),
+    ("evo-ckpt-population-str", [*EVO, "--option", "checkpoint={evo_rng}", "--out", OUT_JSON], "is corrupt"),
+    ("evo-ckpt-table", [*EVO, "--option", "checkpoint={ok}", "--out", OUT_JSON], "not an evolution checkpoint"),
+    ("evo-ckpt-other-search", [*EVO, "--option", "checkpoint={evo_other}", "--out", OUT_JSON], "another search"),
+    ("evo-ckpt-dir", [*EVO, "--option", "checkpoint={tabledir}", "--out", OUT_JSON], "existing directory"),
+    ("evo-ckpt-number", [*EVO, "--option", "checkpoint=5", "--out", OUT_JSON], "must be a file path"),
+    # the table's model, checked on every path (same override as pipeline_kwargs)
+    ("sample-table-other-model", ["sample", "--model", "builtin:digits-flow", "--table", "{ok}", "--num", "1",
+                                  "--out", OUT_PNG], "--allow-other-model"),
+    ("eval-table-other-model", ["eval", "--model", "builtin:digits-flow", "--tables", "{ok}", "--num", "4",
+                                "--out", "{d}/new/ev"], "--allow-other-model"),
+    ("distill-table-other-model", ["distill", "--model", "builtin:digits-flow", "--table", "{ok}", "--steps", "1",
+                                   "--out", "{d}/new/st"], "--allow-other-model"),
+    # --shape against the UNet config; scheduler configs read by their _class_name
+    ("unet-shape-8", ["sample", "--model", "{ddpm}", "--shape", "1,8,8", "--nfe", "2", "--num", "1", "--out", OUT_PNG],
+     "sample_size 16"),
+    ("unet-shape-3ch", ["sample", "--model", "{ddpm}", "--shape", "3,16,16", "--nfe", "2", "--num", "1",
+                        "--out", OUT_PNG], "in_channels 1"),
+    ("unet-sched-table", ["sample", "--model", "{ddpm}", "--scheduler-config", "{ok}", "--nfe", "2", "--num", "1",
+                          "--out", OUT_PNG], "timestep table"),
+    ("model-vp-flow-sched", [*SAMPLE[:2], "{m}:net", *SAMPLE[3:], "--prediction", "epsilon", "--scheduler-config",
+                             "{flow_sched}", "--out", OUT_PNG], "flow matching"),
+    ("model-vp-table-sched", [*SAMPLE[:2], "{m}:net", *SAMPLE[3:], "--prediction", "epsilon", "--scheduler-config",
+                              "{ok}", "--out", OUT_PNG], "timestep table"),
+    ("model-vp-noclass-sched", [*SAMPLE[:2], "{m}:net", *SAMPLE[3:], "--prediction", "epsilon",
+                                "--scheduler-config", "{noclass_sched}", "--out", OUT_PNG], "_class_name"),
+    ("model-vp-pred-mismatch", [*SAMPLE[:2], "{m}:net", *SAMPLE[3:], "--prediction", "epsilon",
+                                "--scheduler-config", "{v_sched}", "--out", OUT_PNG], "make them agree"),
 ]
 
 
@@ -194,6 +264,7 @@ def test_cli_case_is_one_line_exit_2(fx, capsys, argv, match):
     assert match in lines[0], lines[0]
     assert sorted(p.name for p in Path(fx["d"]).rglob("*")) == before  # nothing written
     assert not Path("/sys/stepsmith_t.json").exists()
+    assert not list(Path(fx["d"]).glob(".*partial*"))  # no half-built folder beside the fixtures
 
 
 def test_sys_exit_in_a_model_file_is_exit_2_in_a_subprocess(fx):
@@ -231,11 +302,135 @@ def test_a_bug_still_shows_its_traceback(fx, monkeypatch):
         main(_fill([*SAMPLE, "--out", OUT_PNG], fx))
 
 
+def test_table_model_override_and_a_students_teacher(fx, tmp_path):
+    """--allow-other-model samples anyway; a distilled folder takes its teacher's tables; names that are
+    not local models are not compared."""
+    from schedules.adapters import check_table_model
+    from schedules.cli import main
+
+    out = tmp_path / "g.png"
+    assert main(["sample", "--model", "builtin:digits-flow", "--table", fx["ok"], "--num", "1", "--allow-other-model",
+                 "--out", str(out)]) == 0 and out.is_file()
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "distill.json").write_text(json.dumps({"load": {"teacher": TOY}}))
+    check_table_model(TOY, str(student))
+    with pytest.raises(StepsmithError, match="allow_other_model"):
+        check_table_model("builtin:digits-flow", str(student))
+    check_table_model("m", "builtin:digits-flow")
+
+
 def test_odd_heun_nfe_still_searches(tmp_path):
     from schedules.cli import main
 
     assert main([*SEARCH[:-2], "--nfe", "3", "--solver", "heun", "--out", str(tmp_path / "t.json")]) == 0
     assert json.loads((tmp_path / "t.json").read_text())["nfe"] == 3
+
+
+# --------------------------------------------------------------------------- interruptions
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+EVAL_KW = dict(methods=["uniform"], num=8, teacher_steps=2, grid=4, progress=False, batch_size=8)
+KILL_SWEEP = """
+import os, signal, sys
+import torch
+import eval.sweep as sw
+sw.score_cell = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+sw.run_sweep("builtin:toy2d-flow", out=sys.argv[1], nfe=[3], real=torch.randn(64, 2), **{kw})
+"""
+
+
+def test_eval_killed_into_an_existing_folder_keeps_the_old_report_whole(tmp_path, monkeypatch):
+    """A real kill -9 mid-sweep: the old report and its grids stay as they were (the new teacher grid
+    was drawn aside); the next run removes the killed run's temporary and replaces the old outputs."""
+    import eval.sweep as sw
+
+    monkeypatch.setattr(sw, "_versions", dict)  # package versions: not what is tested, and slow to import
+    real = torch.randn(64, 2)
+    ev = tmp_path / "ev"
+    sw.run_sweep(TOY, out=ev, nfe=[2], real=real, **EVAL_KW)
+    (ev / "notes.txt").write_text("mine")
+    before = {p.relative_to(ev): p.read_bytes() for p in ev.rglob("*") if p.is_file()}
+    r = subprocess.run([sys.executable, "-c", KILL_SWEEP.format(kw=EVAL_KW), str(ev)], capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == -9, r.stderr
+    assert {p.relative_to(ev): p.read_bytes() for p in ev.rglob("*") if p.is_file()} == before
+    assert len(list(tmp_path.glob(".ev.partial-*"))) == 1  # the killed run's grids, aside
+    rep = sw.run_sweep(TOY, out=ev, nfe=[3], real=real, **EVAL_KW)
+    assert not list(tmp_path.glob(".ev.partial-*"))
+    assert (ev / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (ev / "grids").iterdir()) == sorted(
+        Path(r["grid"]).name for r in [rep["teacher"], *rep["results"]])  # no grid of the old run
+    assert json.loads((ev / "report.json").read_text())["results"][0]["nfe"] == 3
+
+
+def test_eval_failure_leaves_no_folder(tmp_path, monkeypatch):
+    import eval.sweep as sw
+
+    def boom(*_a, **_k):
+        raise StepsmithError("boom")
+
+    monkeypatch.setattr(sw, "score_cell", boom)
+    with pytest.raises(StepsmithError):
+        sw.run_sweep(TOY, out=tmp_path / "ev", nfe=[2], real=torch.randn(64, 2), **EVAL_KW)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resumed_distill_cuts_the_loss_log_adds_earlier_cost_and_cleans_export_temporaries(tmp_path):
+    from distill.trainer import DistillConfig, distill
+    from schedules import load_model
+    from schedules.baselines import uniform
+
+    toy = load_model(TOY)
+    cfg = DistillConfig(method="boss", steps=6, checkpoint_every=2, log_every=1, eval_every=3, pairs=64,
+                        teacher_steps=8, batch_size=32, progress=False)
+    out = tmp_path / "s"
+    assert distill(toy, uniform(toy, 2), cfg, out, stop_after=5) is None
+    work = tmp_path / "s.work"
+    import shutil
+
+    shutil.rmtree(work / "ckpt-00000005")  # killed after the step-4 checkpoint: rows 5 are in the log
+    earlier = json.loads((work / "ckpt-00000004" / "meta.json").read_text())["cost"]
+    assert earlier["train_seconds"] > 0
+    stale = tmp_path / f".s.tmp-{_dead_pid()}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 100)
+    res = distill(toy, uniform(toy, 2), cfg, out, resume=True)
+    steps = [ln.split("\t")[0] for ln in (out / "loss.log").read_text().splitlines()[1:]]
+    assert steps == ["0", "1", "2", "3", "4", "5", "6"]
+    assert res.info["resumed_from_step"] == 4 and res.info["train_seconds"] >= earlier["train_seconds"]
+    assert not stale.exists() and not work.exists()
+
+
+def test_resumed_evolution_records_the_whole_cost(tmp_path):
+    from schedules import load_model
+    from schedules.search import make_table
+
+    toy = load_model(TOY)
+    opts = dict(samples=4, grid=8, population=4, generations=3, elite=2)
+
+    class Killed(Exception):
+        pass
+
+    def kill(gen):
+        if gen == 1:
+            raise Killed
+
+    ck = tmp_path / "evo.json"
+    calls0 = toy.calls
+    with pytest.raises(Killed):
+        make_table(toy, "evolution", 3, checkpoint=str(ck), on_generation=kill, **opts)
+    first = toy.calls - calls0
+    resumed = make_table(toy, "evolution", 3, checkpoint=str(ck), **opts)
+    total = toy.calls - calls0
+    prov = resumed.provenance
+    assert prov["resumed"]["model_calls"] == first and prov["model_calls"] == total > first
 
 
 # --------------------------------------------------------------------------- Python API

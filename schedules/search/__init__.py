@@ -21,15 +21,18 @@ from collections.abc import Callable
 from schedules.baselines import BASELINES
 from schedules.io import StepsmithError
 from schedules.search.ays import ays_table
-from schedules.search.dp_method import dp_table
+from schedules.search.dp_method import dp_table, dp_tables
 from schedules.search.evolution import evolution_table
+from schedules.search.interp import interp_table
 from schedules.solvers import get_solver
 from schedules.table import TimestepTable
 
 SearchMethod = Callable[..., TimestepTable]
 """``fn(adapter, nfe, solver, *, samples, seed, progress, **options) -> TimestepTable``."""
 
-SEARCHED: dict[str, SearchMethod] = {"dp": dp_table, "evolution": evolution_table, "ays": ays_table}
+SEARCHED: dict[str, SearchMethod] = {"dp": dp_table, "evolution": evolution_table, "ays": ays_table,
+                                     "interp": interp_table}
+MULTI_BUDGET = {"dp": dp_tables}  # methods that answer several budgets from one pass
 DEFAULT_SAMPLES = 64
 SEARCH_KEYWORDS = ("samples", "seed", "progress")  # passed by make_table itself, never as options
 
@@ -129,9 +132,36 @@ def make_table(adapter, method: str, nfe: int, solver: str = "euler", *, samples
     prov.setdefault("solver", solver)
     prov.setdefault("model_calls", getattr(adapter, "calls", 0) - calls0)
     prov.setdefault("seconds", round(time.perf_counter() - t0, 3))
+    cond = getattr(adapter, "conditioning", None)
+    if cond is not None:  # a searched table is valid for the guidance and conditions it was searched under
+        table.conditioning = cond.describe()
     table.validate()
     return table
 
 
-__all__ = ["DEFAULT_SAMPLES", "METHODS", "SEARCHED", "SearchMethod", "check_request", "make_table", "method_options",
-           "methods", "register"]
+def make_tables(adapter, method: str, nfe: list[int], solver: str = "euler", *, samples: int | None = None,
+                seed: int = 0, progress: bool = False, **options) -> dict[int, TimestepTable]:
+    """One table per budget of ``nfe``: ``dp`` from one shared pass (:func:`~schedules.search.dp_method.dp_tables`),
+    every other method by one search per budget."""
+    budgets = list(dict.fromkeys(nfe))
+    if not budgets:
+        raise StepsmithError("`nfe` needs at least one budget", param="nfe")
+    if method not in MULTI_BUDGET or len(budgets) == 1:
+        return {k: make_table(adapter, method, k, solver, samples=samples, seed=seed, progress=progress, **options)
+                for k in budgets}
+    B = DEFAULT_SAMPLES if samples is None else int(samples)
+    for k in budgets:
+        check_request(method, k, solver, samples=B, options=options)
+    t0 = time.perf_counter()
+    tables = MULTI_BUDGET[method](adapter, budgets, solver, samples=B, seed=int(seed), progress=progress, **options)
+    for t in tables.values():
+        t.provenance.setdefault("seed", int(seed))
+        t.provenance.setdefault("samples", B)
+        t.provenance.setdefault("solver", solver)
+        t.provenance.setdefault("seconds", round(time.perf_counter() - t0, 3))
+        t.validate()
+    return tables
+
+
+__all__ = ["DEFAULT_SAMPLES", "METHODS", "SEARCHED", "SearchMethod", "check_request", "make_table", "make_tables",
+           "method_options", "methods", "register"]

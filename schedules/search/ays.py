@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from schedules.baselines import ays_closed_form_nodes, loglinear_interp, steps_for, table_from_nodes
+from schedules.conditioning import bind
 from schedules.io import StepsmithError
 from schedules.search.common import check_finite, final_mse_kind, mse, rollout
 from schedules.teacher import Teacher, teacher_sample
@@ -95,7 +96,8 @@ class KLUB:
         rv = r.view(view).to(self.x0.dtype)
         eps = (rv * self.eps[None] + (1 - rv**2).clamp_min(0).sqrt() * self.xi).reshape(-1, *self.x0.shape[1:])
         x0 = self.x0.repeat(self.draws, *([1] * (self.x0.ndim - 1)))
-        d = self._d(t.reshape(-1), x0, eps).reshape(self.draws, B, -1)
+        with bind(torch.arange(B).repeat(self.draws)):  # draw-major: the B samples once per draw
+            d = self._d(t.reshape(-1), x0, eps).reshape(self.draws, B, -1)
         ref = self.anchor(t_hi).reshape(1, B, -1)
         return float(Z * ((d - ref) ** 2).sum(-1).mean())
 

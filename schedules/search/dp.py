@@ -34,8 +34,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from schedules.conditioning import bind, micro_batches
 from schedules.distributed import Dist, current_dist
+from schedules.io import StepsmithError
 from schedules.search.common import (
+    Reference,
     RollState,
     check_finite,
     first_order_coeffs,
@@ -48,14 +51,20 @@ from schedules.search.common import (
     validate_budget,
 )
 from schedules.solvers import euler_step, get_solver, heun_correct, heun_predict
-from schedules.teacher import Teacher
+from schedules.teacher import Teacher, teacher_sample
 
 # --------------------------------------------------------------------------- cost matrices
 
 
+COST_METRICS = ("mse", "l2")
+
+
 @torch.no_grad()
-def _costs_first_order(conv, grid, ref) -> torch.Tensor:
-    """Sum over the micro-batch of squared errors of one first-order step, c[i][j] (j > i)."""
+def _costs_first_order(conv, grid, ref, metric: str = "mse") -> torch.Tensor:
+    """Sum over the micro-batch of per-sample errors of one first-order step, c[i][j] (j > i).
+
+    ``metric`` "mse": a sample's mean squared error (BOSS); "l2": its Euclidean norm (GITS' ``l2``).
+    """
     n = len(grid) - 1
     b = ref.x.shape[1]
     numel = ref.x[0].numel()
@@ -66,7 +75,10 @@ def _costs_first_order(conv, grid, ref) -> torch.Tensor:
     for i in range(n):
         A, B = first_order_coeffs(conv, grid[i], g[i + 1:])
         pred = A[:, None] * xf[i][None] + B[:, None] * df[i][None]
-        C[i, i + 1:] = ((pred - xf[i + 1:]) ** 2).sum(1) / (numel / b)
+        if metric == "l2":
+            C[i, i + 1:] = (pred - xf[i + 1:]).reshape(n - i, b, -1).norm(dim=2).sum(1)
+        else:
+            C[i, i + 1:] = ((pred - xf[i + 1:]) ** 2).sum(1) / (numel / b)
     return C
 
 
@@ -89,7 +101,8 @@ def heun_jumps(denoiser, x: torch.Tensor, x0: torch.Tensor, s: float, targets: l
         cj = conv.ode_scale(sj)
         y_pred = heun_predict(y, d, s, sj)  # [nj, B, ...]
         s_in = torch.tensor(inner, dtype=dtype).repeat_interleave(x.shape[0])
-        x0_pred = denoiser.denoise((y_pred * cj).reshape(-1, *x.shape[1:]).to(dtype), s_in)
+        with bind(torch.arange(x.shape[0]).repeat(len(inner))):  # target-major: the B samples once per target
+            x0_pred = denoiser.denoise((y_pred * cj).reshape(-1, *x.shape[1:]).to(dtype), s_in)
         check_finite(x0_pred, "a Heun correction")
         out.append(heun_correct(y, d, y_pred, x0_pred.reshape(y_pred.shape).to(torch.float64), s, sj) * cj)
     if len(inner) < len(targets):
@@ -266,7 +279,7 @@ class _CostSums:
                    torch.zeros_like(noise),
                    torch.zeros((n + 1, *noise.shape), dtype=noise.dtype) if keep_states else None)
 
-    def add(self, denoiser, grid: list[float], solver: str, ref, sl: slice) -> None:
+    def add(self, denoiser, grid: list[float], solver: str, ref, sl: slice, metric: str = "mse") -> None:
         self.finals[sl] = ref.x[-1]
         if self.states is not None:
             self.states[:, sl] = ref.x
@@ -277,7 +290,7 @@ class _CostSums:
             self.C += c2
             self.C3 += c3
         else:
-            self.C += _costs_first_order(denoiser.convention, grid, ref)
+            self.C += _costs_first_order(denoiser.convention, grid, ref, metric)
 
     def reduced(self, dist: Dist, count: int) -> _CostSums:
         """Summed over ranks; the cost matrices become means over the ``count`` samples."""
@@ -290,13 +303,16 @@ class _CostSums:
 @torch.no_grad()
 def teacher_dp(denoiser, noise: torch.Tensor, grid: list[float], solver: str, kmax: int, *,
                micro_batch: int = 16, late_weight: float = 1.0, substeps: int = 1,
-               progress: bool = False, keep_states: bool = False) -> DPSearch:
+               progress: bool = False, keep_states: bool = False, teacher: Teacher | None = None,
+               metric: str = "mse") -> DPSearch:
     """BOSS/GITS teacher-state DP for every budget ≤ kmax, streaming costs over micro-batches.
 
     Memory grows with the micro-batch (n·b·D for one micro-batch's trajectories), not with the
     number of samples. ``keep_states`` additionally returns all teacher states (n·B·D, for the
     student-state DP, which needs them anyway) in ``extra["states"]``. The teacher is
-    :func:`~schedules.search.common.search_teacher` (Heun on the grid, ``substeps`` per interval).
+    :func:`~schedules.search.common.search_teacher` (Heun on the grid, ``substeps`` per interval) unless
+    ``teacher`` (whose grid must hold the search grid's nodes) is given; ``metric`` applies to first-order
+    costs (:func:`_costs_first_order`).
     """
     get_solver(solver)
     n = len(grid) - 1
@@ -305,15 +321,17 @@ def teacher_dp(denoiser, noise: torch.Tensor, grid: list[float], solver: str, km
     calls0 = getattr(denoiser, "calls", 0)
     sums = _CostSums.zeros(n, noise, solver, keep_states)
     t_ref = t_dp = 0.0
-    chunks = list(range(0, noise.shape[0], micro_batch))
+    chunks = micro_batches(noise.shape[0], micro_batch)
     for ci in tqdm(range(len(chunks)), desc=f"dp ({solver})", disable=not progress or not dist.main, leave=False):
         if ci % dist.world != dist.rank:
             continue
-        sl = slice(chunks[ci], chunks[ci] + micro_batch)
+        sl = chunks[ci]
         t0 = time.perf_counter()
-        ref = reference_pass(denoiser, noise[sl], grid, substeps)
-        t1 = time.perf_counter()
-        sums.add(denoiser, grid, solver, ref, sl)
+        with bind(sl):  # conditional models: the micro-batch keeps its samples' conditions
+            ref = reference_pass(denoiser, noise[sl], grid, substeps) if teacher is None else \
+                teacher_reference(denoiser, noise[sl], grid, teacher)
+            t1 = time.perf_counter()
+            sums.add(denoiser, grid, solver, ref, sl, metric)
         t_dp += time.perf_counter() - t1
         t_ref += t1 - t0
     tot = sums.reduced(dist, noise.shape[0])
@@ -326,7 +344,16 @@ def teacher_dp(denoiser, noise: torch.Tensor, grid: list[float], solver: str, km
         res = bellman_all(tot.C, kmax, late_weight)
     t_dp += time.perf_counter() - t2
     return DPSearch(grid, res, noise, tot.finals, t_ref, t_dp, calls,
-                    {"cost": tot.C, "states": tot.states, "world": dist.world}, search_teacher(grid, substeps))
+                    {"cost": tot.C, "states": tot.states, "world": dist.world},
+                    search_teacher(grid, substeps) if teacher is None else teacher)
+
+
+@torch.no_grad()
+def teacher_reference(denoiser, noise: torch.Tensor, grid: list[float], teacher: Teacher) -> Reference:
+    """States and denoised values of any ``teacher`` at the grid's nodes (the grid must lie on its grid)."""
+    run = teacher_sample(denoiser, noise, teacher, nodes=grid)
+    check_finite(run.states, "the reference trajectory")
+    return Reference(run.states, run.denoised[:-1])
 
 
 # --------------------------------------------------------------------------- student-state DP (OSS)
@@ -417,6 +444,73 @@ def student_dp(denoiser, noise: torch.Tensor, grid: list[float], solver: str, km
                 p.append(back[kk][p[-1]])
             paths[k], costs[k] = p[::-1], lvl.err[n]
     return BellmanResult(paths, costs)
+
+
+@torch.no_grad()
+def student_dp_per_sample(denoiser, noise: torch.Tensor, grid: list[float], budgets: list[int],
+                          teacher_states: torch.Tensor) -> dict[int, torch.Tensor]:
+    """OSS's per-sample student-state DP (Wang et al. 2025, ``search_OSS``), batched over samples.
+
+    Every sample runs its own DP: level k holds, per node j, that sample's best k-step first-order
+    (Euler = DDIM) student state, scored by its own mean squared error against the teacher's state at
+    j; the model is evaluated once per useful node and level for the whole batch (nodes from which no
+    budget can still finish are skipped), about K·n batched calls. Returns {K: [B, K+1] paths 0 → n}.
+    """
+    n, Ks = len(grid) - 1, sorted(set(budgets))
+    validate_budget(Ks[-1], n)
+    T = teacher_states.to(torch.float64)
+    B, red = noise.shape[0], tuple(range(2, T.ndim))
+    err = torch.full((n + 1, B), math.inf, dtype=torch.float64)
+    err[0] = 0.0
+    xs = torch.zeros((n + 1, *noise.shape), dtype=noise.dtype)
+    xs[0] = noise
+    back = torch.zeros((Ks[-1] + 1, n + 1, B), dtype=torch.long)
+
+    def top(k: int) -> int:  # the last interior node where a k-step state can still finish some budget
+        return n - min((K - k for K in Ks if K > k), default=n + 1)
+
+    for k in range(1, Ks[-1] + 1):
+        new_err, new_x = torch.full_like(err, math.inf), xs.clone()
+        targets = list(range(k, top(k) + 1)) + [n] * (k in Ks)
+        for i in range(k - 1, top(k - 1) + 1):
+            js = [j for j in targets if j > i]
+            if not js or not torch.isfinite(err[i]).any():
+                continue
+            di = denoiser.denoise(xs[i], torch.full((B,), grid[i], dtype=noise.dtype))
+            check_finite(di, "a student state")
+            pred = jump_all(denoiser, "euler", RollState(xs[i], di), grid[i], [grid[j] for j in js])
+            e = ((pred.to(torch.float64) - T[js]) ** 2).mean(dim=red)  # [nj, B]
+            better = e < new_err[js]
+            for q, j in enumerate(js):
+                m = better[q]
+                new_err[j] = torch.where(m, e[q], new_err[j])
+                back[k, j] = torch.where(m, torch.full_like(back[k, j], i), back[k, j])
+                new_x[j][m] = pred[q][m]
+        err, xs = new_err, new_x
+    out = {}
+    for K in Ks:
+        paths = torch.zeros((B, K + 1), dtype=torch.long)
+        paths[:, K] = n
+        for k in range(K, 0, -1):
+            paths[:, k - 1] = back[k, paths[:, k], torch.arange(B)]
+        out[K] = paths
+    return out
+
+
+def aggregate_paths(paths: torch.Tensor, how: str = "median") -> list[int]:
+    """One model-level path from per-sample paths [B, K+1] (grid indices), step by step.
+
+    "median" is OSS's ``cal_medium`` (the floor of the mean of the two middle values of the sorted
+    per-sample indices); "mean" rounds the per-step mean. Both keep the path strictly increasing,
+    because every per-sample path is.
+    """
+    if how == "median":
+        srt = paths.sort(dim=0).values
+        B = paths.shape[0]
+        return ((srt[B // 2] + srt[B // 2 - 1]) // 2 if B > 1 else srt[0]).tolist()
+    if how == "mean":
+        return paths.to(torch.float64).mean(0).round().long().tolist()
+    raise StepsmithError(f"unknown path aggregation {how!r}; use median or mean", param="reduce")
 
 
 # --------------------------------------------------------------------------- final-error refinement

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from schedules.baselines import BASELINES, steps_for
-from schedules.io import StepsmithError, atomic_write_json
+from schedules.io import StepsmithError, atomic_write_json, check_output_path
 from schedules.search.common import (
     check_finite,
     final_mse_kind,
@@ -115,18 +115,66 @@ def snap_genome(grid: list[float], sigmas: list[float], n: int, fix_start: bool)
     return tuple(int(v) for v in idx)
 
 
-def _load_checkpoint(ckpt: Path, config_key: str, rng: np.random.Generator) -> tuple[dict, list[Genome], int]:
-    """Resume a search: restores ``rng`` in place; returns (fitness cache, population, next generation)."""
+def _is_genome_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(g, list) and all(type(i) is int for i in g) for g in v)
+
+
+def _well_formed(state) -> bool:
+    """Whether ``state`` has the fields and types :func:`evolve` writes."""
+    if not isinstance(state, dict) or not isinstance(state.get("rng"), dict):
+        return False
+    cache = state.get("cache")
+    return (type(state.get("generation")) is int and _is_genome_list(state.get("population"))
+            and isinstance(cache, list) and all(isinstance(e, list) and len(e) == 2 for e in cache)
+            and _is_genome_list([e[0] for e in cache])
+            and all(isinstance(e[1], (int, float)) and not isinstance(e[1], bool) for e in cache))
+
+
+def read_checkpoint(ckpt: Path, config_key: str) -> dict | None:
+    """The state saved in ``ckpt`` (``None``: no checkpoint yet); refused, with what to do, when it is
+    malformed or belongs to another search."""
+    if not ckpt.exists():
+        return None
+    if ckpt.is_dir():
+        raise StepsmithError(f"`checkpoint` {ckpt} is a directory; give a JSON file path", param="checkpoint")
     try:
         state = json.loads(ckpt.read_text())
-    except json.JSONDecodeError:
-        raise StepsmithError(f"checkpoint {ckpt} is corrupt; delete it to start over") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        state = None
+    if not _well_formed(state):
+        raise StepsmithError(f"checkpoint {ckpt} is corrupt or not an evolution checkpoint; delete it to start "
+                             "over", param="checkpoint")
     if state.get("config_key") != config_key:
         raise StepsmithError(f"checkpoint {ckpt} belongs to another search (model/nfe/solver/seed/options); "
-                             "delete it or choose another checkpoint path")
-    rng.bit_generator.state = state["rng"]
+                             "delete it or choose another checkpoint path", param="checkpoint")
+    return state
+
+
+def _load_checkpoint(ckpt: Path, config_key: str, rng: np.random.Generator) -> tuple[dict, list[Genome], int]:
+    """Resume a search: restores ``rng`` in place; returns (fitness cache, population, next generation)."""
+    state = read_checkpoint(ckpt, config_key)
+    try:
+        rng.bit_generator.state = state["rng"]
+    except (ValueError, TypeError, KeyError):
+        raise StepsmithError(f"checkpoint {ckpt} holds a corrupt RNG state; delete it to start over",
+                             param="checkpoint") from None
     cache = {tuple(k): float(v) for k, v in state["cache"]}
     return cache, [tuple(g) for g in state["population"]], int(state["generation"]) + 1
+
+
+def check_options(*, seed, samples, grid, population, generations, elite, p_mutation, p_crossover) -> None:
+    """Refuse, before any model call, options the search cannot run with (the CLI passes
+    ``--option population=ten`` through as the string ``'ten'``)."""
+    ints = {"seed": (seed, 0), "samples": (samples, 1), "population": (population, 2),
+            "generations": (generations, 1), "elite": (elite, 1), "grid": (100 if grid is None else grid, 2)}
+    for name, (v, lo) in ints.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise StepsmithError(f"`{name}` must be an integer of at least {lo}, got {v!r}", param=name)
+    if elite > population:
+        raise StepsmithError(f"`elite` {elite} exceeds `population` {population}", param="elite")
+    for name, p in (("p_mutation", p_mutation), ("p_crossover", p_crossover)):
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise StepsmithError(f"`{name}` must be a probability in [0, 1], got {p!r}", param=name)
 
 
 def _initial_population(rng: np.random.Generator, initial: list[Genome], K: int, n: int, population: int,
@@ -178,9 +226,13 @@ def _children(rng: np.random.Generator, parents: list[Genome], cache: dict, K: i
 def evolve(fitness: Callable[[Genome], float], K: int, n: int, *, seed: int = 0, population: int = 24,
            generations: int = 12, elite: int = 6, p_mutation: float = 0.25, p_crossover: float = 0.5,
            initial: list[Genome] | None = None, fix_start: bool = False, checkpoint: str | Path | None = None,
-           config_key: str = "", progress: bool = False,
-           on_generation: Callable[[int], None] | None = None) -> tuple[Genome, float, dict]:
-    """Generic elitist GA over valid genomes; returns (best genome, its fitness, stats)."""
+           config_key: str = "", progress: bool = False, on_generation: Callable[[int], None] | None = None,
+           spent: Callable[[], dict] | None = None) -> tuple[Genome, float, dict]:
+    """Generic elitist GA over valid genomes; returns (best genome, its fitness, stats).
+
+    ``spent()`` (the cost so far, e.g. model calls and seconds) is saved in every checkpoint, so a
+    resumed search can report the cost of the whole search.
+    """
     if K > n:
         raise StepsmithError(f"{K} steps do not fit a grid of {n} evaluable nodes")
     if population < 2 or not 1 <= elite <= population:
@@ -213,7 +265,7 @@ def evolve(fitness: Callable[[Genome], float], K: int, n: int, *, seed: int = 0,
         if ckpt is not None:
             atomic_write_json(ckpt, {"config_key": config_key, "generation": gen, "population": [list(g) for g in pop],
                                      "cache": [[list(k), v] for k, v in cache.items()],
-                                     "rng": rng.bit_generator.state})
+                                     "rng": rng.bit_generator.state, "spent": spent() if spent else {}})
         if on_generation is not None:
             on_generation(gen)
     final = sorted(((g, score(g)) for g in set(pop) | set(cache)), key=lambda kv: (kv[1], kv[0]))
@@ -247,6 +299,35 @@ def _teacher_fitness(adapter, solver: str, grid: list[float], samples: int,
     return teacher, fit
 
 
+def _earlier_cost(checkpoint: str | Path | None, key: str) -> dict:
+    """The cost recorded in a checkpoint being resumed (checked before any model call)."""
+    if not checkpoint:
+        return {}
+    if not isinstance(checkpoint, (str, Path)):
+        raise StepsmithError(f"`checkpoint` must be a file path, got {checkpoint!r}", param="checkpoint")
+    check_output_path(checkpoint, param="checkpoint")
+    state = read_checkpoint(Path(checkpoint), key)
+    spent = (state or {}).get("spent")
+    return spent if isinstance(spent, dict) else {}
+
+
+def _cost_counter(adapter, earlier: dict) -> Callable[[], dict]:
+    """``spent()``: model calls and seconds since now plus ``earlier`` (a resumed search's first part)."""
+    calls0, t0 = getattr(adapter, "calls", 0), time.perf_counter()
+    prev_calls, prev_s = int(earlier.get("model_calls", 0)), float(earlier.get("seconds", 0.0))
+
+    def spent() -> dict:
+        return {"model_calls": prev_calls + getattr(adapter, "calls", 0) - calls0,
+                "seconds": round(prev_s + time.perf_counter() - t0, 3)}
+
+    return spent
+
+
+def _resumed_cost(spent: Callable[[], dict], earlier: dict) -> dict:
+    """For a resumed search, the whole search's model calls and seconds (make_table keeps these)."""
+    return {**spent(), "resumed": dict(earlier)} if earlier else {}
+
+
 def _config_key(adapter, nfe: int, solver: str, **options) -> str:
     """What a checkpoint must match to be resumed: the model, the budget and every search option."""
     src = json.dumps({"model": adapter.name, "nfe": nfe, "solver": solver, **options}, sort_keys=True)
@@ -265,27 +346,32 @@ def evolution_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 
     a later node, like diffusers' 'leading' spacing); ``fix_start=True`` pins the first node to σ_max.
     The default fitness is the final mse against the search teacher (Heun on the grid).
     """
+    check_options(seed=seed, samples=samples, grid=grid, population=population, generations=generations,
+                  elite=elite, p_mutation=p_mutation, p_crossover=p_crossover)
     K = steps_for(adapter, nfe, solver)
     g = make_grid(adapter.convention, int(grid or 100), grid_kind)
     n = len(g) - 1
     if K > n:
         raise StepsmithError(f"NFE {nfe} ({K} steps) does not fit a grid of {n + 1} nodes; lower --nfe or raise --grid")
-    t0 = time.perf_counter()
-    teacher, fit = (None, fitness) if fitness is not None else _teacher_fitness(adapter, solver, g, samples, seed)
-    t_ref = time.perf_counter() - t0
     key = _config_key(adapter, nfe, solver, seed=seed, samples=samples, grid=n, kind=grid_kind, population=population,
                       generations=generations, elite=elite, pm=p_mutation, pc=p_crossover, fix_start=fix_start,
                       custom_fitness=fitness is not None)
+    earlier = _earlier_cost(checkpoint, key)
+    spent = _cost_counter(adapter, earlier)
+    t0 = time.perf_counter()
+    teacher, fit = (None, fitness) if fitness is not None else _teacher_fitness(adapter, solver, g, samples, seed)
+    t_ref = time.perf_counter() - t0
     best, val, stats = evolve(lambda gen: fit([g[i] for i in gen] + [0.0]), K, n, seed=seed, population=population,
                               generations=generations, elite=elite, p_mutation=p_mutation, p_crossover=p_crossover,
                               initial=_seed_genomes(adapter, nfe, solver, g, fix_start), fix_start=fix_start,
-                              checkpoint=checkpoint, config_key=key, progress=progress, on_generation=on_generation)
+                              checkpoint=checkpoint, config_key=key, progress=progress, on_generation=on_generation,
+                              spent=spent)
     prov = {"grid": {"nodes": n + 1, "kind": grid_kind, "convention": adapter.convention.name},
             "population": population, "generations": generations, "elite": elite, "genomes_evaluated":
             stats["evaluated"], "reference_seconds": round(t_ref, 3), "genome": list(best),
             "teacher": None if teacher is None else teacher.describe(),
             "objective_kind": "custom fitness" if teacher is None else final_mse_kind(teacher),
-            "checkpoint": checkpoint}
+            "checkpoint": checkpoint, **_resumed_cost(spent, earlier)}
     return TimestepTable.from_sigmas([g[i] for i in best] + [0.0], convention=adapter.convention,
                                      prediction=adapter.prediction, solver=solver, method="evolution",
                                      model=adapter.name, objective=val, provenance=prov)
