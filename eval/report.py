@@ -262,6 +262,13 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     ax.set_xticks(nfes)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save_png(fig, path)
+
+
+def _save_png(fig, path: str | Path) -> Path:
+    """Lay out, write atomically as PNG and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -301,12 +308,7 @@ def plot_metrics(report: dict[str, Any], path: str | Path) -> Path:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{report['model']}: metrics vs NFE, N={report['num']}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def _metric_panel(ax, report: dict[str, Any], m: str, labels: list[str], nfes: list[int]) -> None:
