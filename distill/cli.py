@@ -101,7 +101,13 @@ def run(args: argparse.Namespace) -> None:
             check_table_model(t.model, args.model, allow_other_model=args.allow_other_model)
         except StepsmithError as exc:
             raise StepsmithError(f"{path}: {exc}", param=exc.param) from None
-    model = model_from_args(args)
+    try:
+        model = model_from_args(args)
+    except StepsmithError as exc:
+        if exc.param != "classes":
+            raise
+        raise StepsmithError(f"{args.model} is class-conditional; `stepsmith distill` straightens unconditional "
+                             "models only (conditional straightening is not supported yet)") from None
     for t, path in zip(tables, args.table):
         try:
             t.check_compatible(model.convention, model.prediction, what=args.model)
