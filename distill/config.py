@@ -16,7 +16,7 @@ from schedules.couplings import COUPLINGS, Coupling
 from schedules.io import StepsmithError
 
 METHODS = ("boss", "reflow", "kstep")
-TEACHER_SOLVERS = ("heun", "euler")  # checked where the teacher data is made (distill.data)
+TEACHER_SOLVERS = ("heun", "euler")  # the solvers a distillation teacher may use (checked in distill.data)
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # settings that may change when resuming (everything else must match the checkpoint)
 RUN_SETTINGS = ("checkpoint_every", "log_every", "keep_checkpoints", "progress", "eval_every")

@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from distill.config import TEACHER_SOLVERS
 from schedules.adapters import ModelAdapter
+from schedules.conditioning import bind, micro_batches
 from schedules.io import StepsmithError, load_safetensors, save_safetensors
 from schedules.table import TimestepTable
 from schedules.teacher import Teacher, teacher_sample
-
-TEACHER_SOLVERS = ("heun", "euler")
 
 
 @dataclass
@@ -196,9 +196,11 @@ def generate_teacher_data(adapter: ModelAdapter, tables: Sequence[TimestepTable]
     was_training = adapter.module.training
     adapter.module.eval()
     try:
-        for b0 in tqdm(range(0, n, batch_size), desc="teacher trajectories", disable=not progress, leave=False):
-            run = teacher_sample(adapter, noise[b0:b0 + batch_size], teacher, nodes=nodes)
-            out[b0:b0 + len(run.x)] = run.states.transpose(0, 1).float().cpu()
+        # One teacher run per micro-batch, written into ``out`` as it goes (the states of all n are held once).
+        for sl in tqdm(micro_batches(n, batch_size), desc="teacher trajectories", disable=not progress, leave=False):
+            with bind(sl):  # conditional models: the micro-batch keeps its samples' conditions
+                run = teacher_sample(adapter, noise[sl], teacher, nodes=nodes)
+            out[sl] = run.states.transpose(0, 1).float().cpu()
     finally:
         adapter.module.train(was_training)
     n_val = max(1, int(round(n * val_fraction))) if val_fraction > 0 else 0

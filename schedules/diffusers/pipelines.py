@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from schedules.adapters import local_model_path
 from schedules.diffusers.choice import fresh, scheduler_for_table
 from schedules.diffusers.detect import scheduler_convention
 from schedules.diffusers.install import pin_table, verify_scheduler
@@ -82,25 +83,14 @@ def _pipe_name(pipe) -> str:
 # --------------------------------------------------------------------------- model identity
 
 
-def _local_model_path(spec: str) -> Path | None:
-    if not spec:
-        return None
-    if spec.startswith("builtin:"):
-        from schedules.embedded import embedded_path
-
-        return embedded_path(spec.split(":", 1)[1]).resolve()
-    p = Path(spec)
-    return p.resolve() if p.is_dir() else None
-
-
 def check_model(table: TimestepTable, pipe) -> None:
     """Refuse a table recorded for another *local* model folder than the one ``pipe`` was loaded from.
 
     Only compares when both sides name a builtin model or an existing folder (flow models share
     one convention, so the name is the only identity a flow table carries).
     """
-    mine = _local_model_path(table.model)
-    theirs = _local_model_path(str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or ""))
+    mine = local_model_path(table.model)
+    theirs = local_model_path(str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or ""))
     if mine is not None and theirs is not None and mine != theirs:
         raise StepsmithError(
             f"table was searched for {table.model} ({mine}) but the pipeline was loaded from {theirs}; "
