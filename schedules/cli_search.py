@@ -39,18 +39,6 @@ def _parse_nfe(text: str) -> list[int]:
     return out
 
 
-def final_jump(table) -> dict:
-    """The table's last evaluated node and the jump from it to σ = 0.
-
-    ``fraction`` is the share of the table's noise range (in model time, t_last / t_first) that the
-    final step crosses in one evaluation: a long last jump lands on the posterior mean, which a
-    coupled-MSE objective favours and which shows as blur on sharp data.
-    """
-    t_first, t_last = table.timesteps[0], table.timesteps[-1]
-    return {"sigma_last": float(f"{table.sigmas[-2]:.6g}"), "timestep_last": round(t_last, 4),
-            "fraction": round(t_last / t_first, 4) if t_first > 0 else None}
-
-
 def _write_folder(out: str, tables: dict) -> list[str]:
     """Every table as ``out/<method>-nfe<K>.json``, built in a sibling folder and renamed into place."""
     dst = Path(out)
@@ -144,20 +132,18 @@ def run(args: argparse.Namespace) -> None:
     for t in tables.values():
         t.model = args.model
         t.provenance["command"] = args.invocation
-        if args.method in SEARCHED:
-            t.provenance["final_jump"] = final_jump(t)
     if not dist.main:  # under accelerate launch only the main process writes
         return
     if len(tables) > 1:
         print(json.dumps({"out": args.out, "method": args.method, "tables": _write_folder(args.out, tables),
-                          "final_jump": {nfe: final_jump(t) for nfe, t in tables.items()},
+                          "final_jump": {nfe: t.final_jump() for nfe, t in tables.items()},
                           "seconds": round(time.perf_counter() - t0, 2)}))
         return
     table = next(iter(tables.values()))
     table.save(args.out)
     print(json.dumps({"out": args.out, "method": table.method, "solver": table.solver, "nfe": table.nfe,
                       "steps": table.steps, "timesteps": [round(t, 4) for t in table.timesteps],
-                      "objective": table.objective, "final_jump": final_jump(table),
+                      "objective": table.objective, "final_jump": table.final_jump(),
                       "model_calls": table.provenance.get("model_calls", 0),
                       **({"conditioning": table.conditioning} if table.conditioning else {}),
                       "seconds": round(time.perf_counter() - t0, 2)}))

@@ -166,6 +166,10 @@ def test_table_conditioning_block_round_trip_and_warning(cond_folder, tmp_path):
         assert back.check_conditioning(m.conditioning) is None
     with pytest.warns(UserWarning, match="guidance 2"):
         back.check_conditioning(m.conditioning.with_guidance(4.0))
+    from schedules.search import make_tables
+
+    shared = make_tables(m, "dp", [2, 3], samples=4, grid=6, mode="teacher")  # one shared DP pass
+    assert [tb.conditioning for tb in shared.values()] == [t.conditioning, t.conditioning]
     base = make_table(m, "karras", 2)  # baselines do not depend on the conditioning
     assert base.conditioning is None and "conditioning" not in base.to_dict()
     with pytest.raises(StepsmithError, match="conditioning"):

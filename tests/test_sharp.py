@@ -12,7 +12,6 @@ import torch
 
 from eval.features import default_feature_network, load_feature_network
 from schedules.adapters import load_model
-from schedules.cli_search import final_jump
 from schedules.embedded import embedded_path
 from schedules.embedded.nets import sharp_digits_data
 from schedules.search import make_table
@@ -66,7 +65,7 @@ def test_final_jump_of_a_table():
     _need("sharp-ddpm")
     model = load_model("builtin:sharp-ddpm")
     t = make_table(model, "leading", 6, "ddim")
-    fj = final_jump(t)
+    fj = t.final_jump()
     assert fj["sigma_last"] == pytest.approx(t.sigmas[-2], rel=1e-5)
     assert fj["timestep_last"] == pytest.approx(t.timesteps[-1])
     assert fj["fraction"] == pytest.approx(t.timesteps[-1] / t.timesteps[0], abs=1e-4)
@@ -83,6 +82,6 @@ def test_search_prints_and_records_final_jump(tmp_path, capsys):
     assert rc == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     t = load_table(out)
-    assert line["final_jump"] == t.provenance["final_jump"] == final_jump(t)
+    assert line["final_jump"] == t.provenance["final_jump"] == t.final_jump()
     assert 0 < line["final_jump"]["fraction"] < 1
     assert line["final_jump"]["sigma_last"] == pytest.approx(t.sigmas[-2], rel=1e-5)

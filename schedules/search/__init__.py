@@ -126,14 +126,24 @@ def make_table(adapter, method: str, nfe: int, solver: str = "euler", *, samples
     calls0 = getattr(adapter, "calls", 0)
     t0 = time.perf_counter()
     table = SEARCHED[method](adapter, nfe, solver, samples=B, seed=int(seed), progress=progress, **options)
+    return _finish_searched(table, adapter, seed=int(seed), samples=B, solver=solver, t0=t0,
+                            model_calls=getattr(adapter, "calls", 0) - calls0)
+
+
+def _finish_searched(table: TimestepTable, adapter, *, seed: int, samples: int, solver: str, t0: float,
+                     model_calls: int | None = None) -> TimestepTable:
+    """What every searched table records: seed, samples, solver, seconds, its final jump, and the
+    conditioning it is valid for (guidance and conditions it was searched under); then validate it."""
     prov = table.provenance
-    prov.setdefault("seed", int(seed))
-    prov.setdefault("samples", B)
+    prov.setdefault("seed", seed)
+    prov.setdefault("samples", samples)
     prov.setdefault("solver", solver)
-    prov.setdefault("model_calls", getattr(adapter, "calls", 0) - calls0)
+    if model_calls is not None:  # multi-budget searches record each table's own calls themselves
+        prov.setdefault("model_calls", model_calls)
     prov.setdefault("seconds", round(time.perf_counter() - t0, 3))
+    prov.setdefault("final_jump", table.final_jump())
     cond = getattr(adapter, "conditioning", None)
-    if cond is not None:  # a searched table is valid for the guidance and conditions it was searched under
+    if cond is not None:
         table.conditioning = cond.describe()
     table.validate()
     return table
@@ -154,13 +164,7 @@ def make_tables(adapter, method: str, nfe: list[int], solver: str = "euler", *, 
         check_request(method, k, solver, samples=B, options=options)
     t0 = time.perf_counter()
     tables = MULTI_BUDGET[method](adapter, budgets, solver, samples=B, seed=int(seed), progress=progress, **options)
-    for t in tables.values():
-        t.provenance.setdefault("seed", int(seed))
-        t.provenance.setdefault("samples", B)
-        t.provenance.setdefault("solver", solver)
-        t.provenance.setdefault("seconds", round(time.perf_counter() - t0, 3))
-        t.validate()
-    return tables
+    return {k: _finish_searched(t, adapter, seed=int(seed), samples=B, solver=solver, t0=t0) for k, t in tables.items()}
 
 
 __all__ = ["DEFAULT_SAMPLES", "METHODS", "SEARCHED", "SearchMethod", "check_request", "make_table", "make_tables",
