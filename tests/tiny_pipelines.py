@@ -1,0 +1,158 @@
+"""Tiny random-weight diffusers pipelines built offline (SD1.5, SDXL, SD3, Flux), for tests.
+
+Tokenizer vocabularies are written to a folder (``write_vocab``); every builder seeds torch so two
+builds are identical. Shared by the plug tests and the pipeline-adapter tests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+# SD1.5 / SDXL noise schedule (scaled_linear betas)
+SD_SCHED = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                prediction_type="epsilon", steps_offset=1, timestep_spacing="leading")
+
+
+# ------------------------------------------------------------------ tiny components
+
+
+def _bytes_to_unicode() -> list[str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_vocab(d: Path) -> Path:
+    """Tokenizer vocabularies (CLIP BPE with the merges for "cat", a T5 word level) written into ``d``."""
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in _bytes_to_unicode():
+            vocab.setdefault(c + suffix, len(vocab))
+    for merged in ("ca", "cat</w>"):
+        vocab[merged] = len(vocab)
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "cat": 4, "dog": 5}
+    t5 = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    t5.pre_tokenizer = pre_tokenizers.Whitespace()
+    t5.save(str(d / "t5.json"))
+    return d
+
+
+def clip_tokenizer(d):
+    return CLIPTokenizer(vocab=str(d / "vocab.json"), merges=str(d / "merges.txt"), model_max_length=16)
+
+
+def t5_tokenizer(d):
+    return T5TokenizerFast(tokenizer_file=str(d / "t5.json"), extra_ids=0, pad_token="<pad>", eos_token="</s>",
+                           unk_token="<unk>", model_max_length=16)
+
+
+def clip_config(hidden=32, proj=32):
+    return CLIPTextConfig(vocab_size=600, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=16, projection_dim=proj,
+                          bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu")
+
+
+def tiny_t5(d_model=32):
+    torch.manual_seed(3)
+    return T5EncoderModel(T5Config(vocab_size=32, d_model=d_model, d_ff=37, d_kv=8, num_layers=1, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+
+
+def tiny_vae(latent_channels=4):
+    torch.manual_seed(4)
+    return AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=2).eval()
+
+
+def sd_pipeline(vocab_dir):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=2, attention_head_dim=2).eval()
+    torch.manual_seed(1)
+    te = CLIPTextModel(clip_config()).eval()
+    return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=te, tokenizer=clip_tokenizer(vocab_dir), unet=unet,
+                                   scheduler=PNDMScheduler(**SD_SCHED, skip_prk_steps=True), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def sdxl_pipeline(vocab_dir):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                norm_num_groups=2, attention_head_dim=2, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32).eval()
+    torch.manual_seed(1)
+    te = CLIPTextModel(clip_config()).eval()
+    te2 = CLIPTextModelWithProjection(clip_config()).eval()
+    tok = clip_tokenizer(vocab_dir)
+    sched = EulerDiscreteScheduler(**SD_SCHED)
+    return StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                                     unet=unet, scheduler=sched, force_zeros_for_empty_prompt=True)
+
+
+def sd3_pipeline(vocab_dir):
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                               attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                               joint_attention_dim=32, pooled_projection_dim=64).eval()
+    torch.manual_seed(1)
+    te = CLIPTextModelWithProjection(clip_config()).eval()
+    te2 = CLIPTextModelWithProjection(clip_config()).eval()
+    tok = clip_tokenizer(vocab_dir)
+    return StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=tiny_vae(), text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+                                    text_encoder_3=tiny_t5(), tokenizer_3=t5_tokenizer(vocab_dir))
+
+
+def flux_pipeline(vocab_dir):
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                axes_dims_rope=[4, 4, 8]).eval()
+    torch.manual_seed(1)
+    te = CLIPTextModel(clip_config()).eval()
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=sched, vae=tiny_vae(latent_channels=1), text_encoder=te,
+                        tokenizer=clip_tokenizer(vocab_dir), text_encoder_2=tiny_t5(), tokenizer_2=t5_tokenizer(vocab_dir),
+                        transformer=tr)
