@@ -9,6 +9,9 @@
   scheduler config (``scheduler/`` beside or inside it, or ``scheduler_config=``). The
   convention, ``prediction_type``, betas and FlowMatch ``shift`` are read from the
   scheduler config, never guessed;
+* a pipeline folder whose ``model_index.json`` names a registered pipeline class
+  (:data:`schedules.pipeline_adapters.PIPELINE_ADAPTERS`: SD, SDXL, SD3, Flux, DiT) — loaded
+  with ``DiffusionPipeline.from_pretrained`` and conditioned by its pipeline adapter;
 * ``path/to/file.py:attr`` — any torch module (or a zero-argument function returning one)
   called as ``module(x, t)`` with ``t`` a float tensor [B]. ``prediction="flow"`` means the
   diffusers FlowMatch convention with t = σ ∈ [0, 1]; ``epsilon|v|x0`` mean VP with t the
@@ -258,7 +261,8 @@ def _load_diffusers(folder: Path, name: str, prediction: str | None, shape, sche
             f"{sched_file} says prediction {pred!r} but --prediction {prediction!r} was given; drop --prediction "
             "or fix the scheduler config"
         )
-    _check_supported(_read_json(model_dir / "config.json", "model config").get("_class_name"), folder)
+    _check_supported(_read_json(model_dir / "config.json", "model config").get("_class_name"), folder,
+                     index.get("_class_name") if index_file.is_file() else None)
     module = _load_diffusers_module(model_dir)
     mcfg = dict(module.config)
     if shape is not None:
@@ -286,16 +290,65 @@ def check_shape_fits(shape: tuple[int, ...], mcfg: dict, cls: str) -> None:
                          "`shape`", param="shape")
 
 
-def _check_supported(cls_name: Any, folder: Path) -> None:
+def _check_supported(cls_name: Any, folder: Path, pipeline_cls: Any = None) -> None:
     """Refuse, before loading weights, a denoiser class the loader has no adapter for."""
     if cls_name == "UNet2DModel":
         return
+    from schedules.pipeline_adapters import ADD_ONE, PIPELINE_ADAPTERS
+
+    what = f"a {pipeline_cls} pipeline with a {cls_name}" if pipeline_cls else str(cls_name)
     raise StepsmithError(
-        f"{folder}: {cls_name} is not supported yet — stepsmith loads UNet2DModel folders (unconditional, or "
-        "class-conditional with num_class_embeds: --classes / --guidance); for DiT and text-to-image pipelines "
-        "(SD, SDXL, SD3, Flux) build the adapter in Python: schedules.conditioning.ConditionalAdapter(module=..., "
-        "condition_kwargs=fn) with fn(cond, sample_indices, uncond, device) returning the network's inputs"
+        f"{folder}: {what} is not supported — stepsmith loads UNet2DModel folders (unconditional, or "
+        "class-conditional with num_class_embeds: --classes / --guidance) and the pipeline folders of "
+        f"{', '.join(sorted(PIPELINE_ADAPTERS))}; for another pipeline {ADD_ONE}"
     )
+
+
+def registered_pipeline(folder: Path) -> str | None:
+    """The pipeline class a folder's ``model_index.json`` names, when a pipeline adapter is registered for it."""
+    from schedules.pipeline_adapters import PIPELINE_ADAPTERS
+
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        return None
+    cls = _read_json(index_file, "pipeline index").get("_class_name")
+    return cls if cls in PIPELINE_ADAPTERS else None
+
+
+def _load_pipeline(folder: Path, cls: str, name: str, conditioning, null_class: int | None, prediction: str | None,
+                   shape, scheduler_config) -> ModelAdapter:
+    """A registered pipeline folder → ``DiffusionPipeline.from_pretrained`` → its pipeline adapter."""
+    if shape is not None:
+        raise StepsmithError(f"{folder} is a {cls} folder: its latent shape follows from the image size — drop "
+                             "`shape` and give --height / --width", param="shape")
+    if scheduler_config:
+        raise StepsmithError(f"{folder} is a {cls} folder: its scheduler config is read from the folder — drop "
+                             "`scheduler_config`", param="scheduler_config")
+    index = _read_json(folder / "model_index.json", "pipeline index")
+    libs = {v[0] for v in index.values() if isinstance(v, list) and v and isinstance(v[0], str)}
+    if "transformers" in libs and importlib.util.find_spec("transformers") is None:
+        raise StepsmithError(f"{folder} is a {cls} folder whose text encoders need the `transformers` package, "
+                             "which is not installed: pip install 'stepsmith[t2i]'")
+    from diffusers import DiffusionPipeline
+
+    from schedules.pipeline_adapters import adapter_from_pipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise StepsmithError(
+            f"cannot load the {cls} pipeline from {folder}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            " — stepsmith loads safetensors only; save the pipeline with save_pretrained(safe_serialization=True)"
+        ) from None
+    except ImportError as exc:
+        raise StepsmithError(f"cannot load the {cls} pipeline from {folder}: {exc} (pip install 'stepsmith[t2i]')") from None
+    pipe.set_progress_bar_config(disable=True)
+    options = {} if null_class is None else {"null_class": null_class}
+    adapter = adapter_from_pipeline(pipe, conditioning, name=name, **options)
+    if prediction is not None and prediction != adapter.prediction:
+        raise StepsmithError(f"{folder}/scheduler says prediction {adapter.prediction!r} but `prediction` "
+                             f"{prediction!r} was given; drop it", param="prediction")
+    return adapter
 
 
 def _import_file(file: Path):
@@ -461,6 +514,7 @@ def load_model(spec: str | os.PathLike, *, prediction: str | None = None, shape:
     """
     spec = _spec_text(spec)
     shape = parse_shape(shape)
+    built_from_pipeline = False
     if prediction is not None and prediction not in ("flow", "epsilon", "v", "x0"):
         raise StepsmithError(f"unknown --prediction {prediction!r}; use flow, epsilon, v or x0")
     if spec.startswith("builtin:"):
@@ -473,7 +527,13 @@ def load_model(spec: str | os.PathLike, *, prediction: str | None = None, shape:
         if weights is not None:
             raise StepsmithError(f"`weights` is for file.py:attr models; {spec} loads its own weights from the folder "
                                  "(put the weights there, or drop `weights`)", param="weights")
-        adapter = _load_diffusers(Path(spec), spec, prediction, shape, scheduler_config)
+        pipeline_cls = registered_pipeline(Path(spec))
+        if pipeline_cls is not None:
+            adapter = _load_pipeline(Path(spec), pipeline_cls, spec, conditioning, null_class, prediction, shape,
+                                     scheduler_config)
+            built_from_pipeline = True
+        else:
+            adapter = _load_diffusers(Path(spec), spec, prediction, shape, scheduler_config)
     elif spec.endswith(".py") or ":" in spec:
         raise StepsmithError(f"model {spec!r}: write a Python model as path/to/file.py:attr (attr a module or factory)")
     else:
@@ -483,7 +543,8 @@ def load_model(spec: str | os.PathLike, *, prediction: str | None = None, shape:
         )
     from schedules.conditioning import conditional_from
 
-    adapter = conditional_from(adapter, conditioning, null_class)
+    if not built_from_pipeline:  # a pipeline adapter is conditioned when it is built
+        adapter = conditional_from(adapter, conditioning, null_class)
     adapter.module.to(device)
     if probe:
         _probe(adapter)

@@ -46,6 +46,11 @@ def add_conditioning_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--null-class", type=int, default=None,
                    help="the unconditional (null) label (default: the model's last class embedding)")
     g.add_argument("--prompts", default=None, help="text file of prompts, one a line (text-to-image models)")
+    g.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="negative prompt of the guidance branch (default: the pipeline's, the empty prompt)")
+    g.add_argument("--height", type=int, default=None, help="image height in pixels (text-to-image pipelines; "
+                                                            "default: the pipeline's)")
+    g.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
 
 
 def _read_prompts(path: str) -> tuple[str, ...]:
@@ -67,16 +72,27 @@ def conditioning_from_args(args: argparse.Namespace):
 
     classes, prompts = getattr(args, "classes", None), getattr(args, "prompts", None)
     w = getattr(args, "guidance", None)
+    negative, height, width = (getattr(args, k, None) for k in ("negative_prompt", "height", "width"))
     if classes is not None and prompts is not None:
         raise StepsmithError("give --classes (class-conditional) or --prompts (text-to-image), not both")
     if classes is None and prompts is None:
         if w is not None:
             Conditioning(labels="all", guidance=w)  # a negative guidance is refused first
+        if negative is not None:
+            raise StepsmithError("`negative_prompt` is the guidance branch of --prompts; give --prompts too",
+                                 param="negative_prompt")
+        if height is not None or width is not None:
+            raise StepsmithError("`height` / `width` set the image size of a conditional pipeline; give --prompts "
+                                 "or --classes too", param="height" if height is not None else "width")
         return None
     guidance = 1.0 if w is None else w
     if classes is not None:
-        return Conditioning(labels=parse_classes(classes), guidance=guidance)
-    return Conditioning(prompts=_read_prompts(prompts), guidance=guidance)
+        if negative is not None:
+            raise StepsmithError("`negative_prompt` is for text-to-image models (--prompts), not --classes",
+                                 param="negative_prompt")
+        return Conditioning(labels=parse_classes(classes), guidance=guidance, height=height, width=width)
+    return Conditioning(prompts=_read_prompts(prompts), negative=negative, guidance=guidance, height=height,
+                        width=width)
 
 
 def _refuse_guidance_only(model, args: argparse.Namespace) -> None:

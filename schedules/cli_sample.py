@@ -67,6 +67,26 @@ def check_args(args: argparse.Namespace):
     return None
 
 
+@torch.no_grad()
+def decode_latents(model, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Final latents of a pipeline model → images in [0, 1], as the pipeline decodes them:
+    ``vae.decode(latents / vae.config.scaling_factor + shift_factor)`` (shift 0 when the VAE has none),
+    then (x / 2 + 0.5) clamped. An adapter with ``unpack_latents`` (packed latents) is unpacked first."""
+    pipe = model.pipeline
+    vae = pipe.vae
+    unpack = getattr(model, "unpack_latents", None)
+    if unpack is not None:
+        latents = unpack(latents)
+    scale = vae.config.get("scaling_factor", 1.0)
+    shift = vae.config.get("shift_factor", None) or 0.0
+    dev = next(vae.parameters()).device
+    out = []
+    for b in range(0, latents.shape[0], batch_size):
+        z = latents[b:b + batch_size].to(device=dev, dtype=vae.dtype) / scale + shift
+        out.append(vae.decode(z).sample.float().cpu())
+    return (torch.cat(out) / 2 + 0.5).clamp(0, 1)
+
+
 def class_rows(x: torch.Tensor, classes: int) -> tuple[torch.Tensor, int]:
     """Samples rearranged so that row c of a grid holds the samples of condition c (i mod P = c);
     short rows are padded with blank (white) images. Returns (images, images per row)."""
@@ -89,12 +109,14 @@ def save_class_grid(x: torch.Tensor, path: str, classes: int) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from schedules.baselines import uniform
-    from schedules.solvers import get_solver, reference_sample, sample
+    from schedules.solvers import get_solver, reference_sample, sample_table
     from schedules.viz import save_samples
 
     table = check_args(args)
     model = model_from_args(args)
-    check_drawable(model.sample_shape)
+    pipeline = getattr(model, "pipeline", None)  # pipeline models: latents, decoded by the pipeline's VAE
+    if pipeline is None:
+        check_drawable(model.sample_shape)
     noise = model.noise(args.num, args.seed)
     t0 = time.perf_counter()
     if args.reference:
@@ -108,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
         else:
             solver = args.solver or "euler"
             table = uniform(model, 16 if args.nfe is None else args.nfe, solver)
-        x = sample(model, noise, table.sigmas, solver, progress=True)
+        x = sample_table(model, noise, table, solver, progress=True)  # olss tables replay their coefficients
         label = f"{table.method} {solver} NFE {get_solver(solver).nfe(table.steps)}"
     seconds = time.perf_counter() - t0
     ref = None
@@ -117,14 +139,17 @@ def run(args: argparse.Namespace) -> None:
 
         ref = toy2d_data(2000, seed=12345)
     cond = getattr(model, "conditioning", None)
-    if cond is not None and cond.kind == "class" and x.ndim == 4:
-        save_class_grid(x, args.out, cond.size)  # rows = classes
+    latents = x
+    if pipeline is not None:
+        x = decode_latents(model, latents) * 2 - 1  # image_grid reads [-1, 1]
+    if cond is not None and x.ndim == 4 and (cond.kind == "class" or pipeline is not None):
+        save_class_grid(x, args.out, cond.size)  # rows = conditions (classes or prompts)
     else:
         save_samples(x, args.out, title=f"{model.name}: {label}", reference=ref)
     if args.save_tensor:
         from schedules.io import save_safetensors
 
-        save_safetensors(args.save_tensor, {"samples": x.detach().cpu().to(torch.float32)})
+        save_safetensors(args.save_tensor, {"samples": latents.detach().cpu().to(torch.float32)})
     print(json.dumps({"out": args.out, "model": model.name, "schedule": label, "num": args.num,
                       "seed": args.seed, "model_calls": model.calls, "seconds": round(seconds, 2),
                       **({"conditioning": cond.describe()} if cond is not None else {})}))

@@ -292,9 +292,10 @@ def test_dit_and_text_pipelines_get_a_clear_not_supported_error(tmp_path):
 
     (tmp_path / "transformer").mkdir()
     (tmp_path / "model_index.json").write_text(json.dumps(
-        {"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
-         "scheduler": ["diffusers", "DDIMScheduler"]}))
+        {"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
+         "scheduler": ["diffusers", "DDIMScheduler"]}))  # DiTPipeline itself has an adapter (test_pipeline_adapters)
     (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "DiTTransformer2DModel"}))
     DDIMScheduler().save_config(tmp_path / "scheduler")
-    with pytest.raises(StepsmithError, match="DiTTransformer2DModel is not supported yet.*UNet2DModel.*ConditionalAdapter"):
+    with pytest.raises(StepsmithError, match="PixArtAlphaPipeline pipeline with a DiTTransformer2DModel is not supported"
+                                             ".*UNet2DModel.*DiTPipeline.*register_pipeline"):
         load_model(str(tmp_path), conditioning=Conditioning(labels=(0,), guidance=4))

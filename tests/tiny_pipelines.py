@@ -156,3 +156,29 @@ def flux_pipeline(vocab_dir):
     return FluxPipeline(scheduler=sched, vae=tiny_vae(latent_channels=1), text_encoder=te,
                         tokenizer=clip_tokenizer(vocab_dir), text_encoder_2=tiny_t5(), tokenizer_2=t5_tokenizer(vocab_dir),
                         transformer=tr)
+
+
+# DiT-style VP schedule (linear betas); clip_sample off so the DDIM step is the plain deterministic update
+DIT_SCHED = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                 prediction_type="epsilon", clip_sample=False, set_alpha_to_one=True, steps_offset=0)
+
+
+def dit_pipeline():
+    """A tiny DiTPipeline: learned-sigma DiT (out_channels = 2·in_channels), 1000 classes + the null label 1000."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(5)
+    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                               num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
+    return DiTPipeline(transformer=tr, vae=tiny_vae(), scheduler=DDIMScheduler(**DIT_SCHED))
+
+
+def flux_guidance_pipeline(vocab_dir):
+    """A guidance-distilled Flux (FLUX.1-dev style: ``guidance_embeds=True``), otherwise as :func:`flux_pipeline`."""
+    pipe = flux_pipeline(vocab_dir)
+    torch.manual_seed(5)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                axes_dims_rope=[4, 4, 8], guidance_embeds=True).eval()
+    return FluxPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                        text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, transformer=tr)
