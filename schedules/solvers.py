@@ -217,11 +217,30 @@ SOLVERS: dict[str, SolverSpec] = {
 }
 
 
+def _needs_table(*_args):
+    raise StepsmithError("the olss solver combines the initial noise and earlier model outputs with its table's "
+                         "coefficients: replay the table with sample_table(model, noise, table) (stepsmith sample "
+                         "--table does), not with its sigmas alone")
+
+
+# Solvers whose step needs data a table carries (OLSS coefficients): get_solver knows them (NFE, validation),
+# but they are not in SOLVERS, so a sigma list alone is never sampled with them; see :func:`sample_table`.
+TABLE_SOLVERS: dict[str, SolverSpec] = {
+    "olss": SolverSpec("olss", 1, 1, "OLSS: fitted linear combination of x_T and earlier outputs (table only)",
+                       _needs_table),
+}
+
+
 def get_solver(name: str) -> SolverSpec:
-    try:
-        return SOLVERS[name]
-    except KeyError:
-        raise StepsmithError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}") from None
+    spec = SOLVERS.get(name) or TABLE_SOLVERS.get(name)
+    if spec is None:
+        raise StepsmithError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
+    return spec
+
+
+def _refuse_table_solver(solver: str) -> None:
+    if solver in TABLE_SOLVERS:
+        _needs_table()
 
 
 # ------------------------------------------------------------------- the integration loop
@@ -271,6 +290,7 @@ def integrate(denoiser: Denoiser, start: torch.Tensor | NodeState, sigmas: Seque
     Returns the final state.
     """
     spec = get_solver(solver)
+    _refuse_table_solver(solver)
     conv, denoise = denoiser.convention, denoiser.denoise
     st = start if isinstance(start, NodeState) else evaluate(denoiser, start, sigmas[0])
     x = st.x
@@ -293,9 +313,27 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, sigmas: Sequence[float] | to
     state (the data estimate).
     """
     get_solver(solver)
+    _refuse_table_solver(solver)
     s = check_sigmas(sigmas)
     on_node = None if callback is None else (lambda i, s_i, st: callback(i, s_i, st.x, st.x0))
     return integrate(denoiser, noise, s, solver, on_node=on_node, progress=progress)
+
+
+@torch.no_grad()
+def sample_table(denoiser: Denoiser, noise: torch.Tensor, table, solver: str | None = None, *,
+                 progress: bool = False) -> torch.Tensor:
+    """Replay ``table`` (a :class:`~schedules.table.TimestepTable`) from ``noise``: its own sampler when its
+    solver needs the table's data (``olss``: :func:`schedules.search.olss.olss_sample`), else :func:`sample`
+    along its sigmas with ``solver`` (default: the table's)."""
+    solver = solver or table.solver
+    if table.solver in TABLE_SOLVERS and solver == table.solver:
+        from schedules.search.olss import olss_sample
+
+        return olss_sample(denoiser, noise, table, progress=progress)
+    if solver in TABLE_SOLVERS:
+        raise StepsmithError(f"solver {solver!r} replays only a table made by --method {solver} (this table is "
+                             f"{table.method!r} with solver {table.solver!r}); pick another --solver", param="solver")
+    return sample(denoiser, noise, table.sigmas, solver, progress=progress)
 
 
 def reference_sigmas(conv: Convention, steps: int = 200) -> list[float]:

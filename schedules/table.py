@@ -17,10 +17,13 @@ A table is what a search produces and what a pipeline consumes. JSON layout
       "model": "builtin:digits-flow",
       "objective": 0.0123,    # the search objective reached, or null
       "provenance": {...},    # seed, samples, grid, seconds, model calls, version
-      "conditioning": {...}   # optional (conditional models): guidance, classes / prompt fingerprint, negative
+      "conditioning": {...},  # optional (conditional models): guidance, classes / prompt fingerprint, negative
+      "olss": {...}           # solver "olss" only: {"version": 1, "prediction", "guidance", "coefficients"}
     }
 
 A table without ``conditioning`` (every unconditional table) is the same v1 file as before.
+An ``olss`` table (:mod:`schedules.search.olss`) carries its fitted coefficients: row k holds the
+k+2 weights of x_T and of the model outputs at nodes 0..k that give the state at node k+1.
 
 Validation runs on construction and on load; each error names the field and the fix.
 """
@@ -40,7 +43,7 @@ import torch
 
 from schedules.conventions import PREDICTIONS, Convention
 from schedules.io import StepsmithError, atomic_write_json
-from schedules.solvers import SOLVERS, get_solver
+from schedules.solvers import SOLVERS, TABLE_SOLVERS, get_solver
 
 FORMAT = "stepsmith.schedule/v1"
 CONVENTIONS = ("flow", "vp")
@@ -56,6 +59,7 @@ _FIELD_TYPES: dict[str, tuple[str, tuple[type, ...], bool]] = {
     "steps": ("an integer", (int,), True), "nfe": ("an integer", (int,), True),
     "objective": ("a number", (int, float), True), "convention_config": ("an object", (dict,), False),
     "provenance": ("an object", (dict,), False), "conditioning": ("an object", (dict,), True),
+    "olss": ("an object", (dict,), True),
 }
 
 # VP noise schedules (by ᾱ hash) seen in this process: a table for one of them has its
@@ -115,6 +119,7 @@ class TimestepTable:
     nfe: int | None = None
     format: str = FORMAT
     conditioning: dict[str, Any] | None = None  # what a conditional model's table is valid for (guidance, classes)
+    olss: dict[str, Any] | None = None  # solver "olss": version, prediction, guidance, coefficients (see check_olss)
 
     def __post_init__(self) -> None:
         self.sigmas = _floats(self.sigmas, "sigmas")
@@ -122,7 +127,7 @@ class TimestepTable:
         K = len(self.sigmas) - 1
         if self.steps is None:
             self.steps = K
-        if self.solver in SOLVERS and self.nfe is None and K >= 1:
+        if (self.solver in SOLVERS or self.solver in TABLE_SOLVERS) and self.nfe is None and K >= 1:
             self.nfe = get_solver(self.solver).nfe(K)
         self.validate()
 
@@ -156,7 +161,7 @@ class TimestepTable:
             raise bad("timesteps", "contain duplicates", "use distinct steps (duplicates break diffusers schedulers)")
         if not (all(t[i] > t[i + 1] for i in range(K - 1))):
             raise bad("timesteps", "must be strictly decreasing (noise to data)", "sort them in descending order")
-        if self.solver not in SOLVERS:
+        if self.solver not in SOLVERS and self.solver not in TABLE_SOLVERS:
             raise bad("solver", f"unknown solver {self.solver!r}", f"use one of {', '.join(SOLVERS)}")
         expect = get_solver(self.solver).nfe(K)
         if self.nfe != expect:
@@ -172,6 +177,7 @@ class TimestepTable:
                       "this looks like a VP/EDM table: set convention to 'vp'")
         if self.objective is not None and not isinstance(self.objective, (int, float)):
             raise bad("objective", "must be a number or null", "store the objective value as a float")
+        check_olss(self.olss, self.solver, K, self.prediction)
         known = _KNOWN_VP.get(self.convention_config.get("alphas_cumprod_sha256")) if self.convention == "vp" else None
         if known is not None:
             self.check_timesteps(known)
@@ -237,6 +243,8 @@ class TimestepTable:
                  "convention_config", "method", "model", "objective", "provenance"]
         if self.conditioning is not None:
             order.append("conditioning")
+        if self.olss is not None:
+            order.append("olss")
         return {k: d[k] for k in order}
 
     def save(self, path: str | Path) -> Path:
@@ -297,6 +305,41 @@ class TimestepTable:
         from schedules.conditioning import warn_if_mismatch
 
         return warn_if_mismatch(self, conditioning)
+
+
+OLSS_VERSION = 1
+
+
+def check_olss(block: dict[str, Any] | None, solver: str, steps: int, prediction: str) -> None:
+    """Refuse an ``olss`` block that does not fit its table: solver "olss" ⇔ a block; version 1; the table's
+    prediction; one coefficient row per step, row k holding k+2 finite numbers (x_T, outputs 0..k)."""
+    def bad(why: str, fix: str) -> StepsmithError:
+        return StepsmithError(f"invalid timestep table: olss: {why} — {fix}", param="olss")
+
+    if block is None:
+        if solver == "olss":
+            raise bad("solver 'olss' needs the olss block (its coefficients)", "rebuild it with --method olss")
+        return
+    if solver != "olss":
+        raise bad(f"an olss block goes with solver 'olss', not {solver!r}", "set solver to 'olss' or drop the block")
+    if block.get("version") != OLSS_VERSION:
+        raise bad(f"version {block.get('version')!r} is not {OLSS_VERSION}", "rebuild the table with this stepsmith")
+    if block.get("prediction") != prediction:
+        raise bad(f"prediction {block.get('prediction')!r} differs from the table's {prediction!r}",
+                  "the coefficients combine this prediction type's outputs: rebuild the table")
+    g = block.get("guidance")
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)):
+        raise bad(f"guidance must be a number or null, got {_describe(g)}", "store the guidance scale used")
+    rows = block.get("coefficients")
+    if not isinstance(rows, list) or len(rows) != steps:
+        n = len(rows) if isinstance(rows, list) else _describe(rows)
+        raise bad(f"coefficients must be a list of {steps} rows (one per step), got {n}", "rebuild the table")
+    for k, row in enumerate(rows):
+        ok = isinstance(row, list) and len(row) == k + 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row)
+        if not ok:
+            raise bad(f"coefficient row {k} must hold {k + 2} finite numbers (x_T and outputs 0..{k}), got "
+                      f"{_describe(row)}", "rebuild the table")
 
 
 def _floats(values: Any, name: str) -> list[float]:

@@ -111,6 +111,12 @@ def apply_table(table: TimestepTable | str | Path | dict, scheduler, *, device=N
     """
     table = as_table(table)
     check_scheduler(scheduler)
+    if table.olss is not None:  # OLSS: its own scheduler (the given one only supplies the noise schedule)
+        from schedules.diffusers.olss_scheduler import OLSSScheduler
+
+        sch = OLSSScheduler.from_table(table, scheduler)
+        sch.set_timesteps(device=device)
+        return sch
     sch, _ = scheduler_for_table(table, scheduler, swap=swap, what=type(scheduler).__name__)
     install(sch, table, device)
     return sch

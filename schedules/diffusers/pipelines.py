@@ -191,6 +191,10 @@ def pipeline_kwargs(table: TimestepTable | str | Path | dict, pipe, *, swap: boo
         raise StepsmithError(f"`pipe` must be a diffusers pipeline, got {type(pipe).__name__}{hint}", param="pipe")
     if not allow_other_model:
         check_model(table, pipe)
+    if table.olss is not None:  # OLSS replays through its own scheduler, whatever the pipeline's
+        from schedules.diffusers.olss_scheduler import olss_pipeline_kwargs
+
+        return olss_pipeline_kwargs(table, pipe)
     original = getattr(pipe.scheduler, "_stepsmith_original", pipe.scheduler)
     key = (_table_key(table), json.dumps(dict(original.config), sort_keys=True, default=str), type(pipe), swap)
     cache = _PLANS.setdefault(original, {})

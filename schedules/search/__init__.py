@@ -6,7 +6,7 @@ seed, samples, grid, model calls, seconds, solver and package version. Search sa
 from noise seed ``seed``; evaluate on other seeds (``eval`` defaults to 10 000).
 
 Methods: ``dp`` (:mod:`schedules.search.dp`), ``evolution`` (:mod:`schedules.search.evolution`),
-``ays`` (:mod:`schedules.search.ays`), every baseline of :mod:`schedules.baselines`, and any
+``ays`` (:mod:`schedules.search.ays`), ``olss`` (:mod:`schedules.search.olss`), every baseline of :mod:`schedules.baselines`, and any
 function added with :func:`register`. ``options`` are checked against the method's signature
 before it runs, so a misspelt option is refused with the list of valid ones, while a
 ``TypeError`` raised inside a method propagates as the bug it is.
@@ -24,6 +24,7 @@ from schedules.search.ays import ays_table
 from schedules.search.dp_method import dp_table, dp_tables
 from schedules.search.evolution import evolution_table
 from schedules.search.interp import interp_table
+from schedules.search.olss import olss_table
 from schedules.solvers import get_solver
 from schedules.table import TimestepTable
 
@@ -31,7 +32,7 @@ SearchMethod = Callable[..., TimestepTable]
 """``fn(adapter, nfe, solver, *, samples, seed, progress, **options) -> TimestepTable``."""
 
 SEARCHED: dict[str, SearchMethod] = {"dp": dp_table, "evolution": evolution_table, "ays": ays_table,
-                                     "interp": interp_table}
+                                     "interp": interp_table, "olss": olss_table}
 MULTI_BUDGET = {"dp": dp_tables}  # methods that answer several budgets from one pass
 DEFAULT_SAMPLES = 64
 SEARCH_KEYWORDS = ("samples", "seed", "progress")  # passed by make_table itself, never as options
