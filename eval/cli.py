@@ -25,6 +25,16 @@ def _int_list(text: str) -> list[int]:
     return vals
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 1,3,5") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("give at least one guidance scale, e.g. 1,3,5")
+    return vals
+
+
 def _option(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` → (key, int | float | bool | str), as ``stepsmith search --option`` reads it."""
     if "=" not in text:
@@ -55,6 +65,11 @@ def register(sub) -> None:
                     "against the teacher (reference sampler). Writes report.json, report.md, quality_vs_nfe.png "
                     "and sample grids into --out.")
     add_model_args(p, conditional=True)
+    for action in p._actions:  # eval only: --guidance takes a comma list (one set of rows per scale)
+        if action.dest == "guidance":
+            action.type = _float_list
+            action.help = ("classifier-free guidance scale(s) w ≥ 0, a comma list such as 1,3,5: every (method, NFE) "
+                           "at every scale, on the same noises and conditions (default: 1, no guidance)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tables", nargs="+", metavar="TABLE.json", help="stepsmith.schedule/v1 tables to score")
     src.add_argument("--methods", type=_str_list, help="comma-separated methods made with schedules.search "
@@ -67,6 +82,8 @@ def register(sub) -> None:
                         "models), or a comma list whose first name is the main one, from fid,kid,wasserstein,"
                         "teacher,precision,recall,density,coverage,is,class-accuracy,clip,mmhm (mmhm aggregates "
                         "the others, per NFE); each name is a key of every row's `metrics` in report.json")
+    p.add_argument("--clip-model", default=None, metavar="DIR",
+                   help="local transformers CLIPModel folder (with its processor) for --metric clip; never downloaded")
     p.add_argument("--bounds", default=None, metavar="FILE",
                    help="frozen MMHM bounds (from --save-bounds) so MMHM scores of different runs compare")
     p.add_argument("--save-bounds", default=None, metavar="FILE", help="write the MMHM bounds this run used")
@@ -110,6 +127,10 @@ def sweep_config(args: argparse.Namespace):
             check_table_model(load_table(t).model, args.model, allow_other_model=args.allow_other_model)
     if args.metric and "teacher" in args.metric.replace(" ", "").split(",") and args.no_teacher:
         raise StepsmithError("--metric teacher needs the reference sampler; drop --no-teacher")
+    if args.metric and "clip" in args.metric.replace(" ", "").split(","):  # before the model loads
+        from eval.clip_score import check_clip_folder
+
+        check_clip_folder(args.clip_model)
     return SweepConfig(
         tables=args.tables, methods=args.methods, nfe=args.nfe, solver=args.solver, num=args.num,
         metric=args.metric, out=args.out, seed=args.seed, real=args.real, features=args.features,
@@ -117,7 +138,7 @@ def sweep_config(args: argparse.Namespace):
         batch_size=args.batch_size, grid=args.grid, cache=args.cache_dir, use_cache=not args.no_cache,
         search_seed=args.search_seed, search_samples=args.search_samples, command=args.invocation,
         search_options=dict(args.option) or None, bounds=args.bounds, save_bounds=args.save_bounds,
-        allow_other_model=args.allow_other_model,
+        allow_other_model=args.allow_other_model, guidance=args.guidance, clip_model=args.clip_model,
     )
 
 
@@ -129,6 +150,8 @@ def run(args: argparse.Namespace) -> None:
     from schedules.distributed import current_dist
 
     cfg = sweep_config(args)
+    if cfg.guidance is not None:  # the model loads at the first scale; the sweep rebuilds it at each one
+        args = argparse.Namespace(**{**vars(args), "guidance": cfg.guidance[0]})
     if "OMP_NUM_THREADS" not in os.environ and current_dist().world > 1:
         torch.set_num_threads(1)
     report = run_sweep(model_from_args(args), cfg)

@@ -124,13 +124,13 @@ def _device(net: nn.Module) -> torch.device:
 # --------------------------------------------------------------------------- loaders
 
 
-# embedded models whose default feature network is not digits-features (trained on other data)
-MODEL_FEATURES = {"builtin:sharp-ddpm": "sharp-features"}
 
 
 def default_feature_network(model_name: str, sample_shape: tuple[int, ...]) -> str:
     """The feature network a sweep uses when none is given: the model's own, digits-features for
     other 16x16 one-channel images, else inception (which needs local weights)."""
+    from schedules.embedded import MODEL_FEATURES
+
     if model_name in MODEL_FEATURES:
         return MODEL_FEATURES[model_name]
     return "digits-features" if tuple(sample_shape) == (1, 16, 16) else "inception"
@@ -139,17 +139,10 @@ def default_feature_network(model_name: str, sample_shape: tuple[int, ...]) -> s
 def digits_features(name: str = "digits-features") -> FeatureNetwork:
     """An embedded digits CNN (128-d penultimate layer), images [B, 1, 16, 16] in [-1, 1]:
     ``digits-features`` (trained on the digits) or ``sharp-features`` (on the binarised digits)."""
-    from schedules.adapters import load_state_dict
-    from schedules.embedded import embedded_path
+    from schedules.embedded import load_feature_cnn
     from schedules.embedded.nets import DIGITS_SIZE, DigitsFeatures
-    from schedules.io import load_safetensors
 
-    path = embedded_path(name) / "model.safetensors"
-    if not path.is_file():
-        raise StepsmithError(f"embedded feature network missing: {path}; reinstall stepsmith or retrain it with "
-                             f"`python -m schedules.embedded.train {name}`")
-    net = DigitsFeatures()
-    load_state_dict(net, load_safetensors(path), str(path))
+    net = load_feature_cnn(name)
     return FeatureNetwork(net, name, DigitsFeatures.num_features, (1, DIGITS_SIZE, DIGITS_SIZE))
 
 

@@ -62,10 +62,17 @@ def _fmt(v: float | None) -> str:
     return f"{v:.4g}" if a < 10 else f"{v:.2f}"
 
 
+def _label(report: dict[str, Any], r: dict[str, Any]) -> str:
+    """A row's label; with several guidance scales the scale is part of it (``dp (w=3)``)."""
+    if len(report.get("guidance") or ()) > 1 and r.get("guidance") is not None:
+        return f"{r['label']} (w={r['guidance']:g})"
+    return r["label"]
+
+
 def grid_table(report: dict[str, Any]) -> tuple[list[str], list[int], dict[tuple[str, int], float]]:
-    labels = list(dict.fromkeys(r["label"] for r in report["results"]))
+    labels = list(dict.fromkeys(_label(report, r) for r in report["results"]))
     nfes = sorted({int(r["nfe"]) for r in report["results"]})
-    cells = {(r["label"], int(r["nfe"])): float(r["value"]) for r in report["results"]}
+    cells = {(_label(report, r), int(r["nfe"])): float(r["value"]) for r in report["results"]}
     return labels, nfes, cells
 
 
@@ -85,9 +92,40 @@ def _header(report: dict[str, Any], name: str) -> list[str]:
     if real:
         lines.append(f"- real data: {real.get('source')} (n = {real.get('n')})")
     lines.append(f"- solver: {report['solver']}; processes: {report['processes']}; total {report['seconds_total']:.1f} s")
+    if report.get("guidance"):
+        lines.append(f"- guidance: {', '.join(f'{w:g}' for w in report['guidance'])} — every (method, NFE) at each "
+                     "scale, on the same noises and conditions; searched methods searched at each scale")
+    if report.get("metric_space"):
+        lines.append(f"- {report['metric_space']}")
     if report.get("metrics"):
         lines += _metrics_bullets(report)
     return lines + [""]
+
+
+def _guidance_table(report: dict[str, Any]) -> list[str]:
+    """Rows grouped per NFE and guidance: main metric and PSNR to that guidance's teacher; bold: best per group."""
+    rows = sorted(report["results"], key=lambda r: (int(r["nfe"]), float(r["guidance"])))
+    name = METRIC_NAMES.get(report["metric"], report["metric"])
+    lines = ["", "## Per NFE and guidance", "", f"| NFE | guidance | method | {name} | PSNR to teacher (dB) |",
+             "|---|---|---|---|---|"]
+    for (nfe, w), group in _groups(rows):
+        vals = [(float(r["value"]), r["label"]) for r in group if math.isfinite(float(r["value"]))]
+        best = _best(vals, report["metric"]) if vals else None
+        for r in group:
+            s = _fmt(float(r["value"]))
+            lines.append(f"| {nfe} | {w:g} | {r['label']} | {f'**{s}**' if r['label'] == best else s} | "
+                         f"{_fmt(r['extra'].get('teacher_psnr'))} |")
+    for t in report.get("teachers") or []:
+        if t is not None:
+            lines.append(f"| *teacher (NFE {t['nfe']})* | {t['guidance']:g} | Heun {t['steps']} steps | {_fmt(t['value'])} | – |")
+    return lines
+
+
+def _groups(rows: list[dict[str, Any]]) -> list[tuple[tuple[int, float], list[dict[str, Any]]]]:
+    out: dict[tuple[int, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault((int(r["nfe"]), float(r["guidance"])), []).append(r)
+    return list(out.items())
 
 
 def _metrics_bullets(report: dict[str, Any]) -> list[str]:
@@ -161,14 +199,14 @@ def _nfe_metrics_table(report: dict[str, Any], nfe: int) -> list[str]:
     rows = [r for r in report["results"] if int(r["nfe"]) == nfe]
     best = {}
     for m in names:
-        vals = [(float(r["metrics"][m]), r["label"]) for r in rows
+        vals = [(float(r["metrics"][m]), _label(report, r)) for r in rows
                 if isinstance(r["metrics"].get(m), (int, float)) and math.isfinite(r["metrics"][m])]
         if vals:
             best[m] = _best(vals, m)
     arrow = {m: "↑" if _higher(m) else "↓" for m in names}
     head = "| method | " + " | ".join(f"{METRIC_NAMES.get(m, m)} {arrow[m]}" for m in names) + " |"
     lines = [f"### NFE {nfe}", "", head, "|---" * (len(names) + 1) + "|"]
-    lines += [f"| {r['label']} | " + _metric_cells(names, r["metrics"], best, r["label"]) + " |" for r in rows]
+    lines += [f"| {_label(report, r)} | " + _metric_cells(names, r["metrics"], best, _label(report, r)) + " |" for r in rows]
     t = report.get("teacher")
     if t is not None and t.get("metrics"):
         lines.append(f"| *teacher (NFE {t['nfe']})* | " + _metric_cells(names, t["metrics"], {}, "") + " |")
@@ -188,14 +226,14 @@ def _metrics_tables(report: dict[str, Any]) -> list[str]:
 def _psnr_table(report: dict[str, Any]) -> list[str]:
     labels, nfes, _ = grid_table(report)
     lines = ["", "## Fidelity to the teacher (same noises): PSNR in dB, higher is closer", "", *_table_head(nfes)]
-    psnr = {(r["label"], int(r["nfe"])): r["extra"].get("teacher_psnr") for r in report["results"]}
+    psnr = {(_label(report, r), int(r["nfe"])): r["extra"].get("teacher_psnr") for r in report["results"]}
     return lines + [f"| {lab} | " + " | ".join(_fmt(psnr.get((lab, n))) for n in nfes) + " |" for lab in labels]
 
 
 def _timings_table(report: dict[str, Any]) -> list[str]:
     labels, nfes, _ = grid_table(report)
     lines = ["", "## Timings (seconds: table / sampling / metric)", "", *_table_head(nfes)]
-    tim = {(r["label"], int(r["nfe"])): r["timings"] for r in report["results"]}
+    tim = {(_label(report, r), int(r["nfe"])): r["timings"] for r in report["results"]}
     for lab in labels:
         cellsf = []
         for n in nfes:
@@ -213,9 +251,11 @@ def _links(report: dict[str, Any]) -> list[str]:
     grids = [r for r in report["results"] if r.get("grid")]
     if grids:
         lines += ["", "## Samples (same noises in every grid)", ""]
-        if t is not None and t.get("grid"):
-            lines.append(f"- teacher: [{t['grid']}]({t['grid']})")
-        lines += [f"- {r['label']} NFE {r['nfe']}: [{r['grid']}]({r['grid']})" for r in grids]
+        for tt in report.get("teachers") or [t]:  # one teacher per guidance scale in a guidance-list report
+            if tt is not None and tt.get("grid"):
+                w = f" (w={tt['guidance']:g})" if tt.get("guidance") is not None else ""
+                lines.append(f"- teacher{w}: [{tt['grid']}]({tt['grid']})")
+        lines += [f"- {_label(report, r)} NFE {r['nfe']}: [{r['grid']}]({r['grid']})" for r in grids]
     if report.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     if report.get("command"):
@@ -227,6 +267,8 @@ def markdown(report: dict[str, Any]) -> str:
     """``report.md``: the value table (what ``stepsmith eval`` prints), PSNR to the teacher, timings, links."""
     name = METRIC_NAMES.get(report["metric"], report["metric"])
     lines = _header(report, name) + _value_table(report)
+    if report.get("guidance"):
+        lines += _guidance_table(report)
     if report.get("metrics"):
         lines += _metrics_tables(report)
     if report.get("teacher") is not None:
@@ -312,7 +354,7 @@ def plot_metrics(report: dict[str, Any], path: str | Path) -> Path:
 
 
 def _metric_panel(ax, report: dict[str, Any], m: str, labels: list[str], nfes: list[int]) -> None:
-    vals = {(r["label"], int(r["nfe"])): r["metrics"].get(m) for r in report["results"]}
+    vals = {(_label(report, r), int(r["nfe"])): r["metrics"].get(m) for r in report["results"]}
     for lab in labels:
         xs = [n for n in nfes if isinstance(vals.get((lab, n)), (int, float)) and math.isfinite(vals[(lab, n)])]
         ax.plot(xs, [vals[(lab, n)] for n in xs], marker="o", ms=3, label=lab)

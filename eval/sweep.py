@@ -23,6 +23,13 @@ Protocol
 * Image models are scored by FID (or KID) under a feature network against real data whose
   statistics are cached on disk; low-dimensional models by the exact Wasserstein distance
   (plus MMD and energy distance) against true samples.
+* Pipeline models (``adapter.pipeline``, e.g. a saved Stable Diffusion folder): every cell's final
+  latents are decoded by the pipeline's VAE (micro-batched) before grids and image metrics (FID/KID
+  need ``features`` and ``real`` images; ``clip`` a local CLIP folder); MSE / PSNR to the teacher stay
+  on the latents.
+* ``guidance`` (a list of scales, conditional models): every (method, NFE) at every scale, on the same
+  noises and conditions, with one teacher per scale; searched methods are searched per scale; rows carry
+  ``"guidance"``.
 
 Scale-out: under ``accelerate launch`` (or any initialised torch.distributed group) each
 process samples and featurises a contiguous slice of the noises; FID statistics are summed
@@ -141,6 +148,8 @@ class SweepConfig:
     bounds: Any = None
     save_bounds: str | os.PathLike | None = None
     allow_other_model: bool = False  # score tables searched for another model
+    guidance: Sequence[float] | None = None  # conditional models: one set of rows per guidance scale w
+    clip_model: str | os.PathLike | None = None  # local transformers CLIPModel folder (metric clip)
     plan: MetricPlan | None = None  # set by check_config from `metric`
 
     @property
@@ -195,7 +204,53 @@ def check_config(cfg: SweepConfig, adapter) -> SweepConfig:
     if cfg.methods and (not nfe or any(n < 1 for n in nfe)):
         raise StepsmithError(f"`nfe` must list positive integers, got {nfe}", param="nfe")
     bounds = _check_bounds_config(cfg, plan, nfe)
-    return replace(cfg, metric=metric, nfe=nfe, plan=plan, bounds=bounds)
+    _check_pipeline_config(cfg, adapter, plan)
+    guidance = _check_guidance_list(cfg.guidance, adapter)
+    return replace(cfg, metric=metric, nfe=nfe, plan=plan, bounds=bounds, guidance=guidance)
+
+
+def _check_pipeline_config(cfg: SweepConfig, adapter, plan: MetricPlan) -> None:
+    """Pipeline models are scored on decoded images: FID-type metrics need ``features`` and ``real``
+    images; ``clip`` needs a local CLIP folder."""
+    if "clip" in plan.names:
+        from eval.clip_score import check_clip_folder
+
+        check_clip_folder(cfg.clip_model)
+    if getattr(adapter, "pipeline", None) is None:
+        return
+    image_metrics = [n for n in plan.computed if n not in ("teacher", "clip")]
+    if image_metrics and cfg.features is None:
+        raise StepsmithError(f"{', '.join(image_metrics)} on the decoded images of {adapter.name} need a feature network: "
+                             "pass --features inception (with --inception-weights FILE) or path/to/file.py:attr, and "
+                             "--real (real images); or use --metric teacher / clip", param="features")
+    if image_metrics and cfg.real is None:
+        raise StepsmithError(f"{', '.join(image_metrics)} on {adapter.name} need real images: pass --real (a folder of PNGs "
+                             f"or a safetensors tensor [N, {', '.join(map(str, image_shape(adapter)))}] in [-1, 1])",
+                             param="real")
+
+
+def _check_guidance_list(guidance: Sequence[float] | None, adapter) -> tuple[float, ...] | None:
+    """The sweep's guidance scales (``None``: the model's own); refused for unconditional models."""
+    if guidance is None:
+        return None
+    from schedules.conditioning import ConditionalAdapter, _check_guidance
+
+    ws = tuple(_check_guidance(w) for w in ([guidance] if isinstance(guidance, (int, float)) else guidance))
+    if not ws or len(set(ws)) != len(ws):
+        raise StepsmithError(f"`guidance` must list distinct scales, e.g. 1,3,5; got {list(ws)}", param="guidance")
+    if not isinstance(adapter, ConditionalAdapter):
+        raise StepsmithError(f"{adapter.name} is unconditional; guidance applies to conditional models only",
+                             param="guidance")
+    return ws
+
+
+def image_shape(adapter) -> tuple[int, ...]:
+    """The shape of a sample as the metrics see it: the decoded image [3, H, W] of a pipeline model, else the sample."""
+    pipe = getattr(adapter, "pipeline", None)
+    if pipe is None:
+        return tuple(adapter.sample_shape)
+    cond = adapter.conditioning
+    return (int(pipe.vae.config.out_channels), int(cond.height), int(cond.width))
 
 
 # --------------------------------------------------------------------------- cells
@@ -319,10 +374,10 @@ def load_real(adapter, cfg: SweepConfig) -> tuple[torch.Tensor, dict[str, Any]]:
     elif isinstance(cfg.real, torch.Tensor):
         x, source = check_samples(cfg.real, "real data"), "tensor"
     else:
-        x, source = load_real_data(cfg.real, adapter.sample_shape), str(cfg.real)
-    if tuple(x.shape[1:]) != tuple(adapter.sample_shape):
+        x, source = load_real_data(cfg.real, image_shape(adapter)), str(cfg.real)
+    if tuple(x.shape[1:]) != image_shape(adapter):
         raise StepsmithError(f"real data have samples of shape {list(x.shape[1:])} but {adapter.name} makes "
-                             f"{list(adapter.sample_shape)}; give real data of the model's size and channels")
+                             f"{list(image_shape(adapter))}; give real data of the model's size and channels")
     return x, {"source": source, "n": int(x.shape[0]), "sha256": tensor_hash(x)}
 
 
@@ -386,8 +441,10 @@ class Scorer:
 
     def __init__(self, metric: str, dist: Dist, real: RealData, *, kid_subsets: int = 100,
                  kid_subset_size: int = 1000, seed: int = 0, plan: MetricPlan | None = None,
-                 labels: torch.Tensor | None = None):
+                 labels: torch.Tensor | None = None, clip: Any = None, prompts: Sequence[str] | None = None,
+                 prompt_index: torch.Tensor | None = None):
         self.metric, self.dist, self.real, self.seed = metric, dist, real, seed
+        self.clip, self.prompts, self.prompt_index = clip, prompts, prompt_index  # metric clip (text-to-image)
         self.labels = labels  # class-conditional sweeps: this process's samples' intended labels
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.plan = plan or MetricPlan((metric,), False, real.net is not None)
@@ -480,19 +537,30 @@ class Scorer:
             out["is"] = inception_score_of(self.real.net, x_shard, self.dist.gather_cat)
         if "class-accuracy" in names:
             out["class-accuracy"] = class_accuracy_of(self.real.net, x_shard, self.labels, self.dist.gather_cat)
+        if "clip" in names:  # decoded images in [-1, 1] → [0, 1]; sample i ↔ prompt i mod P
+            s = self.clip.per_sample((x_shard + 1) / 2, self.prompts, self.prompt_index)
+            out["clip"] = float(self.dist.gather_cat(s).mean())
         return {n: out[n] for n in names if n in out}
 
     def _main_wasserstein(self, x_shard: torch.Tensor) -> float:
         return lowdim_metrics(self.dist.gather_cat(x_shard), self.real.x)["wasserstein"]
 
 
-def build_scorer(cfg: SweepConfig, real: RealData, dist: Dist, labels: torch.Tensor | None = None) -> Scorer | None:
+def build_scorer(cfg: SweepConfig, real: RealData, dist: Dist, labels: torch.Tensor | None = None,
+                 adapter: Any = None) -> Scorer | None:
     """The real-data scorer of the sweep's metrics (``None`` for ``teacher`` alone, scored by MSE)."""
-    if not cfg.plan.needs_real:
+    wants_clip = "clip" in cfg.plan.names
+    if not cfg.plan.needs_real and not wants_clip:
         return None
     size = min(cfg.kid_subset_size, cfg.num, real.stats.n) if cfg.metric == "kid" else cfg.kid_subset_size
+    clip = prompts = index = None
+    if wants_clip:
+        from eval.clip_score import load_clip
+
+        cond = adapter.conditioning  # check_applicable: a prompt-conditioned pipeline
+        clip, prompts, index = load_clip(cfg.clip_model), cond.prompts, cond.condition_index(sample_indices(cfg, dist))
     return Scorer(cfg.metric, dist, real, kid_subsets=cfg.kid_subsets, kid_subset_size=size, seed=cfg.seed,
-                  plan=cfg.plan, labels=labels)
+                  plan=cfg.plan, labels=labels, clip=clip, prompts=prompts, prompt_index=index)
 
 
 def sample_indices(cfg: SweepConfig, dist: Dist) -> torch.Tensor:
@@ -545,6 +613,16 @@ class SweepRun:
     noise: torch.Tensor
     bar: Any
     grids: Grids
+    guidance: float | None = None  # the guidance scale of these rows (a guidance-list sweep)
+
+    @property
+    def suffix(self) -> str:
+        """Grid file suffix of the rows' guidance (``_w3``), empty without a guidance list."""
+        return "" if self.guidance is None else "_w" + _safe(f"{self.guidance:g}")
+
+    @property
+    def title(self) -> str:
+        return "" if self.guidance is None else f", guidance {self.guidance:g}"
 
     @property
     def n_batches(self) -> int:
@@ -589,24 +667,39 @@ def teacher_row(run: SweepRun, scorer: Scorer | None) -> tuple[dict[str, Any], t
     row: dict[str, Any] = {"label": "teacher", "solver": teacher.solver, "steps": teacher.steps, "nfe": teacher.nfe,
                            "n": run.cfg.num, "model_calls": run.dist.sum(adapter.calls - calls0),
                            "sampler": teacher.describe()}
-    value, extra, listed, t_metric = _timed_score(scorer, ref_x)
+    images = decoded(run, ref_x)
+    value, extra, listed, t_metric = _timed_score(scorer, images)
     row.update(value=0.0 if value is None else value, extra=extra)
     if run.cfg.plan.extended:
         row["metrics"] = {**listed, **({"teacher": 0.0} if "teacher" in run.cfg.plan.names else {})}
     row["timings"] = {"sample_seconds": round(t_sample, 3), "metric_seconds": round(t_metric, 3)}
-    row["grid"] = run.grids.draw(ref_x, "teacher", f"{adapter.name}: teacher (Heun {teacher.steps} steps)")
+    row["grid"] = run.grids.draw(images, "teacher" + run.suffix, f"{adapter.name}: teacher (Heun {teacher.steps} steps)"
+                                 + run.title)
     return row, ref_x
 
 
+def decoded(run: SweepRun, x: torch.Tensor) -> torch.Tensor:
+    """What the image metrics and grids see: a pipeline model's latents decoded by its VAE (micro-batched) to
+    images in [-1, 1]; other models' samples as they are."""
+    if getattr(run.adapter, "pipeline", None) is None or x.shape[0] == 0:
+        return x
+    from schedules.cli_sample import decode_latents
+
+    return decode_latents(run.adapter, x, batch_size=max(1, min(run.cfg.batch_size, 32))) * 2 - 1
+
+
 @torch.no_grad()
-def sample_batched(adapter, noise: torch.Tensor, sigmas, solver: str, batch_size: int, on_batch=None) -> torch.Tensor:
-    """:func:`schedules.solvers.sample` in micro-batches of ``batch_size`` (``on_batch()`` after each), on the CPU."""
-    from schedules.solvers import sample
+def sample_batched(adapter, noise: torch.Tensor, sigmas, solver: str, batch_size: int, on_batch=None,
+                   table: TimestepTable | None = None) -> torch.Tensor:
+    """:func:`schedules.solvers.sample` in micro-batches of ``batch_size`` (``on_batch()`` after each), on the CPU;
+    with ``table``, :func:`schedules.solvers.sample_table` (tables that replay their own data, e.g. olss)."""
+    from schedules.solvers import sample, sample_table
 
     out = []
     for sl in micro_batches(noise.shape[0], batch_size):
         with bind(sl):  # conditional models: every micro-batch keeps its samples' conditions
-            out.append(sample(adapter, noise[sl], sigmas, solver).detach().cpu())
+            x = sample(adapter, noise[sl], sigmas, solver) if table is None else sample_table(adapter, noise[sl], table)
+            out.append(x.detach().cpu())
         if on_batch is not None:
             on_batch()
     return torch.cat(out) if out else noise[:0].cpu()
@@ -623,7 +716,8 @@ def sample_cell(run: SweepRun, table: TimestepTable) -> torch.Tensor:
     """A cell's samples from this process's noises: the built-in solver, or the config's ``sampler``."""
     noise, bs, sampler = run.noise, run.cfg.batch_size, run.cfg.sampler
     if sampler is None:
-        return sample_batched(run.adapter, noise, table.sigmas, table.solver, bs, lambda: run.bar.update(table.nfe))
+        return sample_batched(run.adapter, noise, table.sigmas, table.solver, bs, lambda: run.bar.update(table.nfe),
+                              table=table)
     x = torch.cat([_bound_call(sampler, table, noise, sl) for sl in micro_batches(noise.shape[0], bs)]
                   or [noise[:0].cpu()])
     run.bar.update(table.nfe * run.n_batches)
@@ -659,7 +753,8 @@ def score_cell(run: SweepRun, c: Cell, scorer: Scorer | None, ref_x: torch.Tenso
     if ref_x is not None:
         fidel = coupled_fidelity(run.dist, x, ref_x, cfg.num, cfg.data_range)
         extra["teacher_mse"], extra["teacher_psnr"] = fidel["mse"], fidel["psnr"]
-    value, more, listed, _ = _timed_score(scorer, x)
+    images = decoded(run, x)  # pipeline models: images for the image metrics; teacher MSE/PSNR stay on latents
+    value, more, listed, _ = _timed_score(scorer, images)
     extra.update(more)
     row.update(value=extra["teacher_mse"] if value is None else value, extra=extra)
     if cfg.plan.extended:
@@ -667,7 +762,8 @@ def score_cell(run: SweepRun, c: Cell, scorer: Scorer | None, ref_x: torch.Tenso
         row["metrics"] = {n: listed[n] for n in cfg.plan.computed}
     row["timings"] = {"table_seconds": round(c.make_seconds, 3), "sample_seconds": round(t_sample, 3),
                       "metric_seconds": round(time.perf_counter() - t0, 3)}
-    row["grid"] = run.grids.draw(x, f"{_safe(c.label)}_nfe{t.nfe}", f"{run.adapter.name}: {c.label} {t.solver} NFE {t.nfe}")
+    row["grid"] = run.grids.draw(images, f"{_safe(c.label)}_nfe{t.nfe}{run.suffix}",
+                                 f"{run.adapter.name}: {c.label} {t.solver} NFE {t.nfe}{run.title}")
     return row
 
 
@@ -764,19 +860,37 @@ def run_sweep(model, config: SweepConfig | None = None, **kwargs: Any) -> dict[s
     dist = current_dist()
     adapter = model if isinstance(model, ModelAdapter) else load_model(str(model))
     cfg = check_config(cfg, adapter)
-    cells, used_seeds = prepare_cells(adapter, cfg, dist)
+    groups = guidance_groups(adapter, cfg, dist)
+    cells = [c for g in groups for c in g.cells]
+    used_seeds = sorted({s for g in groups for s in g.seeds})
     if cfg.bounds is not None:
         check_bounds(cfg.bounds, cfg.plan, sorted({int(c.table.nfe) for c in cells}))
     real = prepare_real(adapter, cfg, dist)
-    scorer = build_scorer(cfg, real, dist, intended_labels(adapter, cfg, dist))
+    scorer = build_scorer(cfg, real, dist, intended_labels(adapter, cfg, dist), adapter)
     stage = staging_folder(cfg.out) if cfg.out is not None and dist.main else None
     try:
         run = start_run(adapter, cfg, dist, cells, real, stage)
-        teacher, ref_x = teacher_row(run, scorer) if cfg.teacher else (None, None)
-        rows = [score_cell(run, c, scorer, ref_x) for c in cells]
+        if cfg.teacher and len(groups) > 1:  # one teacher per guidance
+            run.bar.total += cfg.reference.nfe * run.n_batches * (len(groups) - 1)
+        teachers, rows = [], []
+        for g in groups:  # the same noises (run.noise) and conditions in every group
+            grun = replace(run, adapter=g.adapter, guidance=g.guidance)
+            teacher, ref_x = teacher_row(grun, scorer) if cfg.teacher else (None, None)
+            new = [score_cell(grun, c, scorer, ref_x) for c in g.cells]
+            for r in ([teacher] if teacher is not None else []) + new:
+                if g.guidance is not None:
+                    r["guidance"] = g.guidance
+            teachers.append(teacher)
+            rows += new
         run.bar.close()
         mmhm = score_mmhm(cfg, rows, dist, bounds_source)
-        report = build_report(run, cells, used_seeds, real, teacher, rows, time.perf_counter() - t_start)
+        report = build_report(run, cells, used_seeds, real, teachers[0], rows, time.perf_counter() - t_start)
+        if getattr(adapter, "pipeline", None) is not None:
+            report["metric_space"] = ("image metrics (FID/KID/CLIP/...) and grids on the VAE-decoded images; "
+                                      "MSE / PSNR to the teacher on the final latents")
+        if cfg.guidance is not None:
+            report["guidance"] = list(cfg.guidance)
+            report["teachers"] = teachers if cfg.teacher else None
         if mmhm is not None:
             report["mmhm"] = mmhm
         write_sweep_report(report, cfg, dist, stage)
@@ -784,6 +898,30 @@ def run_sweep(model, config: SweepConfig | None = None, **kwargs: Any) -> dict[s
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
     return report
+
+
+@dataclass
+class GuidanceGroup:
+    """The model at one guidance scale and its cells (searched methods are searched at that scale)."""
+
+    guidance: float | None
+    adapter: Any
+    cells: list[Cell]
+    seeds: list[int]
+
+
+def guidance_groups(adapter, cfg: SweepConfig, dist: Dist) -> list[GuidanceGroup]:
+    """One group per guidance scale of ``cfg.guidance`` (:func:`schedules.conditioning.with_guidance`: a pipeline
+    model is rebuilt from its pipeline), or the model as it is."""
+    from schedules.conditioning import with_guidance
+
+    if cfg.guidance is None:
+        return [GuidanceGroup(None, adapter, *prepare_cells(adapter, cfg, dist))]
+    out = []
+    for w in cfg.guidance:
+        m = with_guidance(adapter, w)
+        out.append(GuidanceGroup(w, m, *prepare_cells(m, cfg, dist)))
+    return out
 
 
 def _safe(label: str) -> str:

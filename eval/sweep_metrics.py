@@ -16,8 +16,9 @@ the plot and the bold of the main table); every listed name is then also a key o
   digits network has one; Inception and networks of your own without ``classify`` are refused);
 * ``class-accuracy`` — for a class-conditional model (``--classes``): the fraction of samples the
   feature network's classifier head assigns to the class they were generated for (sample i has
-  label i mod P in every row); refused for unconditional models; ``clip`` — needs a text-to-image
-  model, prompts and a CLIP network: refused;
+  label i mod P in every row); refused for unconditional models; ``clip`` — CLIP score
+  (:mod:`eval.clip_score`) of a text-to-image pipeline's decoded images against their own prompts
+  (sample i ↔ prompt i mod P), under a local CLIP folder (``clip_model``); refused for other models;
 * ``mmhm`` — aggregates every other listed metric (:func:`eval.mmhm.mmhm`), min–max per metric
   over the rows of one NFE (the teacher row is not a table and is left out); it cannot be first.
 
@@ -90,9 +91,11 @@ def check_applicable(adapter, name: str, *, teacher: bool, features: Any) -> Non
                              f"{adapter.name} is an unconditional model (a sweep drives no class labels) — drop "
                              "class-accuracy", param="metric")
     if name == "clip":
-        raise StepsmithError("`metric` clip (CLIP score) needs a text-to-image model, prompts and a local CLIP "
-                             f"network; a sweep has no prompt option and stepsmith ships no CLIP weights, and "
-                             f"{adapter.name} is not text-to-image — drop clip", param="metric")
+        if getattr(adapter, "pipeline", None) is not None and cond is not None and cond.kind == "prompt":
+            return
+        raise StepsmithError("`metric` clip (CLIP score) scores the images of a text-to-image pipeline against its "
+                             f"prompts (--prompts, --clip-model DIR); {adapter.name} is not text-to-image — drop clip",
+                             param="metric")
     if name == "teacher" and not teacher:
         raise StepsmithError("`metric` teacher needs the reference sampler: pass teacher=True", param="teacher")
     if name in MANIFOLD and len(shape) not in (1, 3):
@@ -132,7 +135,7 @@ class MetricPlan:
 
     @property
     def needs_real(self) -> bool:
-        return any(n != "teacher" for n in self.computed)
+        return any(n not in ("teacher", "clip") for n in self.computed)
 
 
 def plan_metrics(adapter, names: tuple[str, ...], *, teacher: bool, features: Any) -> MetricPlan:

@@ -336,10 +336,19 @@ def conditional_from(adapter: ModelAdapter, cond: Conditioning | None, null_clas
 
 
 def with_guidance(adapter: ModelAdapter, w: float) -> ModelAdapter:
-    """A copy of a conditional ``adapter`` at guidance ``w`` (same network, same condition set)."""
+    """A copy of a conditional ``adapter`` at guidance ``w`` (same network, same condition set).
+
+    A pipeline adapter (``adapter.pipeline``) is rebuilt by its pipeline adapter under the conditioning at
+    guidance ``w``: it keeps ``.pipeline`` (for decoding), and the builder decides what the scale means
+    (Flux with a guidance embedding: the embedded value, not CFG)."""
     if not isinstance(adapter, ConditionalAdapter):
         raise StepsmithError(f"{adapter.name} is unconditional; guidance applies to conditional models only",
                              param="guidance")
+    pipe = getattr(adapter, "pipeline", None)
+    if pipe is not None:
+        from schedules.pipeline_adapters import adapter_from_pipeline
+
+        return adapter_from_pipeline(pipe, adapter.conditioning.with_guidance(w), name=adapter.name)
     return ConditionalAdapter(module=adapter.module, convention=adapter.convention, prediction=adapter.prediction,
                               sample_shape=adapter.sample_shape, name=adapter.name,
                               scheduler_config=adapter.scheduler_config, call=adapter.call,
