@@ -93,6 +93,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, repeatable (dp: mode=refined|teacher|student, late_weight=1.15; "
                         "karras: rho=7; shift: shift=3; evolution: generations=10, checkpoint=PATH; ays: ...)")
+    p.add_argument("--objective", default=None,
+                   help="dp/evolution: what the search minimises on its samples against the teacher's: teacher-mse "
+                        "(default), feature-mse, kid, fid, wasserstein (feature space with a feature network)")
+    p.add_argument("--features", default=None, metavar="builtin:NAME",
+                   help="feature network of --objective kid|fid|feature-mse|wasserstein (builtin:sharp-features, "
+                        "builtin:digits-features; embedded models default to their own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="JSON table to write (several budgets: the folder to write)")
     p.set_defaults(func=run)
@@ -108,6 +114,13 @@ def run(args: argparse.Namespace) -> None:
     options = dict(_parse_option(o) for o in args.option)
     if args.grid is not None:
         options["grid"] = args.grid
+    if args.objective is not None:
+        options["objective"] = args.objective
+    if args.features is not None:
+        if args.objective is None:
+            raise StepsmithError("--features is the feature space of --objective; give --objective too",
+                                 param="features")
+        options["features"] = args.features
     if args.source is not None or args.method == "interp":
         if args.method != "interp" or args.source is None:
             raise StepsmithError("--from TABLE goes with --method interp (and interp needs --from)", param="source")
@@ -117,6 +130,10 @@ def run(args: argparse.Namespace) -> None:
     # before loading the model: the request, then the output path
     for nfe in args.nfe:
         check_request(args.method, nfe, args.solver, samples=args.samples, options=options, exact_nfe=True)
+    if "objective" in options:
+        from schedules.search.objectives import feature_name
+
+        feature_name(options["objective"], args.model, options.get("features"))
     if len(args.nfe) > 1:
         _check_folder(args.out, args.overwrite)
     else:

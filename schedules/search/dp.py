@@ -517,22 +517,29 @@ def aggregate_paths(paths: torch.Tensor, how: str = "median") -> list[int]:
 
 
 @torch.no_grad()
-def final_error(denoiser, solver: str, sigmas: list[float], noise: torch.Tensor, target: torch.Tensor) -> float:
-    return mse(rollout(denoiser, solver, sigmas, x=noise), target)
+def final_error(denoiser, solver: str, sigmas: list[float], noise: torch.Tensor, target: torch.Tensor,
+                score=None) -> float:
+    """``score(final samples)`` of ``solver`` along ``sigmas`` (default: the mse against ``target``)."""
+    x = rollout(denoiser, solver, sigmas, x=noise)
+    return mse(x, target) if score is None else score(x)
 
 
 @torch.no_grad()
 def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int], noise: torch.Tensor,
                        target: torch.Tensor, *, candidates: int = 12, max_sweeps: int = 4, free_start: bool = False,
-                       progress: bool = False) -> tuple[list[int], float, int]:
+                       progress: bool = False, score=None) -> tuple[list[int], float, int]:
     """Coordinate descent of the interior nodes of ``path`` on the final error against ``target``.
 
     For each interior node m, try up to ``candidates`` grid nodes strictly between its neighbours
     (evenly spread, the current one included), roll the solver out from the cached state before m,
     keep the argmin; sweep until no node moves (or ``max_sweeps``). With ``free_start`` the first
     node moves too (the noise is then taken as the state at a later node, like diffusers' 'leading'
-    spacing). Returns (path, error, sweeps).
+    spacing). ``score(final samples) -> float`` replaces the mse against ``target``
+    (:mod:`schedules.search.objectives`). Returns (path, error, sweeps).
     """
+    if score is None:
+        def score(x):
+            return mse(x, target)
     path = list(path)
     K = len(path) - 1
 
@@ -540,7 +547,7 @@ def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int]
         return rollout(denoiser, solver, [grid[i] for i in p], x=noise, keep=True)
 
     x_fin, states = full(path)
-    best = mse(x_fin, target)
+    best = score(x_fin)
     sweeps = 0
     for _sweep in tqdm(range(max_sweeps), desc="refine", disable=not progress, leave=False):
         sweeps += 1
@@ -558,7 +565,7 @@ def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int]
                     xf = rollout(denoiser, solver, [grid[i] for i in trial], x=noise)
                 else:
                     xf = rollout(denoiser, solver, [grid[i] for i in trial[m - 1:]], start=states[m - 1])
-                e = mse(xf, target)
+                e = score(xf)
                 if e < best - 1e-12 * max(1.0, abs(best)):
                     best, path, moved = e, trial, True
             if moved:

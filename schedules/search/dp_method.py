@@ -43,6 +43,7 @@ from schedules.search.dp import (
     teacher_reference,
 )
 from schedules.search.evolution import snap_genome
+from schedules.search.objectives import DEFAULT_OBJECTIVE, make_scorer, objective_kind
 from schedules.table import TimestepTable
 from schedules.teacher import Teacher
 
@@ -200,7 +201,7 @@ def _shared_pass(adapter, Ks: list[int], solver: str, *, samples, seed, progress
 
 
 def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_kind, micro_batch, late_weight,
-            candidates, max_sweeps, free_start, progress) -> TimestepTable:
+            candidates, max_sweeps, free_start, progress, objective_name=DEFAULT_OBJECTIVE, features=None) -> TimestepTable:
     """One budget's table from the shared pass (the refinement, in the default mode)."""
     g, dps, noise = sh.g, sh.dps, sh.noise
     t0 = time.perf_counter()
@@ -216,13 +217,19 @@ def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_k
     if mode == "refined":
         dp_paths = {"dp-teacher": dps.result.paths[K]} | ({"dp-student": sh.st.paths[K]} if solver != "heun" else {})
         starts = refinement_starts(adapter, nfe, solver, g, dp_paths, free_start)
-        errs = {name: final_error(adapter, solver, [g[i] for i in p], noise, target) for name, p in starts.items()}
+        score, oprov = make_scorer(objective_name, target, model_name=adapter.name, features=features)
+        errs = {name: final_error(adapter, solver, [g[i] for i in p], noise, target, score)
+                for name, p in starts.items()}
         start = min(errs, key=errs.get)
-        path, objective, sweeps = refine_final_error(adapter, solver, g, starts[start], noise, target,
-                                                     candidates=candidates, max_sweeps=max_sweeps,
-                                                     free_start=free_start, progress=progress)
+        path, objective_value, sweeps = refine_final_error(adapter, solver, g, starts[start], noise, target,
+                                                           candidates=candidates, max_sweeps=max_sweeps,
+                                                           free_start=free_start, progress=progress, score=score)
         prov.update(start=start, free_start=free_start, start_final_errors={k: float(v) for k, v in errs.items()},
-                    sweeps=sweeps, objective_kind=final_mse_kind(dps.teacher))
+                    sweeps=sweeps, objective_kind=objective_kind(objective_name, oprov["features"], dps.teacher.name),
+                    **oprov)
+        if objective_name != "teacher-mse":
+            prov["teacher_mse"] = final_error(adapter, solver, [g[i] for i in path], noise, target)
+        objective = objective_value
     else:
         prov["objective_kind"] = f"dp path cost (mean squared one-step error vs {dps.teacher.name})" \
             if mode == "teacher" else final_mse_kind(dps.teacher)
@@ -233,26 +240,36 @@ def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_k
                                      objective=objective, provenance=prov)
 
 
-def _check_options(mode: str, late_weight: float | None, variant: str | None) -> None:
+def _check_options(mode: str, late_weight: float | None, variant: str | None,
+                   objective: str = DEFAULT_OBJECTIVE) -> None:
     if variant is not None and variant not in VARIANTS:
         raise StepsmithError(f"unknown dp `variant` {variant!r}; use one of {', '.join(VARIANTS)}", param="variant")
     if mode not in MODES:
         raise StepsmithError(f"unknown dp `mode` {mode!r}; use one of {', '.join(MODES)}", param="mode")
     if late_weight is not None and not late_weight > 0:
         raise StepsmithError(f"`late_weight` must be positive, got {late_weight}", param="late_weight")
+    if objective != DEFAULT_OBJECTIVE and (variant is not None or mode != "refined"):
+        raise StepsmithError(f"`objective` {objective} is what the refinement minimises: it needs mode=refined "
+                             "and no published `variant`", param="objective")
 
 
 def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int = 64, seed: int = 0,
               progress: bool = False, mode: str = "refined", grid: int | None = None, grid_kind: str = "auto",
               micro_batch: int = 16, late_weight: float | None = None, substeps: int = 1, candidates: int = 12,
               max_sweeps: int = 4, free_start: bool = True, variant: str | None = None,
-              reduce: str | None = None) -> dict[int, TimestepTable]:
+              reduce: str | None = None, objective: str = DEFAULT_OBJECTIVE,
+              features=None) -> dict[int, TimestepTable]:
     """The ``dp`` tables of every budget in ``nfes`` from ONE reference pass and ONE Bellman pass.
 
     Only the refinement runs per budget. With several budgets each table's ``model_calls`` are its
     own (refinement) calls and ``shared_pass`` records the shared pass once, flagged ``shared``.
+    ``objective`` (:mod:`schedules.search.objectives`) is what the refinement minimises; ``features``
+    (an embedded feature network's name or a callable) is the feature space of the feature objectives.
     """
-    _check_options(mode, late_weight, variant)
+    from schedules.search.objectives import feature_name
+
+    _check_options(mode, late_weight, variant, objective)
+    feature_name(objective, adapter.name, features)  # refuse before any model call
     nfes = list(dict.fromkeys(int(v) for v in nfes))
     if variant is not None:
         return variant_tables(adapter, nfes, solver, VARIANTS[variant], samples=samples, seed=seed, grid=grid,
@@ -270,7 +287,7 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
         calls0 = getattr(adapter, "calls", 0)
         out[nfe] = _finish(adapter, nfe, K, solver, sh, mode=mode, grid_kind=grid_kind, micro_batch=micro_batch,
                            late_weight=w, candidates=candidates, max_sweeps=max_sweeps, free_start=free_start,
-                           progress=progress)
+                           progress=progress, objective_name=objective, features=features)
         if len(nfes) > 1:
             out[nfe].provenance.update(model_calls=getattr(adapter, "calls", 0) - calls0, shared_pass={
                 "shared": True, "nfe": nfes, "model_calls": sh.calls, "seconds": round(sh.seconds, 3),
@@ -281,9 +298,10 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
 def dp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, seed: int = 0, progress: bool = False,
              mode: str = "refined", grid: int | None = None, grid_kind: str = "auto", micro_batch: int = 16,
              late_weight: float | None = None, substeps: int = 1, candidates: int = 12, max_sweeps: int = 4,
-             free_start: bool = True, variant: str | None = None, reduce: str | None = None) -> TimestepTable:
+             free_start: bool = True, variant: str | None = None, reduce: str | None = None,
+             objective: str = DEFAULT_OBJECTIVE, features=None) -> TimestepTable:
     """The ``dp`` table of ``mode`` (or of a published ``variant``) for ``nfe`` evaluations (module docstring)."""
     return dp_tables(adapter, [nfe], solver, samples=samples, seed=seed, progress=progress, mode=mode, grid=grid,
                      grid_kind=grid_kind, micro_batch=micro_batch, late_weight=late_weight, substeps=substeps,
                      candidates=candidates, max_sweeps=max_sweeps, free_start=free_start, variant=variant,
-                     reduce=reduce)[nfe]
+                     reduce=reduce, objective=objective, features=features)[nfe]

@@ -32,7 +32,6 @@ from schedules.baselines import BASELINES, steps_for
 from schedules.io import StepsmithError, atomic_write_json, check_output_path
 from schedules.search.common import (
     check_finite,
-    final_mse_kind,
     grid_index,
     make_grid,
     mse,
@@ -285,18 +284,27 @@ def _seed_genomes(adapter, nfe: int, solver: str, grid: list[float], fix_start: 
     return out
 
 
-def _teacher_fitness(adapter, solver: str, grid: list[float], samples: int,
-                     seed: int) -> tuple[Teacher, Callable[[list[float]], float]]:
-    """The default fitness: final mse of ``solver`` along a table against the search teacher, on fixed noises."""
+def _teacher_fitness(adapter, solver: str, grid: list[float], samples: int, seed: int,
+                     objective: str = "teacher-mse", features=None) -> tuple[Teacher, Callable[[list[float]], float], dict]:
+    """The default fitness: ``objective`` (:mod:`schedules.search.objectives`; default the final mse) of
+    ``solver``'s samples along a table against the search teacher's, on fixed noises."""
+    from schedules.search.objectives import make_scorer
+
     teacher = search_teacher(grid)
     noise = adapter.noise(samples, seed)
     target = teacher_sample(adapter, noise, teacher, batch_size=16).x
     check_finite(target, "the reference trajectory")
+    if objective == "teacher-mse" and features is None:
+        def score(x):
+            return mse(x, target)
+        oprov = {"objective": objective, "features": None}
+    else:
+        score, oprov = make_scorer(objective, target, model_name=adapter.name, features=features)
 
     def fit(sigmas: list[float]) -> float:
-        return mse(rollout(adapter, solver, sigmas, x=noise), target)
+        return score(rollout(adapter, solver, sigmas, x=noise))
 
-    return teacher, fit
+    return teacher, fit, oprov
 
 
 def _earlier_cost(checkpoint: str | Path | None, key: str) -> dict:
@@ -339,13 +347,20 @@ def evolution_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 
                     population: int = 24, generations: int = 12, elite: int = 6, p_mutation: float = 0.25,
                     p_crossover: float = 0.5, fix_start: bool = False, checkpoint: str | None = None,
                     fitness: Callable[[list[float]], float] | None = None,
-                    on_generation: Callable[[int], None] | None = None) -> TimestepTable:
+                    on_generation: Callable[[int], None] | None = None, objective: str = "teacher-mse",
+                    features=None) -> TimestepTable:
     """AutoDiffusion search for ``make_table(method="evolution")``.
 
     By default the search also chooses where sampling starts (the noise may be read as the state at
     a later node, like diffusers' 'leading' spacing); ``fix_start=True`` pins the first node to σ_max.
-    The default fitness is the final mse against the search teacher (Heun on the grid).
+    The default fitness is the final mse against the search teacher (Heun on the grid); ``objective``
+    names another (:mod:`schedules.search.objectives`, ``features`` its feature network).
     """
+    from schedules.search.objectives import feature_name, objective_kind
+
+    fname = feature_name(objective, adapter.name, features)  # refuse before any model call
+    if fitness is not None and objective != "teacher-mse":
+        raise StepsmithError("give either a custom `fitness` or an `objective`, not both", param="objective")
     check_options(seed=seed, samples=samples, grid=grid, population=population, generations=generations,
                   elite=elite, p_mutation=p_mutation, p_crossover=p_crossover)
     K = steps_for(adapter, nfe, solver)
@@ -355,11 +370,13 @@ def evolution_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 
         raise StepsmithError(f"NFE {nfe} ({K} steps) does not fit a grid of {n + 1} nodes; lower --nfe or raise --grid")
     key = _config_key(adapter, nfe, solver, seed=seed, samples=samples, grid=n, kind=grid_kind, population=population,
                       generations=generations, elite=elite, pm=p_mutation, pc=p_crossover, fix_start=fix_start,
-                      custom_fitness=fitness is not None)
+                      custom_fitness=fitness is not None,
+                      **({} if objective == "teacher-mse" else {"objective": objective, "features": fname}))
     earlier = _earlier_cost(checkpoint, key)
     spent = _cost_counter(adapter, earlier)
     t0 = time.perf_counter()
-    teacher, fit = (None, fitness) if fitness is not None else _teacher_fitness(adapter, solver, g, samples, seed)
+    teacher, fit, oprov = (None, fitness, {}) if fitness is not None else \
+        _teacher_fitness(adapter, solver, g, samples, seed, objective, features)
     t_ref = time.perf_counter() - t0
     best, val, stats = evolve(lambda gen: fit([g[i] for i in gen] + [0.0]), K, n, seed=seed, population=population,
                               generations=generations, elite=elite, p_mutation=p_mutation, p_crossover=p_crossover,
@@ -370,7 +387,8 @@ def evolution_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 
             "population": population, "generations": generations, "elite": elite, "genomes_evaluated":
             stats["evaluated"], "reference_seconds": round(t_ref, 3), "genome": list(best),
             "teacher": None if teacher is None else teacher.describe(),
-            "objective_kind": "custom fitness" if teacher is None else final_mse_kind(teacher),
+            "objective_kind": "custom fitness" if teacher is None else objective_kind(objective, fname, teacher.name),
+            **oprov,
             "checkpoint": checkpoint, **_resumed_cost(spent, earlier)}
     return TimestepTable.from_sigmas([g[i] for i in best] + [0.0], convention=adapter.convention,
                                      prediction=adapter.prediction, solver=solver, method="evolution",

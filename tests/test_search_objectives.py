@@ -1,0 +1,165 @@
+"""Search objectives: each against a direct formula or eval's implementation, and wired into dp / evolution / CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from schedules.cli import main
+from schedules.io import StepsmithError
+from schedules.search import make_table, make_tables
+from schedules.search.objectives import (
+    OBJECTIVES,
+    embedded_features,
+    feature_name,
+    fid,
+    kid,
+    make_scorer,
+    sliced_wasserstein,
+    teacher_mse,
+)
+from schedules.search.toys import gaussian_adapter
+
+torch.set_num_threads(1)
+
+
+def test_teacher_mse_is_the_mean_squared_difference():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    assert teacher_mse(a, b) == pytest.approx(float(((a - b) ** 2).sum() / 15))
+
+
+def test_sliced_wasserstein_zero_on_identical_sets_and_shift_in_one_dimension():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 6, generator=g)
+    assert sliced_wasserstein(x, x[torch.randperm(200, generator=g)]) == pytest.approx(0.0, abs=1e-12)
+    y = torch.randn(300, 1, generator=g)
+    assert sliced_wasserstein(y + 0.7, y) == pytest.approx(0.7, rel=1e-6)  # every direction is ±1
+
+
+def test_sliced_wasserstein_of_shifted_gaussians_matches_the_shift():
+    """For a shift v, the projection on θ shifts by θ·v and E(θ·v)² = |v|²/D over the sphere."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(400, 8, generator=g, dtype=torch.float64)
+    v = torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0, 1.5, 0.0, 0.0], dtype=torch.float64)
+    got = sliced_wasserstein(x + v, x, slices=4000)
+    assert got == pytest.approx(float(v.norm()) / math.sqrt(8), rel=0.05)
+    assert sliced_wasserstein(x + 2 * v, x, slices=4000) > 1.9 * got
+
+
+def test_kid_matches_eval_on_random_features():
+    from eval.metrics import kid_from_features
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(60, 16, generator=g, dtype=torch.float64)
+    b = 0.8 * torch.randn(60, 16, generator=g, dtype=torch.float64) + 0.3
+    ref, _ = kid_from_features(a, b, subsets=3, subset_size=60)
+    assert kid(b, a) == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    assert kid(b, a) > kid(a[:30], a[30:])
+
+
+def test_fid_matches_eval_on_random_features():
+    from eval.metrics import fid_from_features
+
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    b = torch.randn(300, 8, generator=g, dtype=torch.float64) @ torch.diag(torch.linspace(0.5, 2, 8).double()) + 0.2
+    assert fid(b, a) == pytest.approx(fid_from_features(a, b), rel=1e-6)
+    assert fid(a, a) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_embedded_features_are_evals_network():
+    from eval.features import digits_features
+
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    ours = embedded_features("builtin:sharp-features")(x)
+    assert ours.shape == (4, 128) and torch.allclose(ours, digits_features("sharp-features")(x), atol=1e-6)
+
+
+def test_feature_objectives_need_a_feature_network():
+    with pytest.raises(StepsmithError, match="`--objective fid` needs a feature network") as e:
+        feature_name("fid", "gaussian-flow-0.5", None)
+    assert e.value.param == "features"
+    assert feature_name("kid", "builtin:sharp-ddpm", None) == "sharp-features"
+    assert feature_name("wasserstein", "my-model", None) is None  # pixel space
+    with pytest.raises(StepsmithError, match="unknown `objective`"):
+        feature_name("lpips", "m", None)
+    with pytest.raises(StepsmithError, match="does not use a feature network"):
+        feature_name("teacher-mse", "m", "builtin:sharp-features")
+
+
+def test_scorer_caches_the_teacher_features():
+    calls = []
+
+    def feat(x):
+        calls.append(x.shape[0])
+        return x.reshape(x.shape[0], -1).double()
+
+    t = torch.randn(10, 3, generator=torch.Generator().manual_seed(6))
+    score, prov = make_scorer("kid", t, features=feat)
+    assert score(t) == pytest.approx(kid(t, t)) and score(t + 1) > score(t)
+    score(t)
+    assert calls == [10] * 5 and prov == {"objective": "kid", "features": "feat"}
+
+
+def _feat(x):
+    return torch.cat([x, x ** 2], dim=1).double()
+
+
+def test_dp_with_kid_on_a_tiny_model_gives_a_valid_table_and_records_the_objective():
+    ad = gaussian_adapter("flow", 0.5, dim=4)
+    t = make_table(ad, "dp", 4, samples=16, grid=20, objective="kid", features=_feat)
+    t.validate()
+    p = t.provenance
+    assert t.nfe == 4 and p["objective"] == "kid" and p["features"] == "_feat"
+    assert p["objective_kind"].startswith("kid in _feat features vs heun-20@search-grid") and p["teacher_mse"] >= 0
+    base = make_table(ad, "dp", 4, samples=16, grid=20)
+    assert base.provenance["objective"] == "teacher-mse" and base.provenance["objective_kind"].startswith("final mse")
+
+
+def test_dp_objective_is_refused_outside_the_refinement():
+    ad = gaussian_adapter("flow", 0.5, dim=4)
+    with pytest.raises(StepsmithError, match="needs mode=refined"):
+        make_table(ad, "dp", 3, samples=4, grid=10, mode="teacher", objective="wasserstein")
+    with pytest.raises(StepsmithError, match="needs a feature network"):
+        make_table(ad, "dp", 3, samples=4, grid=10, objective="fid")
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_objective_runs_in_dp_and_is_what_the_refinement_minimised(name):
+    ad = gaussian_adapter("flow", 0.5, dim=4)
+    feats = None if OBJECTIVES[name].features == "never" else _feat
+    tabs = make_tables(ad, "dp", [3, 4], samples=24, grid=16, objective=name, features=feats)
+    for t in tabs.values():
+        assert t.provenance["objective"] == name
+        start = t.provenance["start_final_errors"]
+        assert t.objective <= min(start.values()) + 1e-12  # coordinate descent never gets worse
+
+
+def test_evolution_takes_an_objective():
+    ad = gaussian_adapter("flow", 0.5, dim=4)
+    t = make_table(ad, "evolution", 3, samples=8, grid=12, population=4, generations=2, elite=2,
+                   objective="wasserstein")
+    assert t.provenance["objective"] == "wasserstein" and t.provenance["features"] is None
+    assert t.provenance["objective_kind"].startswith("sliced wasserstein vs")
+    with pytest.raises(StepsmithError, match="needs a feature network"):
+        make_table(ad, "evolution", 3, samples=8, grid=12, population=4, generations=2, elite=2, objective="kid")
+
+
+def test_cli_objective(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    rc = main(["search", "--model", "builtin:toy2d-flow", "--nfe", "3", "--objective", "fid", "--no-progress",
+               "--out", str(out)])
+    assert rc == 2 and "`--objective fid` needs a feature network" in capsys.readouterr().err and not out.exists()
+    rc = main(["search", "--model", "builtin:toy2d-flow", "--nfe", "3", "--objective", "wasserstein", "--samples", "8",
+               "--grid", "12", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    capsys.readouterr()
+    prov = json.loads(out.read_text())["provenance"]
+    assert prov["objective"] == "wasserstein" and "--objective wasserstein" in prov["command"]
+    rc = main(["search", "--model", "builtin:toy2d-flow", "--nfe", "3", "--features", "builtin:sharp-features",
+               "--no-progress", "--out", str(tmp_path / "u.json")])
+    assert rc == 2 and "give --objective too" in capsys.readouterr().err
