@@ -24,10 +24,13 @@ Data samples x0 for the KLUB: AYS needs samples of the data distribution; stepsm
 **teacher's outputs** (reference Heun sampler on the search noises), so no dataset is needed.
 Every model is handled in EDM sigma through its convention's ``to_edm`` / ``from_edm`` (flow:
 t = σ/(1-σ), σ = 1 ↔ t = ∞, where q(t) ∝ t⁻³ is still proper; the teacher is
-:mod:`schedules.teacher`'s Heun on the convention's reference grid). The last evaluated node sits
-at σ_min (paper) for VP models; for flow models it is
-optimised too and the final jump goes straight to 0 (``last="zero"``), since σ_min ≈ 0 would
-waste an evaluation.
+:mod:`schedules.teacher`'s Heun on the convention's reference grid). The last evaluated node is
+optimised too and the final jump goes straight to 0 (``last="zero"``, the default for every
+model, as ComfyUI's and diffusers' AYS lists end): pinning it at σ_min (the paper's optimiser,
+``last="sigma_min"``) spends one of K evaluations on a node whose output is nearly the input.
+Measured on builtin:digits-ddpm (DDIM, FID of 512 held-out samples): the NFE-4 table pinned at
+σ_min evaluates timesteps [999, 634, 24, 0] and scores 1692; with ``last="zero"`` 524 (NFE 6:
+425.6 → 322.0). On flow models the default was already ``"zero"``.
 """
 
 from __future__ import annotations
@@ -191,12 +194,12 @@ def ays_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, se
               early_stop: bool = True, teacher_steps: int = 100, data_std: float | None = None):
     """Align-Your-Steps optimisation for ``make_table(method="ays")``.
 
-    ``last`` (default: ``"sigma_min"`` when the model's σ range ends above 0, as in the paper, else ``"zero"``)
-    says whether the last evaluated node is pinned at σ_min or optimised with a final jump straight to 0.
+    ``last`` (default ``"zero"``; ``"sigma_min"`` is the paper's pinned end point) says whether the last
+    evaluated node is optimised with a final jump straight to 0 or pinned at σ_min.
     """
     conv = adapter.convention
     K = steps_for(adapter, nfe, solver)
-    last = last or ("sigma_min" if conv.sigma_min > 0 else "zero")
+    last = last or "zero"
     if last not in ("sigma_min", "zero"):
         raise StepsmithError(f"ays option last must be 'sigma_min' or 'zero', got {last!r}")
     t0 = time.perf_counter()
