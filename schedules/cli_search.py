@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "baseline schedule. The table is written atomically as stepsmith.schedule/v1 JSON.")
     add_model_args(p, conditional=True)
     p.add_argument("--method", default="dp",
-                   help="dp (default), evolution, ays, or a baseline: uniform, quadratic, karras, exponential, logsnr, "
+                   help="dp (default), evolution, ays, olss, interp, or a baseline: uniform, quadratic, karras, exponential, logsnr, "
                         "shift, linspace, leading, trailing, default, ays-gaussian, ays-published")
     p.add_argument("--nfe", required=True,
                    help="model evaluations (Heun: 2K-1 for K steps, so odd); a list 4,6,8 writes one table per "
