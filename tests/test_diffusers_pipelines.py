@@ -236,3 +236,19 @@ def test_heun_scheduler_counts_2k_minus_1(sd_pipe):
         assert len(rec.values) == 2 * table.steps - 1 == table.nfe
     finally:
         sd_pipe.scheduler = orig
+
+
+def test_pipeline_kwargs_warns_when_the_call_setting_differs_from_the_table(sd_pipe):
+    import dataclasses
+    import warnings
+
+    table = dataclasses.replace(vp_table((999.0, 601.0, 201.0, 11.0), solver="ddim"),
+                                conditioning={"kind": "prompt", "guidance": 7.5, "height": 16, "width": 16})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        kw = pipeline_kwargs(table, sd_pipe, guidance_scale=7.5, height=16)
+    assert kw["guidance_scale"] == 7.5 and kw["height"] == 16 and "timesteps" in kw
+    with pytest.warns(UserWarning, match=r"guidance_scale 3 \(table: 7.5\).*width 32 \(table: 16\)"):
+        kw = pipeline_kwargs(table, sd_pipe, guidance_scale=3.0, width=32)
+    assert kw["guidance_scale"] == 3.0 and kw["width"] == 32
+    remove_table(sd_pipe)

@@ -9,6 +9,7 @@ import inspect
 import json
 import logging
 import types
+import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,8 +168,17 @@ def _table_key(table: TimestepTable) -> str:
 # --------------------------------------------------------------------------- public
 
 
+def _setting_mismatch(table: TimestepTable, settings: dict[str, Any]) -> list[str]:
+    """The call's guidance / height / width that differ from those the table was searched for."""
+    block = table.conditioning or {}
+    names = {"guidance_scale": "guidance", "height": "height", "width": "width"}
+    return [f"{k} {v:g} (table: {block[names[k]]:g})" for k, v in settings.items()
+            if v is not None and block.get(names[k]) is not None and float(v) != float(block[names[k]])]
+
+
 def pipeline_kwargs(table: TimestepTable | str | Path | dict, pipe, *, swap: bool = True,
-                    allow_other_model: bool = False) -> dict[str, Any]:
+                    allow_other_model: bool = False, guidance_scale: float | None = None, height: int | None = None,
+                    width: int | None = None) -> dict[str, Any]:
     """Keyword arguments that make ``pipe(..., **kwargs)`` run exactly ``table``.
 
     * Pipelines taking ``sigmas=``/``timesteps=`` (SD, SDXL, SD3, Flux, stepsmith's
@@ -184,8 +194,19 @@ def pipeline_kwargs(table: TimestepTable | str | Path | dict, pipe, *, swap: boo
     here, before any model call. The checked plan is cached per (table, scheduler config), so
     calling this before every generation costs well under a millisecond. ``table`` may also be
     the path of a table JSON file or a table dict.
+
+    ``guidance_scale`` / ``height`` / ``width``, when given, are returned among the kwargs and
+    compared with the setting the table was searched for (its ``conditioning`` block): a
+    different one gets a ``UserWarning`` — the steps stay valid, but were not optimised for it
+    (for SD3/Flux the resolution also changes the dynamic shift μ).
     """
     table = as_table(table)
+    settings = {"guidance_scale": guidance_scale, "height": height, "width": width}
+    mismatch = _setting_mismatch(table, settings)
+    if mismatch:
+        warnings.warn(f"{table.method} table searched for another setting: {', '.join(mismatch)}; search one for "
+                      "this setting for the best steps", stacklevel=2)
+    extra = {k: v for k, v in settings.items() if v is not None}
     if not hasattr(pipe, "scheduler"):
         hint = " (for a scheduler use apply_table(table, scheduler))" if hasattr(pipe, "set_timesteps") else ""
         raise StepsmithError(f"`pipe` must be a diffusers pipeline, got {type(pipe).__name__}{hint}", param="pipe")
@@ -194,7 +215,7 @@ def pipeline_kwargs(table: TimestepTable | str | Path | dict, pipe, *, swap: boo
     if table.olss is not None:  # OLSS replays through its own scheduler, whatever the pipeline's
         from schedules.diffusers.olss_scheduler import olss_pipeline_kwargs
 
-        return olss_pipeline_kwargs(table, pipe)
+        return {**olss_pipeline_kwargs(table, pipe), **extra}
     original = getattr(pipe.scheduler, "_stepsmith_original", pipe.scheduler)
     key = (_table_key(table), json.dumps(dict(original.config), sort_keys=True, default=str), type(pipe), swap)
     cache = _PLANS.setdefault(original, {})
@@ -206,7 +227,7 @@ def pipeline_kwargs(table: TimestepTable | str | Path | dict, pipe, *, swap: boo
         pipe.scheduler = sch
     elif sch is original and pipe.scheduler is not original:
         pipe.scheduler = original
-    return copy.deepcopy(kw)
+    return {**copy.deepcopy(kw), **extra}
 
 
 def remove_table(pipe) -> None:
