@@ -13,3 +13,69 @@ def toy2d():
     from schedules import load_model
 
     return load_model("builtin:toy2d-flow")
+
+
+# ------------------------------------------------------------------ tiny diffusers pipelines (tests/tiny_pipelines.py)
+# Module-scoped: every test module gets its own instances (tests install tables on their schedulers).
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def vocab_dir(tmp_path_factory):
+    from tests.tiny_pipelines import write_vocab
+
+    return write_vocab(tmp_path_factory.mktemp("tokenizers"))
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(vocab_dir):
+    from tests.tiny_pipelines import sd_pipeline
+
+    return _quiet(sd_pipeline(vocab_dir))
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(vocab_dir):
+    from tests.tiny_pipelines import sdxl_pipeline
+
+    return _quiet(sdxl_pipeline(vocab_dir))
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe(vocab_dir):
+    from tests.tiny_pipelines import sd3_pipeline
+
+    return _quiet(sd3_pipeline(vocab_dir))
+
+
+@pytest.fixture(scope="module")
+def flux_pipe(vocab_dir):
+    from tests.tiny_pipelines import flux_pipeline
+
+    return _quiet(flux_pipeline(vocab_dir))
+
+
+@pytest.fixture(scope="module")
+def flux_dev_pipe(vocab_dir):
+    from tests.tiny_pipelines import flux_guidance_pipeline
+
+    return _quiet(flux_guidance_pipeline(vocab_dir))
+
+
+@pytest.fixture(scope="module")
+def dit_pipe():
+    from tests.tiny_pipelines import dit_pipeline
+
+    return _quiet(dit_pipeline())
+
+
+@pytest.fixture(scope="module")
+def sd_folder(sd_pipe, tmp_path_factory):
+    """The tiny SD pipeline saved with safetensors (a `--model DIR` folder)."""
+    folder = tmp_path_factory.mktemp("pipes") / "tiny-sd"
+    sd_pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

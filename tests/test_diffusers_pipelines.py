@@ -22,37 +22,9 @@ from schedules.conventions import FlowConvention, VPConvention
 from schedules.diffusers import model_timesteps, pipeline_kwargs, remove_table
 from schedules.io import StepsmithError
 from schedules.table import TimestepTable
-from tests.tiny_pipelines import SD_SCHED, flux_pipeline, sd3_pipeline, sd_pipeline, sdxl_pipeline, write_vocab
+from tests.tiny_pipelines import SD_SCHED
 
 torch.set_num_threads(1)
-
-
-# ------------------------------------------------------------------ tiny pipelines (tests/tiny_pipelines.py)
-
-
-@pytest.fixture(scope="module")
-def vocab_dir(tmp_path_factory):
-    return write_vocab(tmp_path_factory.mktemp("tokenizers"))
-
-
-@pytest.fixture(scope="module")
-def sd_pipe(vocab_dir):
-    return sd_pipeline(vocab_dir)
-
-
-@pytest.fixture(scope="module")
-def sdxl_pipe(vocab_dir):
-    return sdxl_pipeline(vocab_dir)
-
-
-@pytest.fixture(scope="module")
-def sd3_pipe(vocab_dir):
-    return sd3_pipeline(vocab_dir)
-
-
-@pytest.fixture(scope="module")
-def flux_pipe(vocab_dir):
-    return flux_pipeline(vocab_dir)
 
 
 # ------------------------------------------------------------------ recording the denoiser

@@ -13,24 +13,12 @@ import torch
 from PIL import Image
 
 from schedules.cli import main
-from tests.tiny_pipelines import clip_tokenizer, sd_pipeline, write_vocab
+from tests.tiny_pipelines import clip_tokenizer, sd_pipeline
 
 torch.set_num_threads(1)
 
 PROMPTS = ("a cat", "cat cat")
 NUM = 4
-
-
-@pytest.fixture(scope="module")
-def vocab_dir(tmp_path_factory):
-    return write_vocab(tmp_path_factory.mktemp("tokenizers"))
-
-
-@pytest.fixture(scope="module")
-def sd_folder(vocab_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pipes") / "tiny-sd"
-    sd_pipeline(vocab_dir).save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 @pytest.fixture(scope="module")

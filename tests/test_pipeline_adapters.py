@@ -20,7 +20,6 @@ from schedules.io import StepsmithError
 from schedules.pipeline_adapters import adapter_from_pipeline
 from schedules.solvers import sample
 from schedules.table import TimestepTable
-from tests.tiny_pipelines import dit_pipeline, sd_pipeline, sdxl_pipeline, write_vocab
 
 torch.set_num_threads(1)
 
@@ -35,39 +34,6 @@ RTOL_SCALE = 1e-5
 
 def assert_same(out: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(out, ref, atol=RTOL_SCALE * max(1.0, float(ref.abs().max())), rtol=0)
-
-
-@pytest.fixture(scope="module")
-def vocab_dir(tmp_path_factory):
-    return write_vocab(tmp_path_factory.mktemp("tokenizers"))
-
-
-@pytest.fixture(scope="module")
-def sd_pipe(vocab_dir):
-    pipe = sd_pipeline(vocab_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def sdxl_pipe(vocab_dir):
-    pipe = sdxl_pipeline(vocab_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def dit_pipe():
-    pipe = dit_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def sd_folder(sd_pipe, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pipes") / "tiny-sd"
-    sd_pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 def vp_table(adapter, ts, solver="euler") -> TimestepTable:

@@ -21,32 +21,11 @@ from schedules.io import StepsmithError
 from schedules.pipeline_adapters import adapter_from_pipeline
 from schedules.solvers import sample
 from tests.test_diffusers_pipelines import Recorder, flow_table
-from tests.tiny_pipelines import flux_guidance_pipeline, flux_pipeline, sd3_pipeline, write_vocab
 
 torch.set_num_threads(1)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 PROMPTS = ("a cat", "a dog")
-
-
-@pytest.fixture(scope="module")
-def vocab_dir(tmp_path_factory):
-    return write_vocab(tmp_path_factory.mktemp("tokenizers"))
-
-
-@pytest.fixture(scope="module")
-def sd3_pipe(vocab_dir):
-    return sd3_pipeline(vocab_dir)
-
-
-@pytest.fixture(scope="module")
-def flux_pipe(vocab_dir):
-    return flux_pipeline(vocab_dir)
-
-
-@pytest.fixture(scope="module")
-def flux_dev_pipe(vocab_dir):
-    return flux_guidance_pipeline(vocab_dir)
 
 
 def pipeline_latents(pipe, table, noise, **call):
