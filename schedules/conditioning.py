@@ -96,6 +96,11 @@ def _check_guidance(w: Any) -> float:
     return float(w)
 
 
+# ``extra`` entries a table's conditioning block and fingerprint record: Flux's embedded (distilled) guidance, and
+# the dynamic-shift μ and image sequence length of the resolution (SD3/Flux schedules depend on them)
+RECORDED_EXTRA = ("distilled_guidance", "mu", "image_seq_len")
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """What a conditional run is conditioned on; sample *i* gets condition *i mod P*.
@@ -166,11 +171,19 @@ class Conditioning:
         """Class labels of the samples (class conditioning)."""
         return torch.tensor(self.items, dtype=torch.long)[self.condition_index(sample_indices)]
 
+    def recorded(self) -> dict[str, Any]:
+        """The :data:`RECORDED_EXTRA` entries of ``extra`` (what else a table is valid for)."""
+        return {k: self.extra[k] for k in RECORDED_EXTRA if k in self.extra}
+
     def fingerprint(self) -> str:
-        """sha256 of the condition set, the negative branch and the guidance scale."""
+        """sha256 of the condition set, the negative branch, the guidance scale (and the recorded extras)."""
         src = json.dumps({"kind": self.kind, "items": list(self.items), "null": self.null_label,
                           "negative": self.negative, "guidance": self.guidance}, sort_keys=True)
-        return hashlib.sha256(src.encode()).hexdigest()[:16]
+        base = hashlib.sha256(src.encode()).hexdigest()[:16]
+        rec = self.recorded()
+        if not rec:
+            return base
+        return hashlib.sha256(json.dumps({"base": base, **rec}, sort_keys=True).encode()).hexdigest()[:16]
 
     def describe(self) -> dict[str, Any]:
         """The table's ``conditioning`` block: what a table searched under this conditioning is valid for."""
@@ -182,7 +195,7 @@ class Conditioning:
             d.update(negative=self.negative)
         if self.height is not None or self.width is not None:
             d.update(height=self.height, width=self.width)
-        return d
+        return {**d, **self.recorded()}
 
     def with_guidance(self, w: float) -> Conditioning:
         return Conditioning(self.labels, self.prompts, self.null_label, self.negative, w, self.height, self.width,

@@ -19,7 +19,7 @@ the FlowMatch scheduler's timestep t = σ·1000 divided by 1000, i.e. the transf
   ``guidance`` is the *embedded* guidance value the transformer takes as its ``guidance`` input
   (the pipeline's ``guidance_scale``). One call per evaluation, no doubled batch: the adapter's
   conditioning has CFG scale ``true_cfg_scale`` (default 1) and records the embedded value as
-  ``extra["distilled_guidance"]`` — in its ``describe()`` and fingerprint too, so a table searched
+  ``extra["distilled_guidance"]`` — in its ``describe()`` and fingerprint too (``Conditioning.recorded``), so a table searched
   at guidance 3.5 says so (``conditioning.distilled_guidance``) and is told apart from one at 2.
   ``true_cfg_scale=w`` (with a negative prompt) adds true CFG on top, as the pipeline's option.
 * models without a guidance embedding (schnell): guidance w ≠ 1 with a negative prompt is the
@@ -36,9 +36,7 @@ which resolution it was searched at.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import math
 from typing import Any
 
@@ -48,30 +46,6 @@ from schedules.conditioning import ConditionalAdapter, Conditioning
 from schedules.io import StepsmithError
 from schedules.pipeline_adapters.base import EncodedConditions, check_size
 from schedules.pipeline_adapters.sd import prompt_conditioning, refuse_options, vae_scale_factor
-
-RECORDED = ("distilled_guidance", "mu", "image_seq_len")  # extra entries a table's conditioning block records
-
-
-class RecordedConditioning(Conditioning):
-    """A :class:`Conditioning` whose table block and fingerprint also record :data:`RECORDED` ``extra`` entries
-    (Flux's embedded guidance, the dynamic-shift μ of the resolution)."""
-
-    def recorded(self) -> dict[str, Any]:
-        return {k: self.extra[k] for k in RECORDED if k in self.extra}
-
-    def fingerprint(self) -> str:
-        rec = self.recorded()
-        if not rec:
-            return super().fingerprint()
-        src = json.dumps({"base": super().fingerprint(), **rec}, sort_keys=True)
-        return hashlib.sha256(src.encode()).hexdigest()[:16]
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), **self.recorded()}
-
-    def with_guidance(self, w: float) -> RecordedConditioning:
-        return RecordedConditioning(self.labels, self.prompts, self.null_label, self.negative, w, self.height,
-                                    self.width, self.extra)
 
 
 def flow_convention(pipe, name: str, family: str):
@@ -205,8 +179,8 @@ def build(pipe, conditioning: Conditioning | None, *, name: str, max_sequence_le
     extra = {**conditioning.extra, **dynamic_mu(sched, shape[0])}
     if embedded is not None:
         extra["distilled_guidance"] = embedded
-    cond = RecordedConditioning(prompts=conditioning.prompts, negative=conditioning.negative, guidance=cfg_scale,
-                                height=height, width=width, extra=extra)
+    cond = Conditioning(prompts=conditioning.prompts, negative=conditioning.negative, guidance=cfg_scale,
+                        height=height, width=width, extra=extra)
     adapter = ConditionalAdapter(module=pipe.transformer.eval(), convention=conv, prediction=pred, sample_shape=shape,
                                  name=name, scheduler_config=sched, call=transformer_call,
                                  model_kwargs={"txt_ids": text_ids, "img_ids": img_ids}, conditioning=cond,
@@ -215,5 +189,5 @@ def build(pipe, conditioning: Conditioning | None, *, name: str, max_sequence_le
     return adapter
 
 
-__all__ = ["RECORDED", "RecordedConditioning", "build", "call_default", "dynamic_mu", "encode", "flow_convention",
+__all__ = ["build", "call_default", "dynamic_mu", "encode", "flow_convention",
            "guidance_plan", "image_size", "packed_shape", "sequence_length", "transformer_call"]

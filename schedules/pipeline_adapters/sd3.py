@@ -25,7 +25,7 @@ import torch
 
 from schedules.conditioning import ConditionalAdapter, Conditioning
 from schedules.pipeline_adapters.base import EncodedConditions, check_size
-from schedules.pipeline_adapters.flux import RecordedConditioning, dynamic_mu, flow_convention, sequence_length
+from schedules.pipeline_adapters.flux import dynamic_mu, flow_convention, sequence_length
 from schedules.pipeline_adapters.sd import prompt_conditioning, refuse_options, vae_scale_factor
 
 
@@ -76,9 +76,9 @@ def build(pipe, conditioning: Conditioning | None, *, name: str, max_sequence_le
     extra = dict(conditioning.extra)
     if cfg.get("use_dynamic_shifting"):
         extra.update(dynamic_mu(cfg, (shape[1] // p) * (shape[2] // p)))
-    cond = RecordedConditioning(prompts=conditioning.prompts,
-                                negative="" if conditioning.negative is None else conditioning.negative,
-                                guidance=conditioning.guidance, height=height, width=width, extra=extra)
+    cond = Conditioning(prompts=conditioning.prompts,
+                        negative="" if conditioning.negative is None else conditioning.negative,
+                        guidance=conditioning.guidance, height=height, width=width, extra=extra)
     adapter = ConditionalAdapter(module=pipe.transformer.eval(), convention=conv, prediction=pred, sample_shape=shape,
                                  name=name, scheduler_config=cfg, call=transformer_call, conditioning=cond,
                                  condition_kwargs=encoded)
