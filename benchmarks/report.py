@@ -6,11 +6,18 @@ earlier run byte for byte without measuring anything.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
 
-SEARCHED = ("dp", "evolution", "ays")
+SEARCH_METHODS = ("dp", "evolution", "ays", "olss")  # a row made by one of these is a searched row
+PUBLISHED_DP = ("dp-boss", "dp-gits", "dp-oss")  # the published DP algorithms as rows of the suite
+
+
+def searched_labels(report: dict[str, Any]) -> set[str]:
+    """The rows of a sweep report made by a search (any label; bench.json files before row labels: by method)."""
+    return {r["label"] for r in report["results"] if r.get("method") in SEARCH_METHODS}
 
 
 def teacher_gap(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -87,19 +94,85 @@ def _cell(v: float | None, kid: float | None, best: float) -> str:
     return f"**{s}**" if v == best else s
 
 
-def _ratio_rows(labels: list[str], nfes: list[int], cells: dict[tuple[str, int], float]) -> list[str]:
-    """Best searched table ÷ best baseline, and ÷ the diffusers default schedule, per NFE."""
-    searched_best = {n: min((cells[(s, n)] for s in SEARCHED if (s, n) in cells), default=None) for n in nfes}
-    base_best = {n: min((cells[(lab, n)] for lab in labels if lab not in SEARCHED and (lab, n) in cells),
-                        default=None) for n in nfes}
-    default_v = {n: cells.get(("default", n)) for n in nfes}
+def _ratio_rows(labels: list[str], nfes: list[int], cells: dict[tuple[str, int], float],
+                searched: set[str]) -> list[str]:
+    """Best searched table ÷ best baseline, ÷ the diffusers default schedule, and (where those rows
+    exist) the default dp ÷ the best published DP algorithm and ÷ dp on the old teacher-mse objective."""
+    def best_of(names) -> dict[int, float | None]:
+        return {n: min((cells[(lab, n)] for lab in names if (lab, n) in cells), default=None) for n in nfes}
 
-    def ratio(den: dict) -> str:
-        return " | ".join(_fmt(searched_best[n] / den[n], 3) if searched_best[n] and den[n] else "–" for n in nfes)
+    searched_best = best_of(searched)
+    rows = [("best searched ÷ best baseline", searched_best, best_of([lab for lab in labels if lab not in searched])),
+            ("best searched ÷ diffusers default", searched_best, {n: cells.get(("default", n)) for n in nfes})]
+    dp = {n: cells.get(("dp", n)) for n in nfes}
+    if any(lab in labels for lab in PUBLISHED_DP):
+        rows.append(("dp ÷ best published DP (boss, gits, oss)", dp, best_of(PUBLISHED_DP)))
+    if "dp-teacher-mse" in labels:
+        rows.append(("dp ÷ dp-teacher-mse", dp, {n: cells.get(("dp-teacher-mse", n)) for n in nfes}))
+
+    def ratio(num: dict, den: dict) -> str:
+        return " | ".join(_fmt(num[n] / den[n], 3) if num[n] and den[n] else "–" for n in nfes)
 
     return ["", "| | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|",
-            "| best searched ÷ best baseline | " + ratio(base_best) + " |",
-            "| best searched ÷ diffusers default | " + ratio(default_v) + " |"]
+            *(f"| {name} | {ratio(num, den)} |" for name, num, den in rows)]
+
+
+def _final_jumps(rep: dict[str, Any], searched: set[str], nfes: list[int]) -> list[str]:
+    """The last evaluated σ of every searched table and the share of the noise range its final jump crosses."""
+    rows = {(r["label"], int(r["nfe"])): r for r in rep["results"] if r["label"] in searched and r.get("sigmas")}
+    if not rows:
+        return []
+    lines = ["", "Last evaluated σ of each searched table (in brackets: t_last ÷ t_first, the share of the noise range "
+             "the final jump to σ = 0 crosses in one evaluation — long final jumps average, i.e. blur):", "",
+             "| table | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
+    for lab in dict.fromkeys(k[0] for k in rows):
+        cells = []
+        for n in nfes:
+            r = rows.get((lab, n))
+            if r is None:
+                cells.append("–")
+                continue
+            t = r["timesteps"]
+            frac = f" ({t[-1] / t[0]:.2f})" if t and t[0] > 0 else ""
+            cells.append(f"{r['sigmas'][-2]:.3g}{frac}")
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _manifold(rep: dict[str, Any], labels: list[str], nfes: list[int], searched: set[str]) -> list[str]:
+    """MMHM with improved precision / recall per row, and where the FID and MMHM rankings disagree."""
+    vals = {(r["label"], int(r["nfe"])): r.get("metrics") or {} for r in rep["results"]}
+    if not any("mmhm" in m for m in vals.values()):
+        return []
+    info = rep.get("mmhm") or {}
+    best = {n: max((m["mmhm"] for (_, k), m in vals.items() if k == n and math.isfinite(m.get("mmhm", math.nan))),
+                   default=None) for n in nfes}
+    lines = ["", f"MMHM (higher is better; harmonic mean of the min–max normalised {', '.join(info.get('metrics', []))}"
+             f", bounds from the rows of each NFE column) with improved precision / recall (k = 3) in brackets:", "",
+             "| table | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
+    for lab in labels:
+        cells = []
+        for n in nfes:
+            m = vals.get((lab, n))
+            if not m or "mmhm" not in m:
+                cells.append("–")
+                continue
+            c = f"{m['mmhm']:.3f} ({m.get('precision', float('nan')):.2f} / {m.get('recall', float('nan')):.2f})"
+            cells.append(f"**{c}**" if m["mmhm"] == best[n] else c)
+        lines.append(f"| {f'*{lab}*' if lab in searched else lab} | " + " | ".join(cells) + " |")
+    agree = info.get("agreement") or []
+    if agree:
+        main = rep["metric"]
+        lines += ["", "| ranking | " + " | ".join(f"NFE {a['nfe']}" for a in agree) + " |",
+                  "|---" * (len(agree) + 1) + "|",
+                  f"| best by {main} | " + " | ".join(str(a["best_" + main]) for a in agree) + " |",
+                  "| best by MMHM | " + " | ".join(str(a["best_mmhm"]) for a in agree) + " |",
+                  f"| Spearman ρ ({main} vs MMHM ranking) | "
+                  + " | ".join(_fmt(a["spearman"], 3) for a in agree) + " |"]
+        differ = [a["nfe"] for a in agree if not a["agree"]]
+        lines += ["", f"The best table by {main} and by MMHM differ at NFE {', '.join(map(str, differ))}." if differ
+                  else f"The best table by {main} and by MMHM agree at every NFE."]
+    return lines
 
 
 def _quality_config(res: dict[str, Any], out: Path, md_dir: Path) -> list[str]:
@@ -108,14 +181,17 @@ def _quality_config(res: dict[str, Any], out: Path, md_dir: Path) -> list[str]:
 
     rep = res["report"]
     labels, nfes, cells = grid_table(rep)
+    searched = searched_labels(rep)
     kid = {(r["label"], r["nfe"]): r["extra"].get("kid") for r in rep["results"]}
     best = {n: min(cells[(lab, n)] for lab in labels if (lab, n) in cells) for n in nfes}
     metric = METRIC_NAMES.get(rep["metric"], rep["metric"])
-    lines = [f"### {res['name']} — {metric}, solver {res['solver']}", "",
+    cond = res.get("conditioning")
+    at = f", classes {cond['classes']}, guidance {cond['guidance']:g}" if cond else ""
+    lines = [f"### {res['name']} — {metric}, solver {res['solver']}{at}", "",
              "| table | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
     for lab in labels:
         row = [_cell(cells.get((lab, n)), kid.get((lab, n)), best[n]) for n in nfes]
-        name = f"*{lab}*" if lab in SEARCHED else lab
+        name = f"*{lab}*" if lab in searched else lab
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     t = rep["teacher"]
     tk = t.get("extra", {}).get("kid")
@@ -124,16 +200,25 @@ def _quality_config(res: dict[str, Any], out: Path, md_dir: Path) -> list[str]:
     if res["skipped_baselines"]:
         lines.append("")
         lines.append("Not applicable here: " + "; ".join(f"`{b}` ({why})" for b, why in res["skipped_baselines"].items()))
-    lines += _ratio_rows(labels, nfes, cells)
+    lines += _ratio_rows(labels, nfes, cells, searched)
+    lines += _manifold(rep, labels, nfes, searched)
+    acc = {(r["label"], int(r["nfe"])): (r.get("metrics") or {}).get("class-accuracy") for r in rep["results"]}
+    if any(v is not None for v in acc.values()):
+        lo = min(v for v in acc.values() if v is not None)
+        lines += ["", f"Class accuracy of the intended class (digits classifier): lowest cell {lo:.3f}."]
+    lines += _final_jumps(rep, searched, nfes)
     plot = out / "p1" / res["name"] / "quality_vs_nfe.png"
     return lines + ["", f"![{res['name']}]({_rel(plot, md_dir)})", ""]
 
 
 def _quality(quality: list[dict[str, Any]], out: Path, md_dir: Path) -> list[str]:
     lines = ["## P1 — quality vs NFE", "",
-             "Lower is better; **bold** = best per column. Digits: FID (KID in brackets) on the 128-d "
-             "digits-features network against real digits (N is small, so FID is biased upward: compare rows, "
-             "not papers). 2-D: exact Wasserstein-2 (POT) against true samples.", ""]
+             "Lower is better; **bold** = best per column. Images: FID (KID in brackets) on the model's own 128-d "
+             "feature network (digits-features; sharp-features for the binary sharp digits) against its real data "
+             "(N is small, so FID is biased upward: compare rows, not papers). 2-D: exact Wasserstein-2 (POT) "
+             "against true samples. *Italic* rows are searched: `dp` is stepsmith's default (objective auto: "
+             "feature-mse on models with a feature network), `dp-teacher-mse` the same search on the final mse, "
+             "`dp-boss` / `dp-gits` / `dp-oss` the published DP algorithms as their authors define them.", ""]
     for res in quality:
         lines += _quality_config(res, out, md_dir)
     return lines
@@ -146,7 +231,8 @@ def _gap(quality: list[dict[str, Any]], nfes: list[int], out: Path, md_dir: Path
     for res in quality:
         g = teacher_gap(res)
         lines.append(f"| {res['name']} | " + " | ".join(
-            "–" if g[n]["closed"] is None else f"{100 * g[n]['closed']:.0f}% ({g[n]['best_label']})" for n in g) + " |")
+            "–" if g.get(n, {}).get("closed") is None else f"{100 * g[n]['closed']:.0f}% ({g[n]['best_label']})"
+            for n in nfes) + " |")
     return lines + ["", f"![P2]({_rel(out / 'p2_gap_closed.png', md_dir)})", ""]
 
 
@@ -161,6 +247,9 @@ def _search_cost(quality: list[dict[str, Any]]) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for res in quality:
         for c in res["costs"]:
+            if "skipped" in c:
+                lines.append(f"| {res['name']} | {c['method']} | {c['nfe']} | – | – | – | – | not run: {c['skipped']} |")
+                continue
             lines.append(f"| {res['name']} | {c['method']} | {c['nfe']} | {c['model_calls']} | {c['seconds']:.1f} | "
                          f"{_fmt(c['peak_rss_mb'], 3)} | {_fmt(c.get('dp_over_reference'), 3)} | "
                          f"{_fmt(c.get('search_over_reference'), 3)} |")

@@ -38,25 +38,62 @@ from typing import Any
 
 from benchmarks.distill import DistillBenchConfig, run_distill_bench
 from benchmarks.overhead import OverheadConfig, run_overhead
-from benchmarks.report import SEARCHED, markdown, plot_gap
+from benchmarks.report import markdown, plot_gap
 from schedules.io import StepsmithError, atomic_write, atomic_write_json
 
 PARTS = ("p1", "p2", "p3", "p4", "p5")
 COMMITTED = Path(__file__).resolve().parent / "results" / "bench" / "bench.json"
 
 
+@dataclass(frozen=True)
+class SearchedRow:
+    """A searched row of P1: ``method`` with ``options`` on top of the config's options for that method."""
+
+    label: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    all_budgets: bool = False  # every NFE from one search (the published DP algorithms solve all budgets at once)
+
+
+# stepsmith's searches at their defaults, the old dp objective, and the published DP algorithms as their
+# authors define them (their own grids and costs: no shared dp options)
+SEARCHED_ROWS = (
+    SearchedRow("dp", "dp"), SearchedRow("dp-teacher-mse", "dp", {"objective": "teacher-mse"}),
+    SearchedRow("evolution", "evolution"), SearchedRow("ays", "ays"), SearchedRow("olss", "olss"),
+    SearchedRow("dp-boss", "dp", {"variant": "boss"}, True), SearchedRow("dp-gits", "dp", {"variant": "gits"}, True),
+    SearchedRow("dp-oss", "dp", {"variant": "oss"}, True),
+)
+VARIANT_OPTIONS = ("variant",)  # a row with these options does not take the config's dp options
+IMAGE_METRICS = "fid,kid,precision,recall,is,mmhm"  # P1 metrics of image models (2-D: exact Wasserstein-2)
+
+
 @dataclass
 class BenchConfig:
-    """What one benchmark run measures. :data:`FULL` and :data:`REDUCED` are the presets."""
+    """What one benchmark run measures. :data:`FULL` and :data:`REDUCED` are the presets.
+
+    ``conditioning``: per model, the class set and guidance of a class-conditional model
+    (``{"classes": "all", "guidance": 3.0}``); ``only``: names of the P1 configs to run (all if empty),
+    so that configs can run in parallel processes and be merged (``stepsmith bench --merge``).
+    """
 
     configs: tuple[tuple[str, str], ...] = (
         ("builtin:toy2d-flow", "euler"), ("builtin:digits-flow", "euler"),
-        ("builtin:digits-ddpm", "ddim"), ("builtin:digits-ddpm", "dpmpp-2m"))
+        ("builtin:digits-ddpm", "ddim"), ("builtin:digits-ddpm", "dpmpp-2m"), ("builtin:sharp-ddpm", "ddim"),
+        ("builtin:digits-cond", "euler"))
+    conditioning: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "builtin:digits-cond": {"classes": "all", "guidance": 3.0}})
     nfe: tuple[int, ...] = (2, 4, 6, 8, 10)
     num: int = 500                      # evaluation samples per cell
     teacher_steps: int = 50             # Heun steps of the evaluation teacher
     search_samples: int = 32
-    searched: tuple[str, ...] = SEARCHED
+    searched: tuple[SearchedRow, ...] = SEARCHED_ROWS
+    only: tuple[str, ...] = ()
+    # per config: other budgets, searched rows left out (keeps the full run within about 100 minutes on 2 cores)
+    nfe_of: dict[str, tuple[int, ...]] = field(default_factory=lambda: {
+        "sharp-ddpm-ddim": (4, 6, 8), "digits-cond-euler": (4, 6, 8)})
+    skip_rows: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
+        "toy2d-flow-euler": ("dp-teacher-mse",), "digits-ddpm-dpmpp-2m": ("dp-teacher-mse",),
+        "digits-cond-euler": ("dp-teacher-mse", "evolution", "ays", "olss", "dp-boss", "dp-gits", "dp-oss")})
     # per-method search options; "grid" is replaced by grid_2d for the 2-D model
     options: dict[str, dict[str, Any]] = field(default_factory=lambda: {
         "dp": {"grid": 60, "candidates": 6, "max_sweeps": 2},
@@ -74,7 +111,8 @@ class BenchConfig:
 FULL = BenchConfig()
 REDUCED = BenchConfig(
     configs=(("builtin:toy2d-flow", "euler"), ("builtin:digits-ddpm", "ddim")), nfe=(2, 4), num=64, teacher_steps=8,
-    search_samples=8,
+    search_samples=8, searched=SEARCHED_ROWS[:5] + (SearchedRow("dp-boss", "dp", {"variant": "boss", "grid": 16}, True),),
+    nfe_of={}, skip_rows={},
     options={"dp": {"grid": 16, "candidates": 2, "max_sweeps": 1},
              "evolution": {"grid": 16, "population": 6, "generations": 2},
              "ays": {"draws": 1, "candidates": 3, "max_sweeps": 1, "teacher_steps": 8}},
@@ -130,17 +168,18 @@ def _config_name(model: str, solver: str) -> str:
     return f"{model.split(':', 1)[-1]}-{solver}"
 
 
-def _search_options(cfg: BenchConfig, method: str, adapter) -> dict[str, Any]:
-    opts = dict(cfg.options.get(method, {}))
+def _search_options(cfg: BenchConfig, row: SearchedRow, adapter) -> dict[str, Any]:
+    """The row's options on top of the config's options for its method (not for a published variant)."""
+    opts = {} if set(VARIANT_OPTIONS) & set(row.options) else dict(cfg.options.get(row.method, {}))
     if "grid" in opts and len(adapter.sample_shape) == 1:
         opts["grid"] = cfg.grid_2d
-    return opts
+    return {**opts, **row.options}
 
 
-def _search_cost(method: str, nfe: int, provenance: dict[str, Any], peak_mb: float | None) -> dict[str, Any]:
+def _search_cost(label: str, nfe: int, provenance: dict[str, Any], peak_mb: float | None) -> dict[str, Any]:
     """P3 row of one search, from the model calls and seconds ``make_table`` records in the table."""
     p = provenance
-    cost = {"method": method, "nfe": nfe, "model_calls": p["model_calls"], "seconds": round(float(p["seconds"]), 2),
+    cost = {"method": label, "nfe": nfe, "model_calls": p["model_calls"], "seconds": round(float(p["seconds"]), 2),
             "peak_rss_mb": peak_mb}
     if "reference_seconds" in p:
         ref = max(float(p["reference_seconds"]), 1e-9)
@@ -151,30 +190,50 @@ def _search_cost(method: str, nfe: int, provenance: dict[str, Any], peak_mb: flo
 
 def _searched_tables(cfg: BenchConfig, adapter, solver: str, name: str, progress: bool) -> tuple[list, list[dict]]:
     """Every searched method at every NFE (search seed 0), with its P3 cost."""
-    from schedules.search import make_table
+    from schedules.search import make_table, make_tables
 
     tables, costs = [], []
-    for method in cfg.searched:
-        for n in cfg.nfe:
+    nfes = cfg.nfe_of.get(name, cfg.nfe)
+    for row in cfg.searched:
+        if row.label in cfg.skip_rows.get(name, ()):
+            continue
+        if row.all_budgets:
+            calls0, t0 = getattr(adapter, "calls", 0), time.perf_counter()
             with PeakRSS() as mem:
-                t = make_table(adapter, method, n, solver, samples=cfg.search_samples, seed=0, progress=progress,
-                               **_search_options(cfg, method, adapter))
-            costs.append(_search_cost(method, n, t.provenance, mem.peak_mb))
-            tables.append(t)
+                tabs = make_tables(adapter, row.method, list(nfes), solver, samples=cfg.search_samples, seed=0,
+                                   progress=progress, **_search_options(cfg, row, adapter))
+            costs.append({"method": row.label, "nfe": ",".join(map(str, tabs)), "model_calls":
+                          getattr(adapter, "calls", 0) - calls0, "seconds": round(time.perf_counter() - t0, 2),
+                          "peak_rss_mb": mem.peak_mb, "one_pass": True})
+            tables += [(row.label, t) for t in tabs.values()]
             if progress:
-                print(f"[bench] {name}: {method} NFE {n}: {costs[-1]['seconds']} s, {costs[-1]['model_calls']} calls",
+                print(f"[bench] {name}: {row.label} NFE {costs[-1]['nfe']}: {costs[-1]['seconds']} s",
                       file=sys.stderr, flush=True)
+            continue
+        for n in nfes:
+            try:
+                with PeakRSS() as mem:
+                    t = make_table(adapter, row.method, n, solver, samples=cfg.search_samples, seed=0,
+                                   progress=progress, **_search_options(cfg, row, adapter))
+            except StepsmithError as exc:  # e.g. a budget the method's grid cannot hold: the cell stays empty
+                costs.append({"method": row.label, "nfe": n, "skipped": str(exc).split(";")[0]})
+                continue
+            costs.append(_search_cost(row.label, n, t.provenance, mem.peak_mb))
+            tables.append((row.label, t))
+            if progress:
+                print(f"[bench] {name}: {row.label} NFE {n}: {costs[-1]['seconds']} s, {costs[-1]['model_calls']} "
+                      "calls", file=sys.stderr, flush=True)
     return tables, costs
 
 
-def _baseline_tables(cfg: BenchConfig, adapter, solver: str) -> tuple[list, dict[str, str]]:
+def _baseline_tables(cfg: BenchConfig, adapter, solver: str, name: str) -> tuple[list, dict[str, str]]:
     """Every baseline at every NFE, and why the baselines that do not apply to this model were skipped."""
     from schedules.baselines import BASELINES
     from schedules.search import make_table
 
     tables, skipped = [], {}
     for b in BASELINES:
-        for n in cfg.nfe:
+        for n in cfg.nfe_of.get(name, cfg.nfe):
             try:
                 tables.append(make_table(adapter, b, n, solver))
             except StepsmithError as exc:
@@ -190,14 +249,29 @@ def run_quality(cfg: BenchConfig, out: Path, progress: bool, command: str) -> li
     results = []
     for model, solver in cfg.configs:
         name = _config_name(model, solver)
-        adapter = load_model(model)
+        if cfg.only and name not in cfg.only:
+            continue
+        adapter = load_model(model, conditioning=_conditioning(cfg, model))
         searched, costs = _searched_tables(cfg, adapter, solver, name, progress)
-        baselines, skipped = _baseline_tables(cfg, adapter, solver)
-        report = run_sweep(adapter, tables=searched + baselines, num=cfg.num, teacher_steps=cfg.teacher_steps,
-                           out=out / "p1" / name, progress=progress, command=command)
-        results.append({"name": name, "model": model, "solver": solver, "report": report, "costs": costs,
-                        "skipped_baselines": skipped})
+        baselines, skipped = _baseline_tables(cfg, adapter, solver, name)
+        metric = None if len(adapter.sample_shape) == 1 else IMAGE_METRICS + (
+            ",class-accuracy" if getattr(adapter, "conditioning", None) is not None else "")
+        report = run_sweep(adapter, tables=searched + [(b.method, b) for b in baselines], num=cfg.num,
+                           teacher_steps=cfg.teacher_steps, metric=metric, out=out / "p1" / name, progress=progress,
+                           command=command)
+        results.append({"name": name, "model": model, "solver": solver, "conditioning": cfg.conditioning.get(model),
+                        "report": report, "costs": costs, "skipped_baselines": skipped})
     return results
+
+
+def _conditioning(cfg: BenchConfig, model: str):
+    """The :class:`~schedules.conditioning.Conditioning` of a class-conditional config, else ``None``."""
+    from schedules.conditioning import Conditioning, parse_classes
+
+    spec = cfg.conditioning.get(model)
+    if spec is None:
+        return None
+    return Conditioning(labels=parse_classes(str(spec["classes"])), guidance=float(spec.get("guidance", 1.0)))
 
 
 # --------------------------------------------------------------------------- the run
@@ -271,6 +345,54 @@ def render(bench_json: str | Path = COMMITTED, markdown_path: str | Path | None 
     return md
 
 
+def merge(bench_jsons: list[str | Path], out: str | Path, markdown_path: str | Path | None = None,
+          command: str = "stepsmith bench --merge") -> dict[str, Any]:
+    """One result from runs of disjoint parts or configs (``--only``) run in parallel processes.
+
+    Each run's per-config folders (``p1/<config>``, ``p5``) are copied into ``out``; P1 configs keep the
+    order of the full preset; P4 / P5 come from the run that measured them. ``seconds`` is the longest
+    run (they ran side by side); each run's own command, date and seconds are kept under ``runs``.
+    """
+    import shutil
+
+    from eval.report import _jsonable
+
+    out = Path(out)
+    runs = [json.loads(Path(p).read_text()) for p in bench_jsons]
+    names = [_config_name(m, s) for m, s in FULL.configs]
+    quality = [q for r in runs for q in r.get("quality") or []]
+    seen = [q["name"] for q in quality]
+    if len(set(seen)) != len(seen):
+        raise StepsmithError(f"configs measured twice in the runs to merge: {sorted({n for n in seen if seen.count(n) > 1})}")
+    quality.sort(key=lambda q: names.index(q["name"]) if q["name"] in names else len(names))
+    for p in bench_jsons:
+        src = Path(p).resolve().parent
+        for part in ("p1", "p5"):
+            if (src / part).is_dir() and src != out.resolve():
+                shutil.copytree(src / part, out / part, dirs_exist_ok=True)
+    first = runs[0]
+    parts = sorted({p for r in runs for p in r["config"]["parts"]})
+    result = {**first, "command": command, "out": str(out), "markdown": str(resolve_markdown_path(out, markdown_path)),
+              "config": {**first["config"], "parts": parts, "only": []},
+              "runs": [{"command": r["command"], "date": r["date"], "seconds": r["seconds"],
+                        "configs": [q["name"] for q in r.get("quality") or []]} for r in runs],
+              "seconds": max(r["seconds"] for r in runs)}
+    result.pop("quality", None), result.pop("overhead", None), result.pop("distill", None)
+    if quality:
+        result["quality"] = quality
+        plot_gap(quality, out / "p2_gap_closed.png")
+    for key in ("overhead", "distill"):
+        got = [r[key] for r in runs if r.get(key)]
+        if got:
+            result[key] = got[0]
+    if result.get("distill"):
+        result["config"]["distill"] = next(r["config"]["distill"] for r in runs if r.get("distill"))
+    atomic_write_json(out / "bench.json", _jsonable(result))
+    md = Path(result["markdown"])
+    atomic_write(md, markdown(result, md.resolve().parent))
+    return result
+
+
 def _run_dir(folder: Path, out: Path) -> Path:
     """The folder a run started in, given where its ``--out`` folder is now (``out`` as it recorded it)."""
     n = len(out.parts)
@@ -294,6 +416,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="only re-write the Markdown from an earlier run's bench.json (default: the committed run, "
                         "benchmarks/results/bench/bench.json), to where that run wrote it unless --markdown; "
                         "no measurement")
+    p.add_argument("--only", default="", metavar="CONFIGS",
+                   help="comma-separated P1 configs to run (e.g. digits-flow-euler,sharp-ddpm-ddim; default all): "
+                        "split a run over parallel processes, each with its own --out, then --merge")
+    p.add_argument("--merge", nargs="+", metavar="BENCH_JSON", default=None,
+                   help="combine the bench.json of runs of disjoint configs / parts into --out and its Markdown")
     p.set_defaults(func=_run)
 
 
@@ -304,9 +431,19 @@ def _run(args: argparse.Namespace) -> None:
         md = render(args.render, args.markdown)
         print(f"wrote {md} from {args.render}")
         return
+    if args.merge:
+        res = merge(args.merge, args.out, args.markdown, command=getattr(args, "invocation", "stepsmith bench --merge"))
+        print(f"wrote {res['markdown']} and {Path(args.out) / 'bench.json'} from {len(args.merge)} runs")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = replace(REDUCED if args.reduced else FULL, parts=tuple(p for p in args.parts.split(",") if p))
+    base = REDUCED if args.reduced else FULL
+    only = tuple(c for c in args.only.split(",") if c)
+    known = [_config_name(m, s) for m, s in base.configs]
+    if set(only) - set(known):
+        raise StepsmithError(f"unknown --only configs {sorted(set(only) - set(known))}; choose from {', '.join(known)}",
+                             param="only")
+    cfg = replace(base, parts=tuple(p for p in args.parts.split(",") if p), only=only)
     md = resolve_markdown_path(args.out, args.markdown)
     result = run_bench(cfg, args.out, markdown_path=md, reduced=args.reduced,
                        command=getattr(args, "invocation", "stepsmith bench"))

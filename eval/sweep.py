@@ -99,7 +99,7 @@ Sampler = Callable[[TimestepTable, torch.Tensor], torch.Tensor]
 class SweepConfig:
     """Everything a sweep needs besides the model; the keyword arguments of :func:`run_sweep`.
 
-    ``tables``: table files or :class:`TimestepTable` objects; ``methods``: names for
+    ``tables``: table files or :class:`TimestepTable` objects (or ``(label, table)`` pairs); ``methods``: names for
     ``schedules.search.make_table`` evaluated at every ``nfe`` with ``solver``.
     ``metric``: fid | kid | wasserstein | teacher (default: fid for images, wasserstein for
     vectors), or a comma list / sequence of :data:`ALL_METRICS` whose first name is the main one
@@ -286,12 +286,15 @@ def _first_seed(table: TimestepTable) -> int | None:
 def _table_cell(adapter, t: TimestepTable | str | os.PathLike, allow_other_model: bool = False) -> Cell:
     from schedules.adapters import check_table_model
 
+    label = None
+    if isinstance(t, tuple):  # (label, table): a row name of the caller's choice (e.g. dp-teacher-mse)
+        label, t = t
     table = t if isinstance(t, TimestepTable) else load_table(t)
     check_table_model(table.model, adapter.name, allow_other_model=allow_other_model)
     table.check_compatible(adapter.convention, adapter.prediction, what=adapter.name)
     table.check_conditioning(getattr(adapter, "conditioning", None))  # warns for another guidance / condition set
     src = "table" if isinstance(t, TimestepTable) else str(t)
-    return Cell(table.method, table, src, float(table.provenance.get("seconds") or 0.0), _first_seed(table))
+    return Cell(label or table.method, table, src, float(table.provenance.get("seconds") or 0.0), _first_seed(table))
 
 
 def _method_cell(adapter, cfg: SweepConfig, method: str, nfe: int) -> Cell:

@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nfe", required=True,
                    help="model evaluations (Heun: 2K-1 for K steps, so odd); a list 4,6,8 writes one table per "
                         "budget into the --out folder (dp: all from one pass)")
-    p.add_argument("--solver", default=None, help="euler (default) | ddim | heun | dpmpp-2m | ipndm "
+    p.add_argument("--solver", default=None, help="euler (default) | ddim | heun | dpmpp-2m | ipndm | unipc "
                                                   "(interp: the source table's solver)")
     p.add_argument("--from", dest="source", default=None, metavar="TABLE",
                    help="--method interp: the table to interpolate log-linearly to --nfe")
@@ -94,8 +94,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="method option, repeatable (dp: mode=refined|teacher|student, late_weight=1.15; "
                         "karras: rho=7; shift: shift=3; evolution: generations=10, checkpoint=PATH; ays: ...)")
     p.add_argument("--objective", default=None,
-                   help="dp/evolution: what the search minimises on its samples against the teacher's: teacher-mse "
-                        "(default), feature-mse, kid, fid, wasserstein (feature space with a feature network)")
+                   help="dp/evolution: what the search minimises on its samples against the teacher's: auto (default: "
+                        "feature-mse when the model has a feature network or --features is given, else teacher-mse), "
+                        "teacher-mse, feature-mse, kid, fid, wasserstein (feature space with a feature network)")
     p.add_argument("--features", default=None, metavar="builtin:NAME",
                    help="feature network of --objective kid|fid|feature-mse|wasserstein (builtin:sharp-features, "
                         "builtin:digits-features; embedded models default to their own)")
@@ -118,8 +119,8 @@ def run(args: argparse.Namespace) -> None:
         options["objective"] = args.objective
     if args.features is not None:
         if args.objective is None:
-            raise StepsmithError("--features is the feature space of --objective; give --objective too",
-                                 param="features")
+            raise StepsmithError("--features is the feature space of --objective; give --objective too (auto, "
+                                 "feature-mse, kid, fid, wasserstein)", param="features")
         options["features"] = args.features
     if args.source is not None or args.method == "interp":
         if args.method != "interp" or args.source is None:
@@ -131,9 +132,10 @@ def run(args: argparse.Namespace) -> None:
     for nfe in args.nfe:
         check_request(args.method, nfe, args.solver, samples=args.samples, options=options, exact_nfe=True)
     if "objective" in options:
-        from schedules.search.objectives import feature_name
+        from schedules.search.objectives import feature_name, resolve_objective
 
-        feature_name(options["objective"], args.model, options.get("features"))
+        feature_name(resolve_objective(options.get("objective"), args.model, options.get("features")), args.model,
+                     options.get("features"))
     if len(args.nfe) > 1:
         _check_folder(args.out, args.overwrite)
     else:

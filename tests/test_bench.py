@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _report():
-    rows = [{"label": lab, "nfe": n, "value": v, "extra": {}} for lab, n, v in [
+    rows = [{"label": lab, "method": lab, "nfe": n, "value": v, "extra": {}} for lab, n, v in [
         ("uniform", 4, 10.0), ("dp", 4, 4.0), ("karras", 4, 12.0),
         ("uniform", 8, 6.0), ("dp", 8, 6.5), ("karras", 8, 5.0)]]
     return {"metric": "fid", "nfe": [4, 8], "results": rows, "teacher": {"value": 2.0, "nfe": 39, "extra": {}},
@@ -106,3 +106,63 @@ def test_boss_over_uniform_reflow_ratio():
     rows = [{"model": "reflow", "table": "uniform", "nfe": 2, "w2": 0.5}, {"model": "reflow", "table": "dp", "nfe": 2, "w2": 9},
             {"model": "boss@2", "table": "dp", "nfe": 2, "w2": 0.4}, {"model": "boss@4", "table": "dp", "nfe": 4, "w2": 1}]
     assert boss_over_uniform_reflow(rows, (2, 4), "w2") == {2: pytest.approx(0.8)}
+
+
+def _mmhm_report():
+    rep = _report()
+    rows = rep["results"]
+    rows.append({"label": "dp-teacher-mse", "method": "dp", "nfe": 4, "value": 5.0, "extra": {},
+                 "sigmas": [1.0, 0.6, 0.0], "timesteps": [1.0, 0.6]})
+    mm = {("uniform", 4): 0.2, ("dp", 4): 0.5, ("karras", 4): 0.1, ("dp-teacher-mse", 4): 0.9,
+          ("uniform", 8): 0.3, ("dp", 8): 0.4, ("karras", 8): 0.8}
+    for r in rows:
+        r["metrics"] = {"fid": r["value"], "precision": 0.5, "recall": 0.25, "mmhm": mm[(r["label"], r["nfe"])]}
+    rep["mmhm"] = {"metrics": ["fid", "precision", "recall"], "agreement": [
+        {"nfe": 4, "best_fid": "dp", "best_mmhm": "dp-teacher-mse", "agree": False, "spearman": 0.4},
+        {"nfe": 8, "best_fid": "karras", "best_mmhm": "karras", "agree": True, "spearman": 1.0}]}
+    return rep
+
+
+def test_markdown_mmhm_table_ratio_rows_and_final_jumps(tmp_path):
+    res = {"name": "m-euler", "model": "m", "solver": "euler", "report": _mmhm_report(), "costs": [],
+           "skipped_baselines": {}}
+    result = {"out": str(tmp_path), "command": "stepsmith bench", "date": "d", "seconds": 1.0, "reduced": False,
+              "machine": {"platform": "p", "cpus": 2, "threads": 1, "versions": {"torch": "x"}},
+              "config": {"search_samples": 8, "num": 10, "teacher_steps": 5, "parts": ["p1"], "nfe": [4, 8]},
+              "quality": [res]}
+    md = markdown(result, tmp_path)
+    assert "| *dp-teacher-mse* | **0.900 (0.50 / 0.25)** | – |" in md  # a searched row (method dp), best MMHM
+    assert "| karras | 0.100 (0.50 / 0.25) | **0.800 (0.50 / 0.25)** |" in md
+    assert "| dp ÷ dp-teacher-mse | 0.8 | – |" in md  # 4 / 5
+    assert "differ at NFE 4." in md and "| best by MMHM | dp-teacher-mse | karras |" in md
+    assert "| dp-teacher-mse | 0.6 (0.60) | – |" in md  # last σ and t_last / t_first
+
+
+def test_merge_combines_configs_of_parallel_runs_in_preset_order(tmp_path):
+    from benchmarks.suite import merge
+
+    def run(folder, names, **more):
+        folder.mkdir()
+        (folder / "p1" / names[0]).mkdir(parents=True)
+        (folder / "p1" / names[0] / "report.json").write_text("{}")
+        q = [{"name": n, "model": "m", "solver": "euler", "report": _report(), "costs": [], "skipped_baselines": {}}
+             for n in names]
+        r = {"format": "stepsmith.bench/v1", "command": "stepsmith bench --only " + ",".join(names), "date": "d",
+             "seconds": 10.0 * len(names), "reduced": False, "out": str(folder), "markdown": "x.md",
+             "machine": {"platform": "p", "cpus": 2, "threads": 1, "versions": {}},
+             "config": {"search_samples": 8, "num": 10, "teacher_steps": 5, "parts": ["p1", "p2", "p3"], "nfe": [4, 8],
+                        "only": names}, "quality": q, **more}
+        (folder / "bench.json").write_text(json.dumps(r))
+        return folder / "bench.json"
+
+    a = run(tmp_path / "a", ["sharp-ddpm-ddim"])
+    b = run(tmp_path / "b", ["toy2d-flow-euler", "digits-flow-euler"])
+    res = merge([a, b], tmp_path / "out", tmp_path / "out" / "B.md")
+    assert [q["name"] for q in res["quality"]] == ["toy2d-flow-euler", "digits-flow-euler", "sharp-ddpm-ddim"]
+    assert res["seconds"] == 20.0 and len(res["runs"]) == 2
+    assert (tmp_path / "out" / "p1" / "sharp-ddpm-ddim" / "report.json").exists()
+    assert (tmp_path / "out" / "B.md").read_text().count("### ") == 3
+    from schedules.io import StepsmithError
+
+    with pytest.raises(StepsmithError, match="measured twice"):
+        merge([a, a], tmp_path / "out2")

@@ -163,3 +163,24 @@ def test_cli_objective(tmp_path, capsys):
     rc = main(["search", "--model", "builtin:toy2d-flow", "--nfe", "3", "--features", "builtin:sharp-features",
                "--no-progress", "--out", str(tmp_path / "u.json")])
     assert rc == 2 and "give --objective too" in capsys.readouterr().err
+
+
+def test_auto_objective_is_feature_mse_where_a_feature_network_is_known():
+    from schedules.search.objectives import resolve_objective
+
+    assert resolve_objective(None, "builtin:sharp-ddpm") == "feature-mse"
+    assert resolve_objective("auto", "builtin:digits-flow") == "feature-mse"
+    assert resolve_objective("auto", "builtin:toy2d-flow") == "teacher-mse"
+    assert resolve_objective("auto", "my_model.py:net", features=_feat) == "feature-mse"
+    assert resolve_objective("kid", "builtin:toy2d-flow") == "kid"
+    with pytest.raises(StepsmithError, match="use auto or one of"):
+        resolve_objective("lpips", "builtin:digits-flow")
+    ad = gaussian_adapter("flow", 0.5, dim=4)
+    t = make_table(ad, "dp", 3, samples=8, grid=12, features=_feat)  # no objective: auto
+    assert t.provenance["objective"] == "feature-mse" and t.provenance["features"] == "_feat"
+    e = make_table(ad, "evolution", 3, samples=8, grid=12, population=4, generations=1, elite=2)
+    assert e.provenance["objective"] == "teacher-mse"
+    v = make_table(ad, "dp", 3, samples=8, grid=12, mode="teacher")  # no refinement: no objective
+    assert v.provenance["objective_kind"].startswith("dp path cost")
+    with pytest.raises(StepsmithError, match="drop `features`"):  # features where nothing uses them: refused
+        make_table(ad, "dp", 3, samples=8, grid=12, features=_feat, mode="teacher")

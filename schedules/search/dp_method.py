@@ -43,7 +43,7 @@ from schedules.search.dp import (
     teacher_reference,
 )
 from schedules.search.evolution import snap_genome
-from schedules.search.objectives import DEFAULT_OBJECTIVE, make_scorer, objective_kind
+from schedules.search.objectives import DEFAULT_OBJECTIVE, make_scorer, objective_kind, resolve_objective
 from schedules.table import TimestepTable
 from schedules.teacher import Teacher
 
@@ -201,7 +201,7 @@ def _shared_pass(adapter, Ks: list[int], solver: str, *, samples, seed, progress
 
 
 def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_kind, micro_batch, late_weight,
-            candidates, max_sweeps, free_start, progress, objective_name=DEFAULT_OBJECTIVE, features=None) -> TimestepTable:
+            candidates, max_sweeps, free_start, progress, objective_name="teacher-mse", features=None) -> TimestepTable:
     """One budget's table from the shared pass (the refinement, in the default mode)."""
     g, dps, noise = sh.g, sh.dps, sh.noise
     t0 = time.perf_counter()
@@ -241,14 +241,14 @@ def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_k
 
 
 def _check_options(mode: str, late_weight: float | None, variant: str | None,
-                   objective: str = DEFAULT_OBJECTIVE) -> None:
+                   objective: str | None = DEFAULT_OBJECTIVE) -> None:
     if variant is not None and variant not in VARIANTS:
         raise StepsmithError(f"unknown dp `variant` {variant!r}; use one of {', '.join(VARIANTS)}", param="variant")
     if mode not in MODES:
         raise StepsmithError(f"unknown dp `mode` {mode!r}; use one of {', '.join(MODES)}", param="mode")
     if late_weight is not None and not late_weight > 0:
         raise StepsmithError(f"`late_weight` must be positive, got {late_weight}", param="late_weight")
-    if objective != DEFAULT_OBJECTIVE and (variant is not None or mode != "refined"):
+    if objective not in (None, DEFAULT_OBJECTIVE) and (variant is not None or mode != "refined"):
         raise StepsmithError(f"`objective` {objective} is what the refinement minimises: it needs mode=refined "
                              "and no published `variant`", param="objective")
 
@@ -264,11 +264,14 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
     Only the refinement runs per budget. With several budgets each table's ``model_calls`` are its
     own (refinement) calls and ``shared_pass`` records the shared pass once, flagged ``shared``.
     ``objective`` (:mod:`schedules.search.objectives`) is what the refinement minimises; ``features``
-    (an embedded feature network's name or a callable) is the feature space of the feature objectives.
+    (an embedded feature network's name or a callable) is the feature space of the feature objectives;
+    ``auto`` is feature-mse for a model with a feature network, else teacher-mse (:func:`resolve_objective`).
     """
     from schedules.search.objectives import feature_name
 
     _check_options(mode, late_weight, variant, objective)
+    objective = resolve_objective(objective, adapter.name, features) if variant is None and mode == "refined" \
+        else "teacher-mse"
     feature_name(objective, adapter.name, features)  # refuse before any model call
     nfes = list(dict.fromkeys(int(v) for v in nfes))
     if variant is not None:

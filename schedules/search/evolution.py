@@ -347,20 +347,22 @@ def evolution_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 
                     population: int = 24, generations: int = 12, elite: int = 6, p_mutation: float = 0.25,
                     p_crossover: float = 0.5, fix_start: bool = False, checkpoint: str | None = None,
                     fitness: Callable[[list[float]], float] | None = None,
-                    on_generation: Callable[[int], None] | None = None, objective: str = "teacher-mse",
+                    on_generation: Callable[[int], None] | None = None, objective: str | None = "auto",
                     features=None) -> TimestepTable:
     """AutoDiffusion search for ``make_table(method="evolution")``.
 
     By default the search also chooses where sampling starts (the noise may be read as the state at
     a later node, like diffusers' 'leading' spacing); ``fix_start=True`` pins the first node to σ_max.
-    The default fitness is the final mse against the search teacher (Heun on the grid); ``objective``
-    names another (:mod:`schedules.search.objectives`, ``features`` its feature network).
+    The fitness is ``objective`` of the final samples against the search teacher's (Heun on the grid):
+    ``auto`` (default) is feature-mse for a model with a feature network, else the final mse
+    (:mod:`schedules.search.objectives`, ``features`` its feature network); or a custom ``fitness``.
     """
-    from schedules.search.objectives import feature_name, objective_kind
+    from schedules.search.objectives import feature_name, objective_kind, resolve_objective
 
-    fname = feature_name(objective, adapter.name, features)  # refuse before any model call
-    if fitness is not None and objective != "teacher-mse":
+    if fitness is not None and objective not in (None, "auto", "teacher-mse"):
         raise StepsmithError("give either a custom `fitness` or an `objective`, not both", param="objective")
+    objective = "teacher-mse" if fitness is not None else resolve_objective(objective, adapter.name, features)
+    fname = feature_name(objective, adapter.name, features)  # refuse before any model call
     check_options(seed=seed, samples=samples, grid=grid, population=population, generations=generations,
                   elite=elite, p_mutation=p_mutation, p_crossover=p_crossover)
     K = steps_for(adapter, nfe, solver)

@@ -19,11 +19,15 @@ The distribution objectives ignore the pairing; all are computed on the search s
 Feature networks are the embedded ones (``builtin:sharp-features``, ``builtin:digits-features``),
 or any callable images → [B, D]; an embedded model uses its own by default.
 
-Default: ``teacher-mse``, kept — but ``feature-mse`` measured best and is the candidate default for
-models with a feature network (not switched here: the committed benchmarks run the default dp).
-Held-out FID (``stepsmith eval --num 512 --no-teacher``, eval seed 10 000, each model's own embedded
-feature network) of dp tables refined on each objective from one shared pass per model (32 search
-samples of seed 0, grid 50, candidates 6, max_sweeps 2; DDIM on sharp-ddpm, Euler on digits-flow):
+Default (``auto``, :func:`resolve_objective`): ``feature-mse`` when a feature network is known — the
+model's embedded one (:data:`schedules.embedded.MODEL_FEATURES`) or ``features`` given — else
+``teacher-mse`` (2-D toys, user and pipeline models without a feature network). Why: the coupled MSE
+rewards blur on sharp images (a final jump from high noise to 0 is a posterior mean), and of the
+objectives below ``feature-mse`` was the one that beat it in every cell measured, while the
+distribution distances chased long final jumps. Held-out FID (``stepsmith eval --num 512 --no-teacher``,
+eval seed 10 000, each model's own embedded feature network) of dp tables refined on each objective
+from one shared pass per model (32 search samples of seed 0, grid 50, candidates 6, max_sweeps 2;
+DDIM on sharp-ddpm, Euler on digits-flow):
 
 ==============  ============  ============  =============  =============
 objective       sharp NFE 4   sharp NFE 6   digits NFE 4   digits NFE 6
@@ -40,7 +44,9 @@ uniform         684.61        146.74        258.72         156.93
 with a long final jump on sharp-ddpm (last t = 549 at NFE 4, FID 172; search-seed teacher mse 0.71 vs
 0.072): a distribution distance estimated on few samples is a noisy target. ``feature-mse`` keeps the
 pairing of ``teacher-mse``, beats it in 4 of 4 cells and is best or tied-best in 3 (sum of FIDs 441.9
-vs 455.1; differences of 0.5–6.6 FID at 512 samples and one eval seed, so modest evidence).
+vs 455.1; differences of 0.5–6.6 FID at 512 samples and one eval seed, so modest evidence). The
+benchmark suite (``stepsmith bench``) searches both at its default settings side by side (rows ``dp``
+and ``dp-teacher-mse``) on every embedded configuration.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from schedules.io import StepsmithError
 Features = Callable[[torch.Tensor], torch.Tensor]
 Scorer = Callable[[torch.Tensor], float]
 
-DEFAULT_OBJECTIVE = "teacher-mse"
+DEFAULT_OBJECTIVE = "auto"  # feature-mse where a feature network is known, else teacher-mse (resolve_objective)
 SLICES = 256  # random directions of the sliced Wasserstein distance
 
 
@@ -140,9 +146,19 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
+def resolve_objective(objective: str | None, model_name: str | None, features=None) -> str:
+    """The objective ``auto`` (or ``None``) stands for: ``feature-mse`` when a feature network is known
+    (``features`` given, or the model has an embedded one), else ``teacher-mse``; other names pass through."""
+    if objective not in (None, "auto"):
+        get_objective(objective)
+        return objective
+    return "feature-mse" if features is not None or model_name in MODEL_FEATURES else "teacher-mse"
+
+
 def get_objective(name: str) -> Objective:
     if name not in OBJECTIVES:
-        raise StepsmithError(f"unknown `objective` {name!r}; use one of {', '.join(OBJECTIVES)}", param="objective")
+        raise StepsmithError(f"unknown `objective` {name!r}; use auto or one of {', '.join(OBJECTIVES)}",
+                             param="objective")
     return OBJECTIVES[name]
 
 
