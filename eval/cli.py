@@ -75,7 +75,7 @@ def register(sub) -> None:
     src.add_argument("--methods", type=_str_list, help="comma-separated methods made with schedules.search "
                                                           "(e.g. uniform,karras,dp)")
     p.add_argument("--nfe", type=_int_list, default=[2, 4, 6, 8, 10], help="NFE budgets for --methods (default 2,4,6,8,10)")
-    p.add_argument("--solver", default="euler", help="solver for --methods: euler|ddim|heun|dpmpp-2m (tables use theirs)")
+    p.add_argument("--solver", default="euler", help="solver for --methods: euler|ddim|heun|dpmpp-2m|ipndm|unipc (tables use theirs)")
     p.add_argument("--num", type=int, default=1000, help="generated samples per cell (default 1000)")
     p.add_argument("--metric", default=None,
                    help="main metric fid|kid|wasserstein|teacher (default: fid for image models, wasserstein for 2D "

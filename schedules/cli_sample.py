@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--table", help="a stepsmith.schedule/v1 JSON table")
     src.add_argument("--nfe", type=int, help="model evaluations for a uniform schedule (default 16)")
     src.add_argument("--reference", action="store_true", help="use the high-accuracy reference sampler (teacher)")
-    p.add_argument("--solver", default=None, help="euler|ddim|heun|dpmpp-2m (default: the table's, else euler)")
+    p.add_argument("--solver", default=None, help="euler|ddim|heun|dpmpp-2m|ipndm|unipc (default: the table's, else euler)")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="PNG file to write (must end in .png; other formats are refused)")

@@ -12,7 +12,8 @@ cases the first-order step is exactly DDIM, so ``euler`` and ``ddim`` are the sa
 
 NFE (model evaluations) for a table of K steps (K+1 sigmas ending in 0):
 
-* ``euler`` / ``ddim`` / ``dpmpp-2m`` / ``ipndm``: K.
+* ``euler`` / ``ddim`` / ``dpmpp-2m`` / ``ipndm`` / ``unipc``: K (UniPC's corrector reuses the model
+  output at the next node, so it costs no extra evaluation).
 * ``heun``: 2K - 1 — two evaluations per step, except the final jump to σ=0, which is an
   Euler step (k-diffusion and diffusers' HeunDiscrete do the same).
 
@@ -56,7 +57,8 @@ class NodeState:
     x0: torch.Tensor
     x0_prev: torch.Tensor | None = None
     s_prev: float | None = None
-    hist: tuple[torch.Tensor, ...] = ()  # dy/ds at earlier nodes, most recent first (solvers with ``history``)
+    hist: tuple[torch.Tensor, ...] = ()  # dy/ds at earlier nodes, most recent first (solvers with ``history``;
+    #                                      UniPC keeps the previous node's predecessor D and σ instead)
 
 
 Prev = tuple  # (x0_prev, s_prev, *hist): the previous node's D and σ, then earlier derivatives (``history``)
@@ -186,6 +188,71 @@ def _ipndm(conv, _denoise, x, x0, s, s_next, prev):
     return ipndm_step(conv, x, x0, s, s_next, prev[2:])
 
 
+def _unipc_rhos(h: float, h_prev: float) -> tuple[float, float]:
+    """UniC-2 weights (ρ_1, ρ_t) of the bh2 corrector: R·ρ = b with R = [[1, 1], [r, 1]], r = -h_prev/h,
+    b_k = k!·(-h)·φ_{k+1}(-h) / B, B = e^{-h} - 1 (bh2's B(h) = e^h - 1 at the data-prediction sign of h);
+    an infinite ``h_prev`` (the first node at λ = -inf) is the limit r → -inf: (0, b_1)."""
+    hh, bh = -h, math.expm1(-h)
+    phi = bh / hh - 1
+    b1 = phi / bh
+    b2 = 2 * (phi / hh - 0.5) / bh
+    if not math.isfinite(h_prev):
+        return 0.0, b1
+    r = -h_prev / h
+    return (b1 - b2) / (1 - r), (b2 - r * b1) / (1 - r)
+
+
+def unipc_step(conv: Convention, x: torch.Tensor, x0: torch.Tensor, s: float, s_next: float,
+               x0_prev: torch.Tensor | None = None, s_prev: float | None = None,
+               x0_prev2: torch.Tensor | None = None, s_prev2: float | None = None) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion
+    Models"), B(h) = e^h - 1 ("bh2"), data prediction, order 2 — diffusers' UniPCMultistepScheduler default.
+
+    ``x`` is the predictor's state at ``s``, where the model gave ``x0`` = D(x, s). First the UniC corrector
+    refines x with that output (no extra model call): x_c = x + α·B·(ρ_p·D1 - ρ_1·D1 - ρ_t·(D - D_prev)),
+    the difference between the corrector's and the predictor's update from the previous node — order 1
+    (ρ_t = 1/2) after a first-order predictor step, order 2 when the node before that is known (``x0_prev2``,
+    ``s_prev2``). Then the UniP predictor steps x_c to ``s_next``: order 2, which is DPM-Solver++(2M)
+    (D1 = (D - D_prev)·h/h_prev, ρ_p = 1/2), order 1 on the first step and on the last step to σ = 0
+    (diffusers' ``lower_order_final``; the corrector after the last step would cost a model call and is
+    never applied). Written with ratios like :func:`dpmpp_2m_step`, so α = 0 (flow σ = 1) and σ = 0 are exact.
+    """
+    t64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    a, st = float(conv.alpha(t64(s))), float(conv.sigma_t(t64(s)))
+    lam = _lambda(conv, s)
+    if x0_prev is not None and s_prev is not None:  # UniC at s, from the previous node's update
+        h = lam - _lambda(conv, s_prev)
+        bh = math.expm1(-h)
+        if x0_prev2 is None or s_prev2 is None:
+            corr = -0.5 * (x0 - x0_prev)
+        else:
+            h_prev = _lambda(conv, s_prev) - _lambda(conv, s_prev2)
+            d1 = (x0_prev - x0_prev2) * (h / h_prev) if math.isfinite(h_prev) else torch.zeros_like(x0)
+            rho_1, rho_t = _unipc_rhos(h, h_prev)
+            corr = (0.5 - rho_1) * d1 - rho_t * (x0 - x0_prev)
+        x = x + (a * bh) * corr
+    a_n, st_n = float(conv.alpha(t64(s_next))), float(conv.sigma_t(t64(s_next)))
+    exp_neg_h = (a * st_n) / (a_n * st)
+    d = x0
+    if x0_prev is not None and s_prev is not None and s_next > 0:  # UniP-2
+        h, h_last = _lambda(conv, s_next) - lam, lam - _lambda(conv, s_prev)
+        if math.isfinite(h_last) and h_last > 0:
+            d = x0 + (0.5 * h / h_last) * (x0 - x0_prev)
+    return (st_n / st) * x + a_n * (1 - exp_neg_h) * d
+
+
+def _unipc_memory(_conv, st, _s) -> tuple[torch.Tensor, ...]:
+    """What a UniPC node leaves for the next node's corrector: its own predecessor's D and σ."""
+    if st.x0_prev is None:
+        return ()
+    return (st.x0_prev, torch.tensor(float(st.s_prev), dtype=torch.float64))
+
+
+def _unipc(conv, _denoise, x, x0, s, s_next, prev):
+    x0_prev2, s_prev2 = (prev[2], float(prev[3])) if len(prev) >= 4 else (None, None)
+    return unipc_step(conv, x, x0, s, s_next, prev[0], prev[1], x0_prev2, s_prev2)
+
+
 @dataclass(frozen=True)
 class SolverSpec:
     name: str
@@ -194,6 +261,7 @@ class SolverSpec:
     description: str
     step: StepFn
     history: int = 0  # earlier derivatives the step needs (NodeState.hist), kept by :func:`integrate`
+    memory: Callable | None = None  # (conv, state, s) -> what a node adds to NodeState.hist (default: its dy/ds)
 
     def nfe(self, steps: int) -> int:
         """Model evaluations for ``steps`` steps ending at σ=0."""
@@ -214,6 +282,9 @@ SOLVERS: dict[str, SolverSpec] = {
     "heun": SolverSpec("heun", 2, 2, "Heun's 2nd-order method (EDM), Euler on the last step", _heun),
     "dpmpp-2m": SolverSpec("dpmpp-2m", 2, 1, "DPM-Solver++(2M) multistep, first order on the last step", _dpmpp_2m),
     "ipndm": SolverSpec("ipndm", 4, 1, "iPNDM: 4th-order Adams–Bashforth multistep (GITS' solver)", _ipndm, history=3),
+    "unipc": SolverSpec("unipc", 3, 1, "UniPC bh2: 2nd-order multistep predictor + corrector on the next output "
+                        "(diffusers' UniPCMultistep default), first order on the first and last steps", _unipc,
+                        history=2, memory=_unipc_memory),
 }
 
 
@@ -275,7 +346,8 @@ def _history(spec: SolverSpec, conv: Convention, st: NodeState, s: float) -> tup
     """The derivative history the next node inherits from ``st`` at ``s`` (empty for solvers without ``history``)."""
     if not spec.history:
         return ()
-    return (ode_derivative(conv, st.x, s, st.x0), *st.hist)[:spec.history]
+    new = spec.memory(conv, st, s) if spec.memory is not None else (ode_derivative(conv, st.x, s, st.x0),)
+    return (*new, *st.hist)[:spec.history]
 
 
 @torch.no_grad()

@@ -38,6 +38,9 @@ vp, heun                  HeunDiscreteScheduler              ``timesteps=`` (int
 vp (EDM σ), euler/ddim    EDMEulerScheduler                  ``sigmas=`` (the ramp that its
                                                              karras/exponential map sends to σ)
 flow, heun                FlowMatchHeunDiscreteScheduler     installed (no custom schedule)
+flow/vp, unipc            UniPCMultistepScheduler            flow: ``sigmas=`` as above; vp:
+                                                             installed (no custom schedule); copy
+                                                             with solver_order=2, bh2, corrector on
 ========================  =================================  ==================================
 
 Where the scheduler's config would change the arithmetic (karras/exponential/beta sigma
@@ -48,7 +51,7 @@ says what changed. Schedulers that cannot take a custom schedule or run another 
 are replaced by the equivalent deterministic scheduler of the table's solver: flow
 euler → FlowMatchEuler, vp euler/ddim → DPMSolverMultistep(order 1), vp dpmpp-2m →
 DPMSolverMultistep(order 2), vp heun → HeunDiscrete, flow heun → FlowMatchHeun, EDM
-euler/ddim → EDMEuler; ``swap=False`` raises instead, listing the supported schedulers.
+euler/ddim → EDMEuler, flow/vp unipc → UniPCMultistep; ``swap=False`` raises instead, listing the supported schedulers.
 
 Timesteps that are not integers (a VP table searched in continuous σ) cannot go through
 ``timesteps=`` of DPMSolverMultistep/Heun (they cast or interpolate linearly); such tables,
@@ -60,7 +63,7 @@ exactly the table, and :func:`pipeline_kwargs` returns ``{"num_inference_steps":
 The pinned scheduler saves (``save_pretrained``) as its diffusers base class, without
 the table.
 
-Model calls: euler/ddim/dpmpp-2m K, heun 2K-1 per batch (CFG doubles the batch, not
+Model calls: euler/ddim/dpmpp-2m/unipc K, heun 2K-1 per batch (CFG doubles the batch, not
 the calls).
 
 Modules: :mod:`~schedules.diffusers.records` (one record per scheduler class),

@@ -45,11 +45,19 @@ def flow_sigmas(table: TimestepTable, scheduler) -> dict[str, Any]:
 
 def unipc_flow_sigmas(table: TimestepTable, scheduler) -> dict[str, Any] | None:
     """UniPC (use_flow_sigmas): casts σ·T to int64 timesteps and moves σ=1 to 1-1e-6, so only
-    integral σ·T below T are exact; it does array arithmetic on the values (a numpy array)."""
+    integral σ·T below T are exact; it does array arithmetic on the values (a numpy array).
+    A VP UniPC takes no custom schedule (``sigmas=`` needs flow sigmas): installed."""
+    if not scheduler.config.get("use_flow_sigmas"):
+        return None
     T = float(scheduler.config.num_train_timesteps)
     if not all(float(s * T).is_integer() for s in table.sigmas[:-1]) or table.sigmas[0] * T > T - 1:
         return None
-    return {"sigmas": np.asarray(_pre_shift(scheduler, table.sigmas[:-1], "flow_shift"), dtype=np.float64)}
+    pre = np.asarray(_pre_shift(scheduler, table.sigmas[:-1], "flow_shift"), dtype=np.float64)
+    fs = float(scheduler.config.get("flow_shift", 1.0) or 1.0)
+    back = fs * pre / (1 + (fs - 1) * pre)  # what its set_timesteps makes of them: the shift's round trip
+    if not np.array_equal((back * T).astype(np.int64), np.round(np.asarray(table.sigmas[:-1]) * T).astype(np.int64)):
+        return None
+    return {"sigmas": pre}
 
 
 def all_sigmas(table: TimestepTable, scheduler) -> dict[str, Any]:  # noqa: ARG001 - entry signature
@@ -95,10 +103,15 @@ def _fixed(values: dict[str, Any]) -> Callable[[TimestepTable], dict[str, Any]]:
 
 
 def _unipc_neutral(table: TimestepTable) -> dict[str, Any]:
-    """UniPC as DDIM: order 1, x0 prediction, corrector off at every step."""
-    return {**NO_SIGMA_SCHEDULE, "use_dynamic_shifting": False, "shift_terminal": None, "solver_order": 1,
-            "predict_x0": True, "thresholding": False, "final_sigmas_type": "zero",
-            "disable_corrector": list(range(max(table.steps, 1) + 1))}
+    """UniPC as DDIM (order 1, corrector off at every step) or, for a ``unipc`` table, as our unipc solver:
+    order 2, bh2, corrector at every step, first order on the last; x0 prediction; flow or VP sigmas."""
+    kind = ({"use_flow_sigmas": True, "prediction_type": "flow_prediction"} if table.convention == "flow"
+            else {"use_flow_sigmas": False})
+    order = ({"solver_order": 2, "solver_type": "bh2", "lower_order_final": True, "disable_corrector": []}
+             if table.solver == "unipc" else
+             {"solver_order": 1, "disable_corrector": list(range(max(table.steps, 1) + 1))})
+    return {**NO_SIGMA_SCHEDULE, "use_dynamic_shifting": False, "shift_terminal": None, "predict_x0": True,
+            "thresholding": False, "final_sigmas_type": "zero", **kind, **order}
 
 
 def _dpm_multistep_neutral(table: TimestepTable) -> dict[str, Any]:
@@ -117,7 +130,7 @@ class SchedulerRecord:
     """What stepsmith knows about one diffusers scheduler class."""
 
     name: str  # the diffusers class name (resolved lazily: importing diffusers is slow)
-    convention: type  # the Convention class its config must describe (FlowConvention, VPConvention, EDMConvention)
+    convention: type | tuple[type, ...]  # the Convention class(es) its config may describe (FlowConvention, ...)
     solvers: tuple[str, ...]  # table solvers it replays, neutrally configured
     neutral: Callable[[TimestepTable], dict[str, Any]]  # config values for exactly that arithmetic
     entries: tuple[Entry, ...]  # set_timesteps arguments, in order of preference; none fits: installed
@@ -134,7 +147,8 @@ class SchedulerRecord:
         return getattr(diffusers, self.name)
 
     def describe(self) -> str:
-        return f"{self.name} ({self.convention.name}: {'/'.join(self.solvers)})"
+        convs = self.convention if isinstance(self.convention, tuple) else (self.convention,)
+        return f"{self.name} ({'/'.join(c.name for c in convs)}: {'/'.join(self.solvers)})"
 
 
 def _edm_noise(scheduler, sigmas: torch.Tensor) -> torch.Tensor:
@@ -147,8 +161,8 @@ RECORDS: tuple[SchedulerRecord, ...] = (
                     _fixed({**NO_SIGMA_SCHEDULE, "use_dynamic_shifting": False, "shift_terminal": None,
                             "stochastic_sampling": False}),
                     (flow_sigmas,), replaces=("euler", "ddim")),
-    SchedulerRecord("UniPCMultistepScheduler", FlowConvention, ("euler", "ddim"), _unipc_neutral,
-                    (unipc_flow_sigmas,), sigmas_on_cpu=True),
+    SchedulerRecord("UniPCMultistepScheduler", (FlowConvention, VPConvention), ("euler", "ddim", "unipc"),
+                    _unipc_neutral, (unipc_flow_sigmas,), replaces=("unipc",), sigmas_on_cpu=True),
     SchedulerRecord("EulerDiscreteScheduler", VPConvention, ("euler", "ddim"), _fixed(LEADING),
                     (all_sigmas, integer_timesteps), scales_input=True),
     SchedulerRecord("DPMSolverMultistepScheduler", VPConvention, ("euler", "ddim", "dpmpp-2m"),
