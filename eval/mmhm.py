@@ -12,8 +12,10 @@ being compared and takes their harmonic mean, which a single bad metric drags do
 Scores are relative to the pool of rows: adding a row can change every score. To compare
 runs, freeze the bounds (:meth:`Bounds.save`) and reuse them (:meth:`Bounds.load`);
 values outside frozen bounds are clipped to u ∈ [0, 1]. A sweep compares rows of one NFE at
-a time: :class:`GroupedBounds` holds one :class:`Bounds` per NFE, and :func:`load_bounds`
-reads either kind of file.
+a time — of one (NFE, guidance) cell with a guidance list, since comparisons are only fair at
+matched steps and guidance: :class:`GroupedBounds` holds one :class:`Bounds` per group (keys
+``"4"``, or ``"4,w=3"`` grouped by ``"nfe,guidance"``), and :func:`load_bounds` reads every kind
+of file (per-NFE files written before guidance grouping still apply, to every guidance of an NFE).
 """
 
 from __future__ import annotations
@@ -152,20 +154,50 @@ def _read_json(path: str | os.PathLike) -> Any:
         raise StepsmithError(f"cannot read MMHM bounds file {path}: {exc}") from None
 
 
+BY_NFE, BY_NFE_GUIDANCE = "nfe", "nfe,guidance"
+
+
+def _scale(w: float) -> str:
+    s = f"{float(w):g}"
+    return s if float(s) == float(w) else repr(float(w))
+
+
+def group_key(nfe: int, guidance: float | None = None) -> str:
+    """The key of a group of rows: ``"4"`` (one NFE), ``"4,w=3"`` (NFE 4 at guidance 3)."""
+    return str(int(nfe)) if guidance is None else f"{int(nfe)},w={_scale(guidance)}"
+
+
 @dataclass(frozen=True)
 class GroupedBounds:
-    """One :class:`Bounds` per group of rows compared together (a sweep: one group per NFE,
-    keyed ``"4"``, ``"6"``...)."""
+    """One :class:`Bounds` per group of rows compared together: a sweep's NFE (``group_by`` ``"nfe"``, keys
+    ``"4"``, ``"6"``...) or, with a guidance list, its (NFE, guidance) cell (``"nfe,guidance"``, keys from
+    :func:`group_key`: ``"4,w=1"``, ``"4,w=3"``...)."""
 
     groups: dict[str, Bounds]
-    group_by: str = "nfe"
+    group_by: str = BY_NFE
 
     def get(self, key: Any) -> Bounds:
         """The bounds of group ``key``; a clear error when the file has none for it."""
-        if str(key) not in self.groups:
-            raise StepsmithError(f"MMHM bounds have no {self.group_by} {key} group (they cover {self.group_by} "
-                                 f"{', '.join(self.groups)}); save bounds from a run with that {self.group_by}")
-        return self.groups[str(key)]
+        if str(key) in self.groups:
+            return self.groups[str(key)]
+        if self.group_by == BY_NFE_GUIDANCE:
+            raise StepsmithError(f"MMHM bounds have no (NFE, guidance) group {key} (they cover "
+                                 f"{'; '.join(self.groups)}); save bounds from a run with that NFE and guidance",
+                                 param="bounds")
+        raise StepsmithError(f"MMHM bounds have no {self.group_by} {key} group (they cover {self.group_by} "
+                             f"{', '.join(self.groups)}); save bounds from a run with that {self.group_by}",
+                             param="bounds")
+
+    def lookup(self, nfe: int, guidance: float | None = None) -> Bounds:
+        """The bounds of the rows at ``nfe`` (and ``guidance``): per-NFE bounds serve every guidance of an NFE;
+        per-(NFE, guidance) bounds need the guidance of the rows."""
+        if self.group_by != BY_NFE_GUIDANCE:
+            return self.get(group_key(nfe))
+        if guidance is None:
+            raise StepsmithError(f"the MMHM bounds are per (NFE, guidance) cell (they cover {', '.join(self.groups)}); "
+                                 "this run has no guidance list — pass the guidance scales (--guidance), or bounds "
+                                 "saved from a run without one", param="bounds")
+        return self.get(group_key(nfe, guidance))
 
     def to_json(self) -> dict[str, Any]:
         return {"format": GROUPED_FORMAT, "group_by": self.group_by,
@@ -181,6 +213,9 @@ class GroupedBounds:
         groups = obj.get("groups") if isinstance(obj, dict) else None
         if not isinstance(groups, dict) or not groups or not isinstance(obj.get("group_by"), str):
             raise StepsmithError(f"{source}: a grouped bounds file needs \"group_by\" and a non-empty \"groups\"")
+        if obj["group_by"] not in (BY_NFE, BY_NFE_GUIDANCE):
+            raise StepsmithError(f"{source}: \"group_by\" must be {BY_NFE!r} or {BY_NFE_GUIDANCE!r}, got "
+                                 f"{obj['group_by']!r}")
         return cls({str(k): Bounds.from_json({"format": BOUNDS_FORMAT, "metrics": v}, f"{source} group {k}")
                     for k, v in groups.items()}, obj["group_by"])
 

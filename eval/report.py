@@ -135,24 +135,29 @@ def _metrics_bullets(report: dict[str, Any]) -> list[str]:
     mm = report.get("mmhm")
     if not mm:
         return lines
-    lines.append(f"- MMHM over {', '.join(mm['metrics'])}: min–max per metric across the rows of **one NFE** "
+    cell = "one (NFE, guidance) cell" if mm.get("group_by") == "nfe,guidance" else "one NFE"
+    lines.append(f"- MMHM over {', '.join(mm['metrics'])}: min–max per metric across the rows of **{cell}** "
                  f"(lower-better metrics inverted), harmonic mean with ε = {mm['eps']:g}; bounds: {mm['bounds_source']}"
-                 ". Compare MMHM within an NFE column only.")
+                 f". Compare MMHM within {cell} only.")
     return lines + [_agreement_line(report["metric"], mm.get("agreement") or [])]
 
 
 def _agreement_line(main: str, agree: list[dict[str, Any]]) -> str:
     """``- FID vs MMHM: ...`` — the NFEs where the best rows differ, and Spearman's ρ of the rankings."""
     name = METRIC_NAMES.get(main, main)
-    same = [str(a["nfe"]) for a in agree if a["agree"]]
+
+    def at(a: dict[str, Any]) -> str:  # the NFE, and the guidance of a per-(NFE, guidance) cell
+        return f"{a['nfe']}" + (f" (w={a['guidance']:g})" if a.get("guidance") is not None else "")
+
+    same = [at(a) for a in agree if a["agree"]]
     diff = [a for a in agree if not a["agree"]]
     parts = []
     if diff:
         parts.append("best rows differ at " + "; ".join(
-            f"NFE {a['nfe']} ({name}: {a['best_' + main]}, MMHM: {a['best_mmhm']})" for a in diff))
+            f"NFE {at(a)} ({name}: {a['best_' + main]}, MMHM: {a['best_mmhm']})" for a in diff))
     if same:
         parts.append(f"agree at NFE {', '.join(same)}")
-    rho = [f"{a['nfe']}: {a['spearman']:.2f}" for a in agree if a.get("spearman") is not None]
+    rho = [f"{at(a)}: {a['spearman']:.2f}" for a in agree if a.get("spearman") is not None]
     if rho:
         parts.append(f"Spearman ρ({name} ranking, MMHM ranking) per NFE — {', '.join(rho)}")
     return f"- **{name} vs MMHM**: " + ("; ".join(parts) if parts else "no NFE with finite scores") + "."

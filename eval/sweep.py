@@ -173,8 +173,10 @@ def resolve_metric(adapter, metric: str | None) -> str:
     return metric
 
 
-def _check_bounds_config(cfg: SweepConfig, plan: MetricPlan, nfe: list[int]) -> Any:
-    """The frozen MMHM bounds (loaded, covering the metrics and the method NFEs) or ``None``."""
+def _check_bounds_config(cfg: SweepConfig, plan: MetricPlan, nfe: list[int],
+                         guidance: tuple[float, ...] | None = None) -> Any:
+    """The frozen MMHM bounds (loaded, covering the metrics and the method NFEs — at each guidance of a list) or
+    ``None``."""
     from eval.mmhm import Bounds, GroupedBounds, load_bounds
 
     for name in ("bounds", "save_bounds"):
@@ -185,7 +187,8 @@ def _check_bounds_config(cfg: SweepConfig, plan: MetricPlan, nfe: list[int]) -> 
     if b is None:
         return None
     b = b if isinstance(b, (Bounds, GroupedBounds)) else load_bounds(b)
-    check_bounds(b, plan, nfe if cfg.methods and not cfg.tables else None)
+    cells = nfe if guidance is None else [(n, w) for n in nfe for w in guidance]
+    check_bounds(b, plan, cells if cfg.methods and not cfg.tables else None)
     return b
 
 
@@ -203,9 +206,9 @@ def check_config(cfg: SweepConfig, adapter) -> SweepConfig:
     nfe = [int(n) for n in cfg.nfe]
     if cfg.methods and (not nfe or any(n < 1 for n in nfe)):
         raise StepsmithError(f"`nfe` must list positive integers, got {nfe}", param="nfe")
-    bounds = _check_bounds_config(cfg, plan, nfe)
-    _check_pipeline_config(cfg, adapter, plan)
     guidance = _check_guidance_list(cfg.guidance, adapter)
+    bounds = _check_bounds_config(cfg, plan, nfe, guidance)
+    _check_pipeline_config(cfg, adapter, plan)
     return replace(cfg, metric=metric, nfe=nfe, plan=plan, bounds=bounds, guidance=guidance)
 
 
@@ -819,14 +822,16 @@ def _with_metric_list(report: dict[str, Any], plan: MetricPlan) -> dict[str, Any
 
 def score_mmhm(cfg: SweepConfig, rows: list[dict[str, Any]], dist: Dist,
                source: str = "frozen bounds") -> dict[str, Any] | None:
-    """MMHM per NFE group into every row's ``metrics`` (when listed); saves the bounds used if asked.
+    """MMHM per NFE group — per (NFE, guidance) cell with a guidance list — into every row's ``metrics`` (when
+    listed); saves the bounds used if asked.
 
-    Returns ``report["mmhm"]``: the metrics that went in, ε, the bounds per NFE and their source.
+    Returns ``report["mmhm"]``: the metrics that went in, ε, the bounds per group and their source.
     """
     if not cfg.plan.mmhm_inputs:
         return None
     used = apply_mmhm(rows, cfg.plan, cfg.bounds)
-    source = "min/max over the rows of each NFE" if cfg.bounds is None else source
+    each = "NFE" if cfg.guidance is None else "(NFE, guidance) cell"
+    source = f"min/max over the rows of each {each}" if cfg.bounds is None else source
     if cfg.save_bounds is not None and dist.main:
         used.save(cfg.save_bounds)
     return mmhm_info(rows, cfg.plan, used, source)
@@ -867,7 +872,8 @@ def run_sweep(model, config: SweepConfig | None = None, **kwargs: Any) -> dict[s
     cells = [c for g in groups for c in g.cells]
     used_seeds = sorted({s for g in groups for s in g.seeds})
     if cfg.bounds is not None:
-        check_bounds(cfg.bounds, cfg.plan, sorted({int(c.table.nfe) for c in cells}))
+        check_bounds(cfg.bounds, cfg.plan, sorted({(int(c.table.nfe), g.guidance) for g in groups for c in g.cells},
+                                                  key=lambda k: (k[0], k[1] or 0.0)))
     real = prepare_real(adapter, cfg, dist)
     scorer = build_scorer(cfg, real, dist, intended_labels(adapter, cfg, dist), adapter)
     stage = staging_folder(cfg.out) if cfg.out is not None and dist.main else None

@@ -20,7 +20,9 @@ the plot and the bold of the main table); every listed name is then also a key o
   (:mod:`eval.clip_score`) of a text-to-image pipeline's decoded images against their own prompts
   (sample i ↔ prompt i mod P), under a local CLIP folder (``clip_model``); refused for other models;
 * ``mmhm`` — aggregates every other listed metric (:func:`eval.mmhm.mmhm`), min–max per metric
-  over the rows of one NFE (the teacher row is not a table and is left out); it cannot be first.
+  over the rows of one NFE — of one (NFE, guidance) cell in a guidance-list sweep, where only rows at
+  matched steps and guidance compare fairly (the teacher row is not a table and is left out); it
+  cannot be first.
 
 Every name is checked against the model before any model call.
 """
@@ -34,7 +36,7 @@ from typing import Any
 
 import torch
 
-from eval.mmhm import EPS, Bounds, GroupedBounds, metric_direction, mmhm
+from eval.mmhm import BY_NFE, BY_NFE_GUIDANCE, EPS, Bounds, GroupedBounds, group_key, metric_direction, mmhm
 from schedules.io import StepsmithError
 
 LEGACY = ("fid", "kid", "wasserstein", "teacher")
@@ -192,12 +194,18 @@ def inception_score_of(net, x_shard: torch.Tensor, gather) -> float:
     return inception_score(probabilities(gather(logits)))[0]
 
 
-# --------------------------------------------------------------------------- MMHM per NFE
+# --------------------------------------------------------------------------- MMHM per NFE (and guidance)
 
 
-def check_bounds(bounds: Bounds | GroupedBounds, plan: MetricPlan, nfes: Sequence[int] | None = None) -> None:
-    """Frozen bounds must cover every MMHM metric (and, per NFE, every NFE of the sweep)."""
-    pools = [bounds] if isinstance(bounds, Bounds) else [bounds.get(n) for n in (nfes or ())]
+def _cell(c: int | tuple[int, float | None]) -> tuple[int, float | None]:
+    return (int(c[0]), c[1]) if isinstance(c, tuple) else (int(c), None)
+
+
+def check_bounds(bounds: Bounds | GroupedBounds, plan: MetricPlan,
+                 nfes: Sequence[int | tuple[int, float | None]] | None = None) -> None:
+    """Frozen bounds must cover every MMHM metric (and, grouped, every NFE — or (NFE, guidance) pair — of the
+    sweep)."""
+    pools = [bounds] if isinstance(bounds, Bounds) else [bounds.lookup(*_cell(c)) for c in (nfes or ())]
     for b in pools:
         missing = [m for m in plan.mmhm_inputs if m not in b.ranges]
         if missing:
@@ -210,25 +218,38 @@ def _finite(row: dict[str, Any], names: Sequence[str]) -> bool:
     return all(isinstance(row["metrics"].get(n), (int, float)) and math.isfinite(row["metrics"][n]) for n in names)
 
 
+def row_cell(row: dict[str, Any]) -> tuple[int, float | None]:
+    """The group a row is compared in: its NFE and its guidance scale (None outside a guidance-list sweep)."""
+    g = row.get("guidance")
+    return int(row["nfe"]), (None if g is None else float(g))
+
+
+def cells_of(rows: list[dict[str, Any]]) -> list[tuple[int, float | None]]:
+    """The (NFE, guidance) groups of ``rows``, by NFE then guidance."""
+    return sorted({row_cell(r) for r in rows}, key=lambda c: (c[0], -1.0 if c[1] is None else c[1]))
+
+
 def apply_mmhm(rows: list[dict[str, Any]], plan: MetricPlan,
                frozen: Bounds | GroupedBounds | None) -> GroupedBounds:
-    """Set ``row["metrics"]["mmhm"]`` per NFE group (rows with a non-finite metric get NaN and stay
-    out of the bounds); returns the bounds used, one pool per NFE."""
+    """Set ``row["metrics"]["mmhm"]`` per group — one NFE, or one (NFE, guidance) cell when the rows carry a
+    guidance (rows with a non-finite metric get NaN and stay out of the bounds); returns the bounds used,
+    one pool per group (``group_by`` ``"nfe"`` or ``"nfe,guidance"``)."""
     names = plan.mmhm_inputs
     used: dict[str, Bounds] = {}
-    for nfe in sorted({int(r["nfe"]) for r in rows}):
-        group = [r for r in rows if int(r["nfe"]) == nfe]
+    cells = cells_of(rows)
+    for nfe, w in cells:
+        group = [r for r in rows if row_cell(r) == (nfe, w)]
         ok = [r for r in group if _finite(r, names)]
         for r in group:
             r["metrics"]["mmhm"] = math.nan
         if not ok:
             continue
-        b = None if frozen is None else frozen if isinstance(frozen, Bounds) else frozen.get(nfe)
+        b = None if frozen is None else frozen if isinstance(frozen, Bounds) else frozen.lookup(nfe, w)
         scores = mmhm([r["metrics"] for r in ok], names, bounds=b)
-        used[str(nfe)] = scores.bounds
+        used[group_key(nfe, w)] = scores.bounds
         for r, s in zip(ok, scores):
             r["metrics"]["mmhm"] = s
-    return GroupedBounds(used, "nfe")
+    return GroupedBounds(used, BY_NFE_GUIDANCE if any(w is not None for _, w in cells) else BY_NFE)
 
 
 def _ranks(values: Sequence[float]) -> list[float]:
@@ -258,24 +279,26 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
 
 
 def agreement(rows: list[dict[str, Any]], main: str) -> list[dict[str, Any]]:
-    """Per NFE: the best row by ``main`` and by MMHM, whether they agree, and Spearman's ρ between
-    the two rankings (``main`` sign-flipped when lower is better, so ρ = 1 is full agreement)."""
+    """Per NFE (per (NFE, guidance) cell with a guidance list, which the entry then names): the best row by
+    ``main`` and by MMHM, whether they agree, and Spearman's ρ between the two rankings (``main``
+    sign-flipped when lower is better, so ρ = 1 is full agreement)."""
     sign = -1.0 if lower_is_better(main) else 1.0
     out = []
-    for nfe in sorted({int(r["nfe"]) for r in rows}):
-        group = [r for r in rows if int(r["nfe"]) == nfe and _finite(r, (main, "mmhm"))]
+    for nfe, w in cells_of(rows):
+        group = [r for r in rows if row_cell(r) == (nfe, w) and _finite(r, (main, "mmhm"))]
         if not group:
             continue
         by_main = max(group, key=lambda r: sign * r["metrics"][main])["label"]
         by_mmhm = max(group, key=lambda r: r["metrics"]["mmhm"])["label"]
         rho = spearman([sign * r["metrics"][main] for r in group], [r["metrics"]["mmhm"] for r in group])
-        out.append({"nfe": nfe, "best_" + main: by_main, "best_mmhm": by_mmhm, "agree": by_main == by_mmhm,
-                    "spearman": rho, "rows": len(group)})
+        out.append({"nfe": nfe, **({} if w is None else {"guidance": w}), "best_" + main: by_main,
+                    "best_mmhm": by_mmhm, "agree": by_main == by_mmhm, "spearman": rho, "rows": len(group)})
     return out
 
 
 def mmhm_info(rows: list[dict[str, Any]], plan: MetricPlan, used: GroupedBounds,
               source: str) -> dict[str, Any]:
-    """``report["mmhm"]``: what went in, the bounds per NFE, and where the main metric disagrees."""
-    return {"metrics": list(plan.mmhm_inputs), "eps": EPS, "group_by": "nfe", "bounds_source": source,
+    """``report["mmhm"]``: what went in, the bounds per group (NFE, or (NFE, guidance)), and where the main
+    metric disagrees."""
+    return {"metrics": list(plan.mmhm_inputs), "eps": EPS, "group_by": used.group_by, "bounds_source": source,
             "bounds": used.to_json()["groups"], "agreement": agreement(rows, plan.main)}

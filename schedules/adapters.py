@@ -331,10 +331,11 @@ def _load_pipeline(folder: Path, cls: str, name: str, conditioning, null_class: 
                              "which is not installed: pip install 'stepsmith[t2i]'")
     from diffusers import DiffusionPipeline
 
-    from schedules.pipeline_adapters import adapter_from_pipeline
+    from schedules.pipeline_adapters import adapter_from_pipeline, missing_text_components
 
-    try:
-        pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True)
+    try:  # a text encoder saved as None (or removed) is passed as None: the pipeline adapter refuses it clearly
+        pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True,
+                                                 **dict.fromkeys(missing_text_components(folder, index)))
     except (OSError, ValueError) as exc:
         raise StepsmithError(
             f"cannot load the {cls} pipeline from {folder}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"

@@ -96,9 +96,10 @@ def _check_guidance(w: Any) -> float:
     return float(w)
 
 
-# ``extra`` entries a table's conditioning block and fingerprint record: Flux's embedded (distilled) guidance, and
-# the dynamic-shift μ and image sequence length of the resolution (SD3/Flux schedules depend on them)
-RECORDED_EXTRA = ("distilled_guidance", "mu", "image_seq_len")
+# ``extra`` entries a table's conditioning block and fingerprint record: Flux's embedded (distilled) guidance, the
+# dynamic-shift μ and image sequence length of the resolution (SD3/Flux schedules depend on them), and SDXL's
+# negative branch of zeros (no negative prompt under force_zeros_for_empty_prompt: not the encoded "")
+RECORDED_EXTRA = ("distilled_guidance", "mu", "image_seq_len", "negative_embeds")
 
 
 @dataclass(frozen=True)
@@ -262,16 +263,25 @@ class ConditionalAdapter(ModelAdapter):
     ``condition_kwargs(cond, sample_indices, uncond, device) -> dict`` builds the network's
     conditioning inputs for a batch (:func:`class_label_kwargs` for class labels; a text
     adapter returns prompt embeddings): adding a model family is writing that one function.
+    ``guide_above_one`` (the pipeline adapters) guides only for w > 1, as diffusers pipelines do: for
+    0 ≤ w ≤ 1 they run the conditional branch alone, so the adapter does too and stays exact at every w.
     """
 
     conditioning: Conditioning | None = None
     condition_kwargs: Any = class_label_kwargs
+    guide_above_one: bool = False
+
+    @property
+    def guided(self) -> bool:
+        """Whether evaluations run the unconditional branch too (see ``guide_above_one``)."""
+        return self.conditioning.guided and (self.conditioning.guidance > 1.0 or not self.guide_above_one)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.conditioning is None:
             raise StepsmithError(f"{self.name} is a conditional model: give it a Conditioning", param="conditioning")
-        if self.conditioning.guidance != 1.0 and not self.conditioning.has_negative:
+        w = self.conditioning.guidance
+        if (w > 1.0 if self.guide_above_one else w != 1.0) and not self.conditioning.has_negative:
             what = "null label" if self.conditioning.kind == "class" else "negative prompt"
             raise StepsmithError(f"guidance {self.conditioning.guidance:g} needs a {what} for the unconditional "
                                  "branch; pass one or use guidance 1", param="guidance")
@@ -280,7 +290,7 @@ class ConditionalAdapter(ModelAdapter):
         cond = self.conditioning
         idx = bound_indices(x.shape[0])
         kw_c = self.condition_kwargs(cond, idx, False, x.device)
-        if not cond.guided:
+        if not self.guided:
             return self.call(self.module, x, t, **self.model_kwargs, **kw_c)
         kw_u = self.condition_kwargs(cond, idx, True, x.device)
         out = self.call(self.module, torch.cat([x, x]), torch.cat([t, t]), **self.model_kwargs,
@@ -361,12 +371,14 @@ def with_guidance(adapter: ModelAdapter, w: float) -> ModelAdapter:
     if pipe is not None:
         from schedules.pipeline_adapters import adapter_from_pipeline
 
-        return adapter_from_pipeline(pipe, adapter.conditioning.with_guidance(w), name=adapter.name)
+        asked = getattr(adapter, "pipeline_conditioning", None) or adapter.conditioning  # as requested, not resolved
+        return adapter_from_pipeline(pipe, asked.with_guidance(w), name=adapter.name,
+                                     **getattr(adapter, "pipeline_options", {}))
     return ConditionalAdapter(module=adapter.module, convention=adapter.convention, prediction=adapter.prediction,
                               sample_shape=adapter.sample_shape, name=adapter.name,
                               scheduler_config=adapter.scheduler_config, call=adapter.call,
                               model_kwargs=adapter.model_kwargs, conditioning=adapter.conditioning.with_guidance(w),
-                              condition_kwargs=adapter.condition_kwargs)
+                              condition_kwargs=adapter.condition_kwargs, guide_above_one=adapter.guide_above_one)
 
 
 def conditioning_of(adapter) -> Conditioning | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from schedules.io import StepsmithError
@@ -51,9 +52,28 @@ def builder_for(class_name: str) -> Callable[..., Any]:
 
 
 def adapter_from_pipeline(pipe, conditioning, *, name: str | None = None, **options):
-    """The :class:`~schedules.conditioning.ConditionalAdapter` of ``pipe`` under ``conditioning``."""
+    """The :class:`~schedules.conditioning.ConditionalAdapter` of ``pipe`` under ``conditioning``.
+
+    The requested ``conditioning`` and the ``options`` (e.g. Flux's ``true_cfg_scale``, ``max_sequence_length``,
+    DiT's ``null_class``) are kept on the adapter (``pipeline_conditioning``, ``pipeline_options``), so
+    :func:`schedules.conditioning.with_guidance` rebuilds it from what was asked (an SDXL negative prompt left
+    out, not the resolved "") with the same options."""
     cls = type(pipe).__name__
-    return builder_for(cls)(pipe, conditioning, name=name or cls, **options)
+    adapter = builder_for(cls)(pipe, conditioning, name=name or cls, **options)
+    if hasattr(adapter, "__dict__"):  # what it was built from, for a rebuild at another guidance (with_guidance)
+        adapter.pipeline_conditioning = conditioning
+        adapter.pipeline_options = {k: v for k, v in options.items() if v is not None}
+    return adapter
 
 
-__all__ = ["PIPELINE_ADAPTERS", "adapter_from_pipeline", "builder_for", "register_pipeline"]
+def missing_text_components(folder: str | Path, index: dict[str, Any]) -> list[str]:
+    """The text encoders / tokenizers a pipeline folder lacks: ``model_index.json`` says ``[null, null]`` (saved
+    with ``text_encoder=None``) or names a sub-folder that is not there. Loading passes them as None, so the
+    pipeline adapter refuses prompts with one clear message instead of a failed load."""
+    folder = Path(folder)
+    return sorted(k for k, v in index.items()
+                  if k.startswith(("text_encoder", "tokenizer")) and isinstance(v, list) and len(v) == 2
+                  and (v[0] is None or not (folder / k).is_dir()))
+
+
+__all__ = ["PIPELINE_ADAPTERS", "adapter_from_pipeline", "builder_for", "missing_text_components", "register_pipeline"]

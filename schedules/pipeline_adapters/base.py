@@ -72,4 +72,22 @@ def check_size(height: int | None, width: int | None, factor: int, name: str) ->
     return int(height), int(width)
 
 
-__all__ = ["EncodedConditions", "check_size"]
+def require_text_encoders(pipe, name: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """Refuse, up front, a pipeline that cannot encode prompts: a ``text_encoder*`` of ``required`` (or its
+    tokenizer) is None — e.g. loaded with ``text_encoder=None`` or saved without it. An ``optional`` encoder
+    (SD3's T5, which the pipeline replaces by zeros) may be None, but not its tokenizer alone."""
+    for enc in (*required, *optional):
+        tok = enc.replace("text_encoder", "tokenizer")
+        has_enc, has_tok = getattr(pipe, enc, None) is not None, getattr(pipe, tok, None) is not None
+        if enc in optional and not has_enc:
+            continue
+        missing = enc if not has_enc else tok if not has_tok else None
+        if missing is not None:
+            raise StepsmithError(
+                f"{name} has no {missing} (saved or loaded without it, e.g. {missing}=None), so it cannot encode "
+                f"prompts: use a pipeline folder with its {missing}, or in Python pass precomputed prompt embeddings "
+                "— a ConditionalAdapter with condition_kwargs=EncodedConditions(cond=..., uncond=...) "
+                "(schedules.pipeline_adapters.base)", param="prompts")
+
+
+__all__ = ["EncodedConditions", "check_size", "require_text_encoders"]

@@ -18,9 +18,9 @@ What ``DiTPipeline.__call__`` does with the output, reproduced exactly:
 So the adapter's network output is the first ``in_channels`` channels, which the guided adapter
 combines. The pipeline feeds ``scheduler.scale_model_input(latents, t)`` (identity for DDIM /
 DPM-Solver, the VP state), which is what stepsmith feeds the network; the pipeline draws its latents
-with ``randn`` unscaled (no ``init_noise_sigma``). The pipeline guides only when w > 1; stepsmith
-for any w ≠ 1. DiT samples one size (``transformer.config.sample_size`` latents): a different
-height / width is refused.
+with ``randn`` unscaled (no ``init_noise_sigma``). The pipeline guides only when w > 1 (0 ≤ w ≤ 1: the
+conditional branch alone), and so does the adapter (``guide_above_one``). DiT samples one size
+(``transformer.config.sample_size`` latents): a different height / width is refused.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def build(pipe, conditioning: Conditioning | None, *, name: str, null_class: int
     adapter = ConditionalAdapter(module=tr.eval(), convention=conv, prediction=pred,
                                  sample_shape=(int(tr.config.in_channels), latent, latent), name=name,
                                  scheduler_config=dict(pipe.scheduler.config), call=transformer_call,
-                                 conditioning=cond, condition_kwargs=class_label_kwargs)
+                                 conditioning=cond, condition_kwargs=class_label_kwargs,
+                                 guide_above_one=True)
     adapter.pipeline = pipe  # for decoding the latents (stepsmith sample)
     return adapter
 

@@ -22,10 +22,11 @@ the FlowMatch scheduler's timestep t = σ·1000 divided by 1000, i.e. the transf
   ``extra["distilled_guidance"]`` — in its ``describe()`` and fingerprint too (``Conditioning.recorded``), so a table searched
   at guidance 3.5 says so (``conditioning.distilled_guidance``) and is told apart from one at 2.
   ``true_cfg_scale=w`` (with a negative prompt) adds true CFG on top, as the pipeline's option.
-* models without a guidance embedding (schnell): guidance w ≠ 1 with a negative prompt is the
+* models without a guidance embedding (schnell): guidance w > 1 with a negative prompt is the
   pipeline's ``true_cfg_scale`` CFG, ``neg + w·(pos − neg)`` (Ho & Salimans 2022) — the pipeline
   makes two calls, stepsmith one batched call of the same inputs. There is no default negative
-  prompt (the pipeline has none): w ≠ 1 without one is refused.
+  prompt (the pipeline has none): w > 1 without one is refused. For 0 ≤ w ≤ 1 the pipeline runs no true
+  CFG (``do_true_cfg = true_cfg_scale > 1``), and neither does the adapter (``guide_above_one``).
 
 **Resolution.** The pipeline's default schedule depends on the image: the dynamic shift
 μ = calculate_shift(image sequence length) (Esser et al. 2024 resolution-dependent shifting). It
@@ -36,7 +37,6 @@ which resolution it was searched at.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -44,49 +44,9 @@ import torch
 
 from schedules.conditioning import ConditionalAdapter, Conditioning
 from schedules.io import StepsmithError
-from schedules.pipeline_adapters.base import EncodedConditions, check_size
+from schedules.pipeline_adapters.base import EncodedConditions, check_size, require_text_encoders
+from schedules.pipeline_adapters.flow import call_default, dynamic_mu, flow_convention, sequence_length
 from schedules.pipeline_adapters.sd import prompt_conditioning, refuse_options, vae_scale_factor
-
-
-def flow_convention(pipe, name: str, family: str):
-    """(convention, prediction, scheduler config with its ``_class_name``) of the pipeline's FlowMatch scheduler."""
-    from schedules.diffusers.detect import scheduler_convention
-    from schedules.diffusers.records import base_class
-
-    sch = pipe.scheduler
-    cfg = dict(sch.config, _class_name=base_class(sch).__name__)
-    conv, pred = scheduler_convention(sch)
-    if conv.name != "flow":
-        raise StepsmithError(f"{name}: its scheduler {cfg['_class_name']} is not a FlowMatch scheduler; {family} is a "
-                             "rectified-flow model — load it with its FlowMatchEulerDiscreteScheduler")
-    return conv, pred, cfg
-
-
-def dynamic_mu(cfg: dict[str, Any], image_seq_len: int) -> dict[str, Any]:
-    """μ of the pipeline's resolution-dependent shift (its ``calculate_shift``, with the pipeline's defaults)."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-    return {"mu": round(float(mu), 6), "image_seq_len": int(image_seq_len)}
-
-
-def call_default(pipe, param: str, fallback: Any) -> Any:
-    """The default of ``pipe.__call__``'s ``param`` (what the pipeline uses when it is not passed)."""
-    try:
-        p = inspect.signature(type(pipe).__call__).parameters.get(param)
-    except (TypeError, ValueError):
-        p = None
-    return fallback if p is None or p.default is inspect.Parameter.empty else p.default
-
-
-def sequence_length(pipe, value: Any, name: str, fallback: int) -> int:
-    """``max_sequence_length`` (T5 tokens): the option, else the pipeline's own default."""
-    v = call_default(pipe, "max_sequence_length", fallback) if value is None else value
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise StepsmithError(f"`max_sequence_length` of {name} must be a positive integer, got {v!r}",
-                             param="max_sequence_length")
-    return int(v)
 
 
 def transformer_call(module, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -128,7 +88,7 @@ def guidance_plan(pipe, conditioning: Conditioning, name: str, true_cfg_scale: A
         cfg_scale = conditioning.guidance
     else:
         cfg_scale = 1.0 if true_cfg_scale is None else _scale(true_cfg_scale, "true_cfg_scale")
-    if cfg_scale != 1.0 and conditioning.negative is None:
+    if cfg_scale > 1.0 and conditioning.negative is None:
         what = "--guidance" if not distilled else "true_cfg_scale"
         raise StepsmithError(f"{name}: true CFG ({what} {cfg_scale:g}) needs a negative prompt (--negative); FluxPipeline "
                              "has no default one" + ("" if distilled else " — or use guidance 1"), param="negative")
@@ -166,11 +126,12 @@ def build(pipe, conditioning: Conditioning | None, *, name: str, max_sequence_le
     """
     refuse_options(options, name)
     conditioning = prompt_conditioning(conditioning, name)
+    require_text_encoders(pipe, name, ("text_encoder", "text_encoder_2"))  # CLIP (pooled) and T5
     max_len = sequence_length(pipe, max_sequence_length, name, 512)
     height, width = image_size(pipe, conditioning, name)
     cfg_scale, embedded = guidance_plan(pipe, conditioning, name, true_cfg_scale)
     shape = packed_shape(pipe, height, width)
-    guided = cfg_scale != 1.0
+    guided = cfg_scale > 1.0  # the pipeline's do_true_cfg (with a negative prompt)
     encoded, text_ids = encode(pipe, conditioning, max_len, guided, embedded)
     f = vae_scale_factor(pipe)
     img_ids = pipe._prepare_latent_image_ids(1, height // (2 * f), width // (2 * f), pipe._execution_device,
@@ -184,10 +145,11 @@ def build(pipe, conditioning: Conditioning | None, *, name: str, max_sequence_le
     adapter = ConditionalAdapter(module=pipe.transformer.eval(), convention=conv, prediction=pred, sample_shape=shape,
                                  name=name, scheduler_config=sched, call=transformer_call,
                                  model_kwargs={"txt_ids": text_ids, "img_ids": img_ids}, conditioning=cond,
-                                 condition_kwargs=encoded)
+                                 condition_kwargs=encoded, guide_above_one=True)
     adapter.pipeline = pipe  # for decoding: pipe._unpack_latents(x, height, width, pipe.vae_scale_factor)
     return adapter
 
 
+# the FlowMatch helpers live in schedules.pipeline_adapters.flow (shared with SD3); re-exported here for old imports
 __all__ = ["build", "call_default", "dynamic_mu", "encode", "flow_convention",
            "guidance_plan", "image_size", "packed_shape", "sequence_length", "transformer_call"]

@@ -11,8 +11,8 @@ the latents are already x_t = sqrt(ᾱ)·x0 + sqrt(1-ᾱ)·ε. Both are the VP s
 :class:`~schedules.adapters.ModelAdapter` feeds the network (x = α(σ)·(x0 + σ·ε), α = 1/sqrt(1+σ²)),
 so the network receives the same tensor without any rescaling here. The guided output is
 o_u + w·(o_c − o_u), the pipeline's ``noise_pred_uncond + guidance_scale·(noise_pred_text −
-noise_pred_uncond)`` (Ho & Salimans 2022); stepsmith guides for any w ≠ 1 (the pipeline only for
-w > 1), and ``guidance_rescale`` (Lin et al. 2023) is not applied (the pipeline's default is 0).
+noise_pred_uncond)`` (Ho & Salimans 2022), applied as the pipeline does only for w > 1 (0 ≤ w ≤ 1: the
+conditional branch alone, ``guide_above_one``), and ``guidance_rescale`` (Lin et al. 2023) is not applied (the pipeline's default is 0).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from schedules.adapters import convention_from_scheduler_config
 from schedules.conditioning import ConditionalAdapter, Conditioning
 from schedules.io import StepsmithError
-from schedules.pipeline_adapters.base import EncodedConditions, check_size
+from schedules.pipeline_adapters.base import EncodedConditions, check_size, require_text_encoders
 
 # SD / SDXL ``check_inputs`` refuse a height or width that is not a multiple of 8 (whatever the VAE factor)
 PIPELINE_SIZE_MULTIPLE = 8
@@ -99,6 +99,7 @@ def build(pipe, conditioning: Conditioning | None, *, name: str, **options: Any)
     """The :class:`ConditionalAdapter` of a ``StableDiffusionPipeline`` under ``conditioning`` (prompts)."""
     refuse_options(options, name)
     conditioning = prompt_conditioning(conditioning, name)
+    require_text_encoders(pipe, name, ("text_encoder",))
     check_unet(pipe.unet, name)
     height, width = image_size(pipe, conditioning, name, pipe.unet.config.sample_size)
     encoded = encode(pipe, conditioning)
@@ -106,7 +107,8 @@ def build(pipe, conditioning: Conditioning | None, *, name: str, **options: Any)
     adapter = ConditionalAdapter(module=pipe.unet.eval(), convention=conv, prediction=pred,
                                  sample_shape=latent_shape(pipe.unet, height, width, vae_scale_factor(pipe)), name=name,
                                  scheduler_config=dict(pipe.scheduler.config),
-                                 conditioning=resolved(conditioning, height, width), condition_kwargs=encoded)
+                                 conditioning=resolved(conditioning, height, width), condition_kwargs=encoded,
+                                 guide_above_one=True)
     adapter.pipeline = pipe  # for decoding the latents (stepsmith sample)
     return adapter
 

@@ -13,8 +13,9 @@ velocity ε − x0, stepsmith's ``flow`` prediction; the latents are the pipelin
 [C, H/f, W/f] latents. The σ a table holds is the σ the transformer sees (shift already applied;
 ``pipeline_kwargs`` undoes the scheduler's shift when it plugs a table in). Guidance is
 o_u + w·(o_c − o_u) in one batched call, the pipeline's ``noise_pred_uncond + guidance_scale·
-(noise_pred_text − noise_pred_uncond)`` (Ho & Salimans 2022); stepsmith guides for any w ≠ 1 (the
-pipeline only for w > 1), and skip-layer guidance is not applied (the pipeline's default is off).
+(noise_pred_text − noise_pred_uncond)`` (Ho & Salimans 2022), applied as the pipeline does only for
+w > 1 (0 ≤ w ≤ 1: the conditional branch alone, ``guide_above_one``), and skip-layer guidance is not
+applied (the pipeline's default is off).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import Any
 import torch
 
 from schedules.conditioning import ConditionalAdapter, Conditioning
-from schedules.pipeline_adapters.base import EncodedConditions, check_size
-from schedules.pipeline_adapters.flux import dynamic_mu, flow_convention, sequence_length
+from schedules.pipeline_adapters.base import EncodedConditions, check_size, require_text_encoders
+from schedules.pipeline_adapters.flow import dynamic_mu, flow_convention, sequence_length
 from schedules.pipeline_adapters.sd import prompt_conditioning, refuse_options, vae_scale_factor
 
 
@@ -67,6 +68,7 @@ def build(pipe, conditioning: Conditioning | None, *, name: str, max_sequence_le
     """
     refuse_options(options, name)
     conditioning = prompt_conditioning(conditioning, name)
+    require_text_encoders(pipe, name, ("text_encoder", "text_encoder_2"), optional=("text_encoder_3",))  # no T5: zeros
     max_len = sequence_length(pipe, max_sequence_length, name, 256)
     height, width = image_size(pipe, conditioning, name)
     f, p = vae_scale_factor(pipe), int(pipe.transformer.config.patch_size)
@@ -81,7 +83,7 @@ def build(pipe, conditioning: Conditioning | None, *, name: str, max_sequence_le
                         guidance=conditioning.guidance, height=height, width=width, extra=extra)
     adapter = ConditionalAdapter(module=pipe.transformer.eval(), convention=conv, prediction=pred, sample_shape=shape,
                                  name=name, scheduler_config=cfg, call=transformer_call, conditioning=cond,
-                                 condition_kwargs=encoded)
+                                 condition_kwargs=encoded, guide_above_one=True)
     adapter.pipeline = pipe  # for decoding the latents (stepsmith sample)
     return adapter
 
