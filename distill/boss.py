@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from distill.base import Batch, ode_scale
+from distill.base import Batch, conditions_of, ode_scale
 from distill.data import TeacherData
 from schedules.conventions import Convention
 from schedules.table import TimestepTable
@@ -43,6 +43,9 @@ class BOSSStraightening:
     (that is what the sampler does), so its segment is (noise at τ0 → the teacher's x_τ1): for a
     table that starts at σ_max this is the usual first segment; for a "free start" table
     (τ0 < σ_max) the student learns exactly the jump the few-step sampler will make.
+
+    Conditional models: every segment keeps the condition index of its trajectory, and the
+    student's guided velocity is regressed (:mod:`distill.base`), at the teacher's guidance scale.
     """
 
     name = "boss"
@@ -63,7 +66,7 @@ class BOSSStraightening:
         ya = xa / ode_scale(self.conv, sa, xa)
         yb = xb / ode_scale(self.conv, sb, xb)
         slope = (yb - ya) / (sb - sa).to(xa.dtype).view(-1, *([1] * (xa.ndim - 1)))
-        return Batch(xa, sa, slope)
+        return Batch(xa, sa, slope, conditions_of(self.data.conditions, traj))
 
     def draw(self, gen: torch.Generator, batch_size: int) -> Batch:
         traj = torch.randint(0, self.data.n_train, (batch_size,), generator=gen)

@@ -1,5 +1,10 @@
 """``stepsmith distill``: straighten a model to a timestep table (BOSS), or the reflow / k-step baselines.
 
+Conditional models take the conditioning flags of ``stepsmith search`` (``--classes all --guidance 3``
+for a class-conditional model, ``--prompts FILE --guidance 7.5`` for a text-to-image pipeline): the
+teacher trajectories and the student are both guided at that scale, and the student is sampled
+with it afterwards.
+
 Runs the same as plain ``stepsmith distill ...``, ``python -m distill ...`` and under
 ``accelerate launch --multi_gpu --num_processes N -m distill ...`` (data parallel; the global
 ``--batch-size`` is split across processes). Without a GPU the processes use the CPU with
@@ -69,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Fine-tune a model so that few-step Euler on --table reproduces its many-step ODE "
                     "(BOSS straightening), or retrain it with the reflow / k-step distillation baselines on the "
                     "same teacher data. Works as plain python and under `accelerate launch -m distill`.")
-    add_model_args(p)
+    add_model_args(p, conditional=True)  # --classes / --prompts / --guidance: conditional models distill guided
     p.add_argument("--table", action="append", required=True, metavar="T.json",
                    help="the table to straighten for (repeat for several budgets; the first is saved as table.json)")
     g = p.add_argument_group("training")
@@ -101,13 +106,7 @@ def run(args: argparse.Namespace) -> None:
             check_table_model(t.model, args.model, allow_other_model=args.allow_other_model)
         except StepsmithError as exc:
             raise StepsmithError(f"{path}: {exc}", param=exc.param) from None
-    try:
-        model = model_from_args(args)
-    except StepsmithError as exc:
-        if exc.param != "classes":
-            raise
-        raise StepsmithError(f"{args.model} is class-conditional; `stepsmith distill` straightens unconditional "
-                             "models only (conditional straightening is not supported yet)") from None
+    model = model_from_args(args)  # a conditional model: the teacher and the student are guided at --guidance
     for t, path in zip(tables, args.table):
         try:
             t.check_compatible(model.convention, model.prediction, what=args.model)

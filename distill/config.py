@@ -61,8 +61,9 @@ class DistillConfig:
     keep_checkpoints: int = option(2, "checkpoints kept in the work folder (default %(default)s)")
     progress: bool = option(True, "progress bar")
 
-    def validate(self) -> None:
-        """Refuse settings no run can use; errors name the field in backticks (the CLI shows its flag)."""
+    def validate(self, conditional: bool = False) -> None:
+        """Refuse settings no run can use; errors name the field in backticks (the CLI shows its flag).
+        ``conditional``: the model is conditional (its teacher data carries condition indices)."""
         for name, allowed in (("method", METHODS), ("mixed_precision", MIXED_PRECISION)):
             if getattr(self, name) not in allowed:
                 raise StepsmithError(f"`{name}` {getattr(self, name)!r}: use one of {', '.join(allowed)}", param=name)
@@ -78,16 +79,17 @@ class DistillConfig:
             raise StepsmithError(f"`ema_decay` must lie in [0, 1), got {self.ema_decay}", param="ema_decay")
         if not 0 < self.val_fraction < 0.5:
             raise StepsmithError(f"`val_fraction` must lie in (0, 0.5), got {self.val_fraction}", param="val_fraction")
-        self.check_coupling()
+        self.check_coupling(conditional)
 
-    def check_coupling(self) -> None:
-        """The coupling exists, has a positive OT batch, and belongs to a method that draws (noise, sample) pairs."""
+    def check_coupling(self, conditional: bool = False) -> None:
+        """The coupling exists, has a positive OT batch, belongs to a method that draws (noise, sample) pairs,
+        and (C²OT) has conditions to respect: those of a ``conditional`` model's teacher data."""
         if self.coupling != "independent" and self.method == "boss":
             raise StepsmithError(f"`coupling` {self.coupling!r} applies to reflow and kstep; BOSS regresses the "
                                  "teacher's own trajectories", param="coupling")
         n_val = max(1, int(round(self.pairs * self.val_fraction)))
-        # before any teacher call; the teacher data carries no conditions (unconditional models)
-        Coupling(self.coupling, self.ot_batch).check(self.pairs - n_val, conditional=False)
+        # before any teacher call; the teacher data of a conditional model carries its condition indices
+        Coupling(self.coupling, self.ot_batch).check(self.pairs - n_val, conditional=conditional)
 
     def hyperparameters(self) -> dict[str, Any]:
         """The settings a resumed run must share with its checkpoint."""

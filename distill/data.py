@@ -27,6 +27,12 @@ y = x / c(s) (see :mod:`schedules.solvers`).
 
 The last ``val_fraction`` of the trajectories is held out (split by trajectory, so no
 validation segment shares a trajectory with a training one).
+
+Conditional models (:class:`schedules.conditioning.ConditionalAdapter`): trajectory *i* is the
+teacher's guided ODE (D_u + w·(D_c − D_u), the adapter's own guided denoiser) under condition
+*i mod P*; the micro-batches bind their sample indices, so the conditions stay aligned with the
+noises, and the condition index of every trajectory is stored with it (``conditions``) so that
+the student is trained on (x_τ, τ, condition) under the same guidance.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from tqdm.auto import tqdm
 
 from distill.config import TEACHER_SOLVERS
 from schedules.adapters import ModelAdapter
-from schedules.conditioning import bind, micro_batches
+from schedules.conditioning import bind, conditioning_of, micro_batches
 from schedules.io import StepsmithError, load_safetensors, save_safetensors
 from schedules.table import TimestepTable
 from schedules.teacher import Teacher, teacher_sample
@@ -55,7 +61,9 @@ class TeacherData:
     ``states[n, m]`` is trajectory ``n`` at sigma ``nodes[m]`` (``nodes`` strictly
     decreasing, ``nodes[0]`` = the model's σ_max, ``nodes[-1] = 0``); ``states[:, 0]`` is
     the noise z0 and ``states[:, -1]`` the teacher sample ODE(z0). ``teacher`` is the teacher's
-    :meth:`~schedules.teacher.Teacher.describe`.
+    :meth:`~schedules.teacher.Teacher.describe`. ``conditions[n]`` is the condition index of
+    trajectory ``n`` (conditional models; ``None`` for unconditional ones) and ``conditioning`` the
+    :meth:`~schedules.conditioning.Conditioning.describe` it was generated under (guidance included).
     """
 
     states: torch.Tensor
@@ -64,6 +72,17 @@ class TeacherData:
     fingerprint: str
     teacher_calls: int = 0
     teacher: dict = field(default_factory=dict)
+    conditions: torch.Tensor | None = None
+    conditioning: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.conditions is not None and self.conditions.shape != (self.n,):
+            raise StepsmithError(f"teacher data: {tuple(self.conditions.shape)} condition indices for {self.n} "
+                                 "trajectories; delete it to regenerate")
+
+    def conditions_of(self, sl: slice) -> torch.Tensor | None:
+        """The condition indices of the trajectories ``sl`` (None: unconditional)."""
+        return None if self.conditions is None else self.conditions[sl]
 
     @property
     def n(self) -> int:
@@ -101,8 +120,12 @@ class TeacherData:
 
     def save(self, path) -> None:
         meta = {"nodes": json.dumps(self.nodes), "n_val": str(self.n_val), "fingerprint": self.fingerprint,
-                "teacher_calls": str(self.teacher_calls), "teacher": json.dumps(self.teacher)}
-        save_safetensors(path, {"states": self.states}, metadata=meta)
+                "teacher_calls": str(self.teacher_calls), "teacher": json.dumps(self.teacher),
+                "conditioning": json.dumps(self.conditioning)}
+        tensors = {"states": self.states}
+        if self.conditions is not None:
+            tensors["conditions"] = self.conditions
+        save_safetensors(path, tensors, metadata=meta)
 
     @classmethod
     def load(cls, path) -> TeacherData:
@@ -114,7 +137,8 @@ class TeacherData:
                 meta = fh.metadata() or {}
             return cls(states=tensors["states"], nodes=json.loads(meta["nodes"]), n_val=int(meta["n_val"]),
                        fingerprint=meta["fingerprint"], teacher_calls=int(meta.get("teacher_calls", 0)),
-                       teacher=json.loads(meta.get("teacher", "{}")))
+                       teacher=json.loads(meta.get("teacher", "{}")), conditions=tensors.get("conditions"),
+                       conditioning=json.loads(meta.get("conditioning", "null")))
         except (KeyError, ValueError) as exc:
             raise StepsmithError(f"teacher data {path} is incomplete ({exc}); delete it to regenerate") from None
 
@@ -181,7 +205,10 @@ def data_fingerprint(adapter: ModelAdapter, nodes: Sequence[float], n: int, seed
 def generate_teacher_data(adapter: ModelAdapter, tables: Sequence[TimestepTable], n: int, *, seed: int = 0,
                           teacher_steps: int = 100, teacher_solver: str = "heun", val_fraction: float = 0.1,
                           batch_size: int = 1024, progress: bool = False) -> TeacherData:
-    """Run the teacher from ``n`` noises (``adapter.noise(n, seed)``) at σ_max and record the table nodes."""
+    """Run the teacher from ``n`` noises (``adapter.noise(n, seed)``) at σ_max and record the table nodes.
+
+    A conditional ``adapter`` runs trajectory *i* under condition *i mod P* with its guidance, and the
+    condition indices are recorded with the states."""
     if teacher_solver not in TEACHER_SOLVERS:
         raise StepsmithError(f"teacher solver {teacher_solver!r}: use one of {', '.join(TEACHER_SOLVERS)}")
     if n < 2:
@@ -207,5 +234,8 @@ def generate_teacher_data(adapter: ModelAdapter, tables: Sequence[TimestepTable]
     if n - n_val < 1:
         raise StepsmithError(f"--pairs {n} leaves no training trajectories after holding out {n_val}")
     fp = data_fingerprint(adapter, table_nodes(tables), n, seed, teacher_steps, teacher_solver, val_fraction)
+    cond = conditioning_of(adapter)
     return TeacherData(states=out, nodes=list(nodes), n_val=n_val, fingerprint=fp, teacher_calls=adapter.calls - calls0,
-                       teacher=teacher.describe())
+                       teacher=teacher.describe(),
+                       conditions=None if cond is None else cond.condition_index(torch.arange(n)),
+                       conditioning=None if cond is None else cond.describe())

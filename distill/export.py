@@ -2,7 +2,8 @@
 
 Layout of an output folder ``OUT/``:
 
-* diffusers models (a pipeline folder, or ``builtin:digits-*``): a copy of the pipeline
+* diffusers models (a pipeline folder, ``builtin:digits-*``, or a pipeline adapter built in
+  Python, whose pipeline is saved with ``save_pretrained``): a copy of the pipeline
   folder with the denoiser component (``unet``/``transformer``) replaced by the distilled
   weights (``save_pretrained``, safetensors) — load it like the original
   (``stepsmith sample --model OUT``, ``load_model("OUT")``, ``DiffusionPipeline``-style). A
@@ -11,6 +12,13 @@ Layout of an output folder ``OUT/``:
 * ``file.py:attr`` models and ``builtin:toy2d-flow``: ``OUT/model.safetensors``, the
   module's full state dict (LoRA merged), loadable with ``module.load_state_dict``
   (``load_model("file.py:attr", weights="OUT/model.safetensors", ...)``);
+* pipeline models (SD, SDXL, SD3, Flux folders) trained with LoRA (``lora_rank`` > 0): also
+  ``OUT/lora/pytorch_lora_weights.safetensors``, the unfused LoRA factors written by the pipeline
+  class's own ``save_lora_weights`` — ``pipe.load_lora_weights("OUT/lora")`` on the original
+  pipeline gives the distilled denoiser. A pipeline whose class has no LoRA format (DiT) is refused
+  before training (:func:`check_lora_export`);
+* conditional models: ``distill.json`` records the conditioning the student was trained under
+  (classes or prompts, guidance scale), and :func:`load_distilled` loads it back under it;
 * always: ``OUT/table.json`` (the table it was straightened for; further budgets as
   ``table-<K>.json``), ``OUT/distill.json`` (method, hyper-parameters, losses, the
   command) and ``OUT/loss.log``.
@@ -21,21 +29,25 @@ is only replaced with ``overwrite=True``. :func:`load_distilled` reads any of th
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from distill.student import LoraWeights
 from schedules.adapters import ModelAdapter, load_model
+from schedules.conditioning import Conditioning, conditioning_of
 from schedules.embedded import embedded_path
 from schedules.io import StepsmithError, atomic_write_json, save_safetensors
 from schedules.table import TimestepTable
 
 INFO_FILE = "distill.json"
+LORA_DIR = "lora"
 
 
 def check_output_free(out: Path, overwrite: bool) -> None:
@@ -67,10 +79,81 @@ def _component(index: dict) -> str:
     return comp
 
 
+def pipeline_class_name(adapter: ModelAdapter) -> str | None:
+    """The diffusers pipeline class of a pipeline model (the pipeline the adapter was built from, else the
+    registered pipeline class its source folder names); None for every other model."""
+    pipe = getattr(adapter, "pipeline", None)
+    if pipe is not None:
+        return type(pipe).__name__
+    src = _source_folder(adapter)
+    if src is None:
+        return None
+    from schedules.adapters import registered_pipeline
+
+    return registered_pipeline(src)
+
+
+def _pipeline_component(adapter: ModelAdapter) -> str:
+    pipe = getattr(adapter, "pipeline", None)
+    if pipe is not None:
+        return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    return _component(json.loads((_source_folder(adapter) / "model_index.json").read_text()))
+
+
+def lora_saver(class_name: str, component: str) -> Callable[..., Any] | None:
+    """``<Pipeline>.save_lora_weights`` when the pipeline class saves LoRA layers of ``component``, else None."""
+    import diffusers
+
+    save = getattr(getattr(diffusers, class_name, None), "save_lora_weights", None)
+    if save is None or f"{component}_lora_layers" not in inspect.signature(save).parameters:
+        return None
+    return save
+
+
+def check_lora_export(adapter: ModelAdapter, lora_rank: int) -> None:
+    """Refuse LoRA on a pipeline model whose LoRA weights cannot be written for ``load_lora_weights``
+    (before any teacher call or file). Models that are not pipelines export their merged weights only."""
+    if lora_rank <= 0:
+        return
+    cls = pipeline_class_name(adapter)
+    if cls is None:
+        return
+    from distill.student import has_diffusers_lora
+
+    comp = _pipeline_component(adapter)
+    if lora_saver(cls, comp) is None or not has_diffusers_lora(adapter.module):
+        raise StepsmithError(f"`lora_rank` {lora_rank}: LoRA weights of a {cls} cannot be exported (diffusers' {cls} "
+                             f"has no save_lora_weights / load_lora_weights for its {comp}; LoRA export supports "
+                             "StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline and "
+                             "FluxPipeline); use full fine-tuning (`lora_rank` 0)", param="lora_rank")
+
+
+def conditioning_record(cond: Conditioning | None) -> dict[str, Any] | None:
+    """What :func:`load_distilled` needs to rebuild the conditioning the student was trained under."""
+    if cond is None:
+        return None
+    rec: dict[str, Any] = {"guidance": cond.guidance, "height": cond.height, "width": cond.width}
+    if cond.kind == "class":
+        rec.update(classes=list(cond.items), null_class=cond.null_label)
+    else:
+        rec.update(prompts=list(cond.items), negative=cond.negative)
+    return rec
+
+
+def conditioning_from_record(rec: dict[str, Any] | None) -> Conditioning | None:
+    if rec is None:
+        return None
+    common = dict(guidance=rec["guidance"], height=rec.get("height"), width=rec.get("width"))
+    if "classes" in rec:
+        return Conditioning(labels=tuple(rec["classes"]), null_label=rec.get("null_class"), **common)
+    return Conditioning(prompts=tuple(rec["prompts"]), negative=rec.get("negative"), **common)
+
+
 def export_model(adapter: ModelAdapter, module: torch.nn.Module, tables: Sequence[TimestepTable], out: Path,
                  info: dict[str, Any], history: list[dict], *, overwrite: bool = False,
-                 loss_log: Path | None = None) -> Path:
-    """Write the output folder atomically (build beside it, then rename)."""
+                 loss_log: Path | None = None, lora: LoraWeights | None = None) -> Path:
+    """Write the output folder atomically (build beside it, then rename); ``lora`` (LoRA factors in diffusers'
+    naming) is also written in the pipeline's LoRA format."""
     out = Path(out)
     check_output_free(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,12 +161,19 @@ def export_model(adapter: ModelAdapter, module: torch.nn.Module, tables: Sequenc
     shutil.rmtree(tmp, ignore_errors=True)
     module = module.to("cpu")
     load: dict[str, Any] = {"teacher": adapter.name, "prediction": adapter.prediction,
-                            "shape": list(adapter.sample_shape)}
+                            "shape": list(adapter.sample_shape), "conditioning": conditioning_record(conditioning_of(adapter))}
     try:
         src = _source_folder(adapter)
         if _is_diffusers(module) and src is not None and (src / "model_index.json").is_file():
             shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("training.json", "*.tmp", ".*"))
             comp = _component(json.loads((src / "model_index.json").read_text()))
+            shutil.rmtree(tmp / comp, ignore_errors=True)
+            module.save_pretrained(tmp / comp, safe_serialization=True)
+            load["format"] = "diffusers-pipeline"
+        elif _is_diffusers(module) and getattr(adapter, "pipeline", None) is not None:
+            # a pipeline built in Python (no source folder): the pipeline saved, its denoiser replaced
+            adapter.pipeline.save_pretrained(tmp, safe_serialization=True)
+            comp = _pipeline_component(adapter)
             shutil.rmtree(tmp / comp, ignore_errors=True)
             module.save_pretrained(tmp / comp, safe_serialization=True)
             load["format"] = "diffusers-pipeline"
@@ -100,6 +190,16 @@ def export_model(adapter: ModelAdapter, module: torch.nn.Module, tables: Sequenc
             if adapter.scheduler_config is not None:
                 atomic_write_json(tmp / "scheduler" / "scheduler_config.json", adapter.scheduler_config)
             load["format"] = "state-dict"
+        if lora is not None and pipeline_class_name(adapter) is not None:
+            cls, comp = pipeline_class_name(adapter), _pipeline_component(adapter)
+            save = lora_saver(cls, comp)
+            if save is None:
+                raise StepsmithError(f"{cls} has no LoRA format for its {comp}")  # refused before training
+            kw: dict[str, Any] = {f"{comp}_lora_layers": lora.layers}
+            if f"{comp}_lora_adapter_metadata" in inspect.signature(save).parameters:
+                kw[f"{comp}_lora_adapter_metadata"] = lora.config  # the rank and alpha load_lora_weights rebuilds
+            save(str(tmp / LORA_DIR), **kw, safe_serialization=True)
+            load["lora"] = LORA_DIR
         tables[0].save(tmp / "table.json")
         for t in tables[1:]:
             t.save(tmp / f"table-{t.steps}.json")
@@ -116,8 +216,11 @@ def export_model(adapter: ModelAdapter, module: torch.nn.Module, tables: Sequenc
     return out
 
 
-def load_distilled(out: str | Path, device: str = "cpu") -> ModelAdapter:
-    """The distilled model in ``out`` as a :class:`ModelAdapter` (same convention as its teacher)."""
+def load_distilled(out: str | Path, device: str = "cpu", conditioning: Conditioning | None = None) -> ModelAdapter:
+    """The distilled model in ``out`` as a :class:`ModelAdapter` (same convention as its teacher).
+
+    A conditional model comes back under the conditioning it was trained under (classes or prompts and the
+    guidance scale baked into the student) unless ``conditioning`` says otherwise."""
     out = Path(out)
     info_file = out / INFO_FILE
     if not info_file.is_file():
@@ -127,21 +230,22 @@ def load_distilled(out: str | Path, device: str = "cpu") -> ModelAdapter:
     except (json.JSONDecodeError, KeyError):
         raise StepsmithError(f"{info_file} is corrupt; rerun stepsmith distill") from None
     fmt = load.get("format")
+    cond = conditioning if conditioning is not None else conditioning_from_record(load.get("conditioning"))
     if fmt in ("diffusers-pipeline", "diffusers-model"):
-        return load_model(str(out), device=device)
+        return load_model(str(out), device=device, conditioning=cond)
     teacher = load["teacher"]
     weights = out / "model.safetensors"
     if teacher.startswith("builtin:"):
         from schedules.adapters import load_state_dict
         from schedules.io import load_safetensors
 
-        adapter = load_model(teacher, device=device)
+        adapter = load_model(teacher, device=device, conditioning=cond)
         load_state_dict(adapter.module, load_safetensors(weights), str(weights))
         adapter.module.to(device)
         adapter.name = f"{teacher}@{out}"
         return adapter
     sched = out / "scheduler" if (out / "scheduler" / "scheduler_config.json").is_file() else None
     adapter = load_model(teacher, prediction=load["prediction"], shape=tuple(load["shape"]), scheduler_config=sched,
-                         weights=weights, device=device)
+                         weights=weights, device=device, conditioning=cond)
     adapter.name = f"{teacher}@{out}"
     return adapter

@@ -31,27 +31,29 @@ class KStepDistillation:
         self.data, self.conv = data, conv
         self.s_max = data.s_max
         tr, val = data.split("train"), data.split("val")
-        self.train = TeacherPairs(data.noise[tr], data.final[tr], coupling or Coupling())
-        self.val = TeacherPairs(data.noise[val], data.final[val], self.train.coupling.clipped(data.n_val))
+        self.train = TeacherPairs(data.noise[tr], data.final[tr], coupling or Coupling(), data.conditions_of(tr))
+        self.val = TeacherPairs(data.noise[val], data.final[val], self.train.coupling.clipped(data.n_val),
+                                data.conditions_of(val))
         self.grid = torch.tensor(sorted({float(v) for v in grid_sigmas if v > 0}, reverse=True), dtype=torch.float64)
         if len(self.grid) == 0:
             raise ValueError("empty k-grid")
 
-    def _examples(self, z0: torch.Tensor, x1: torch.Tensor, g: torch.Tensor) -> Batch:
+    def _examples(self, z0: torch.Tensor, x1: torch.Tensor, g: torch.Tensor, c: torch.Tensor | None = None) -> Batch:
         s = self.grid[g]
         x, slope = straight_path(self.conv, z0, x1, s, self.s_max)
-        return Batch(x, s, slope)
+        return Batch(x, s, slope, c)
 
     def draw(self, gen: torch.Generator, batch_size: int) -> Batch:
-        z0, x1 = self.train.draw(gen, batch_size)
+        z0, x1, c = self.train.draw_conditioned(gen, batch_size)
         g = torch.randint(0, len(self.grid), (batch_size,), generator=gen)
-        return self._examples(z0, x1, g)
+        return self._examples(z0, x1, g, c)
 
     def validation(self) -> Batch:
-        z0, x1 = self.val.fixed()
+        z0, x1, c = self.val.fixed_conditioned()
         k = len(self.grid)
         g = torch.arange(k).repeat(len(z0))
-        return self._examples(z0.repeat_interleave(k, 0), x1.repeat_interleave(k, 0), g)
+        return self._examples(z0.repeat_interleave(k, 0), x1.repeat_interleave(k, 0), g,
+                             None if c is None else c.repeat_interleave(k, 0))
 
     def describe(self) -> dict:
         c = self.train.coupling

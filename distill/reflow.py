@@ -24,6 +24,8 @@ class Reflow:
 
     ``coupling`` other than ``independent`` re-couples noises and teacher samples by minibatch
     OT (:class:`distill.base.TeacherPairs`: "OT-reflow"); the held-out pairs are coupled the same way.
+    Conditional models: each pair is trained under its teacher sample's condition (``c2ot`` keeps
+    noises within their condition).
     """
 
     name = "reflow"
@@ -32,8 +34,9 @@ class Reflow:
         self.data, self.conv = data, conv
         self.s_max = data.s_max
         tr, val = data.split("train"), data.split("val")
-        self.train = TeacherPairs(data.noise[tr], data.final[tr], coupling or Coupling())
-        self.val = TeacherPairs(data.noise[val], data.final[val], self.train.coupling.clipped(data.n_val))
+        self.train = TeacherPairs(data.noise[tr], data.final[tr], coupling or Coupling(), data.conditions_of(tr))
+        self.val = TeacherPairs(data.noise[val], data.final[val], self.train.coupling.clipped(data.n_val),
+                                data.conditions_of(val))
 
     def sample_sigmas(self, u: torch.Tensor) -> torch.Tensor:
         """Map u ∈ (0, 1] to native sigmas uniform in the model's own time."""
@@ -43,19 +46,19 @@ class Reflow:
         t_max = float(self.conv.model_time(torch.tensor([self.s_max], dtype=torch.float64))[0])
         return self.conv.sigma_from_model_time((u.to(torch.float64) * t_max).clamp(0, T - 1))
 
-    def _examples(self, z0: torch.Tensor, x1: torch.Tensor, s: torch.Tensor) -> Batch:
+    def _examples(self, z0: torch.Tensor, x1: torch.Tensor, s: torch.Tensor, c: torch.Tensor | None = None) -> Batch:
         x, slope = straight_path(self.conv, z0, x1, s, self.s_max)
-        return Batch(x, s, slope)
+        return Batch(x, s, slope, c)
 
     def draw(self, gen: torch.Generator, batch_size: int) -> Batch:
-        z0, x1 = self.train.draw(gen, batch_size)
+        z0, x1, c = self.train.draw_conditioned(gen, batch_size)
         u = 1 - torch.rand(batch_size, generator=gen, dtype=torch.float64)  # (0, 1]
-        return self._examples(z0, x1, self.sample_sigmas(u))
+        return self._examples(z0, x1, self.sample_sigmas(u), c)
 
     def validation(self) -> Batch:
-        z0, x1 = self.val.fixed()
+        z0, x1, c = self.val.fixed_conditioned()
         u = (torch.arange(len(z0), dtype=torch.float64) + 0.5) / len(z0)
-        return self._examples(z0, x1, self.sample_sigmas(u))
+        return self._examples(z0, x1, self.sample_sigmas(u), c)
 
     def describe(self) -> dict:
         c = self.train.coupling

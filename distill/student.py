@@ -6,6 +6,12 @@ EMA: diffusers' ``EMAModel`` with its warm-up (``use_ema_warmup=True``, ``inv_ga
 (0 at the first step), so short runs are not dominated by the initial weights. It
 averages the trainable parameters only (the LoRA factors when LoRA is on); the exported
 model holds the EMA weights.
+
+LoRA: a diffusers network with diffusers' peft integration (``PeftAdapterMixin``: the
+UNet2DConditionModel of SD/SDXL, the SD3 and Flux transformers) gets its adapter *in place*
+(``module.add_adapter``), so its LoRA state dict (:func:`lora_state_dict`) has diffusers' own key
+names and the pipeline's ``save_lora_weights`` / ``load_lora_weights`` round-trip it; any other
+network is wrapped by ``peft.get_peft_model``. Either way the export also folds the factors in.
 """
 
 from __future__ import annotations
@@ -41,13 +47,50 @@ def add_lora(module: torch.nn.Module, rank: int, alpha: float | None) -> torch.n
         raise StepsmithError("`lora_rank`: the model has no Linear/Conv2d layer to adapt; use full fine-tuning",
                              param="lora_rank")
     cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, lora_dropout=0.0, init_lora_weights=True)
+    if has_diffusers_lora(module):
+        module.add_adapter(cfg)  # in place: the base weights are frozen, the factors keep diffusers' names
+        return module
     return get_peft_model(module, cfg)
+
+
+def has_diffusers_lora(module: torch.nn.Module) -> bool:
+    """Whether ``module`` takes LoRA through diffusers' own peft integration (``add_adapter`` / ``fuse_lora``)."""
+    return all(callable(getattr(module, m, None)) for m in ("add_adapter", "fuse_lora", "unload_lora"))
+
+
+def _adapted_in_place(module: torch.nn.Module) -> bool:
+    return bool(getattr(module, "_hf_peft_config_loaded", False))
+
+
+@dataclass
+class LoraWeights:
+    """The LoRA factors of a network adapted in place, keyed as diffusers' ``save_lora_weights`` takes them
+    (e.g. ``down_blocks.0.attentions.0....to_q.lora_A.weight``), and the ``LoraConfig`` as a dict (rank,
+    alpha, targets: the adapter metadata ``load_lora_weights`` rebuilds the same scaling from)."""
+
+    layers: dict[str, torch.Tensor]
+    config: dict[str, Any]
+
+
+def lora_state_dict(module: torch.nn.Module) -> LoraWeights | None:
+    """The LoRA factors (CPU copies) and config of a diffusers network adapted in place; None otherwise."""
+    if not _adapted_in_place(module):
+        return None
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(module).items()}
+    cfg = module.peft_config["default"].to_dict()
+    cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.items()}
+    return LoraWeights(layers, cfg)
 
 
 def merge_lora(module: torch.nn.Module) -> torch.nn.Module:
     """The plain module with the LoRA factors folded into its weights (``module`` itself without LoRA)."""
     if hasattr(module, "merge_and_unload"):
         return module.merge_and_unload()
+    if _adapted_in_place(module):
+        module.fuse_lora()
+        module.unload_lora()  # the LoRA layers replaced by their (now fused) base layers
     return module
 
 
@@ -79,6 +122,11 @@ class Student:
         """Replace the trained weights by their EMA (the weights the run exports)."""
         if self.ema is not None:
             self.ema.copy_to(self.params)
+
+    def lora_layers(self, accelerator) -> LoraWeights | None:
+        """The LoRA factors in diffusers' naming (after :meth:`apply_ema`, before :meth:`final_module`
+        folds them in); None without LoRA or for a network outside diffusers' peft integration."""
+        return lora_state_dict(accelerator.unwrap_model(self.model))
 
     def final_module(self, accelerator) -> torch.nn.Module:
         """The distilled network (after :meth:`apply_ema`): LoRA merged, frozen, in eval mode, on CPU."""

@@ -13,7 +13,13 @@ four steps:
    at the same global batch (up to floating-point reduction order) and a resumed run draws the
    same batches; a checkpoint (:mod:`distill.checkpoint`) every ``checkpoint_every`` steps;
 4. the export: the EMA weights, LoRA merged, written atomically to ``out``
-   (:mod:`distill.export`).
+   (:mod:`distill.export`); a pipeline model trained with LoRA also gets its LoRA weights in the
+   format of the pipeline's ``load_lora_weights``.
+
+Conditional models (class labels or prompts, :class:`schedules.conditioning.ConditionalAdapter`)
+distill through the same adapter: the teacher data are its guided trajectories under per-sample
+conditions, and the student — a copy of the same network under the same conditioning and guidance
+scale — is trained on its guided output (:mod:`distill.base`, :mod:`distill.data`).
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ from distill.config import METHODS, DistillConfig
 from distill.data import TeacherData, table_nodes
 from distill.kstep import KStepDistillation
 from distill.reflow import Reflow
-from distill.student import Student, build_student
+from distill.student import LoraWeights, Student, build_student
 from distill.workdir import LOSS_LOG, LossLog, cached_teacher_data, default_work_dir, prepare_work_dir, run_record
 from schedules.adapters import ModelAdapter
+from schedules.conditioning import conditioning_of
 from schedules.couplings import Coupling
 from schedules.io import StepsmithError, remove_stale_siblings
 from schedules.table import TimestepTable
@@ -51,6 +58,7 @@ class DistillResult:
     history: list[dict[str, float]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     out: Path | None = None
+    lora: LoraWeights | None = None  # LoRA factors in diffusers' naming (pipeline networks with LoRA)
 
 
 def build_method(name: str, data: TeacherData, tables: Sequence[TimestepTable], adapter: ModelAdapter,
@@ -267,12 +275,17 @@ def distill(adapter: ModelAdapter, tables: TimestepTable | Sequence[TimestepTabl
 
 def _check_inputs(adapter: ModelAdapter, tables: TimestepTable | Sequence[TimestepTable],
                   config: DistillConfig) -> list[TimestepTable]:
-    config.validate()
+    from distill.export import check_lora_export
+
+    cond = conditioning_of(adapter)
+    config.validate(conditional=cond is not None)
+    check_lora_export(adapter, config.lora_rank)
     tables = [tables] if isinstance(tables, TimestepTable) else list(tables)
     if not tables:
         raise StepsmithError("give at least one timestep table (--table T.json)")
     for t in tables:
         t.check_compatible(adapter.convention, adapter.prediction, what=adapter.name)
+        t.check_conditioning(cond)  # warns when searched for another guidance scale or condition set
     table_nodes(tables)
     return tables
 
@@ -290,7 +303,9 @@ def _result(training: Training, adapter: ModelAdapter, tables: list[TimestepTabl
     val_raw = training.val_loss()
     training.student.apply_ema()
     val_ema = training.val_loss()
+    lora = training.student.lora_layers(training.accelerator)  # before final_module folds the factors in
     final = training.student.final_module(training.accelerator)
+    cond = conditioning_of(adapter)
     info = {
         "method": training.method.describe(), "config": asdict(training.config), "model": adapter.name,
         "convention": adapter.describe(), "tables": [t.to_dict() for t in tables],
@@ -298,9 +313,10 @@ def _result(training: Training, adapter: ModelAdapter, tables: list[TimestepTabl
         "processes": training.accelerator.num_processes,
         "teacher_calls": data.teacher_calls, **training.cost(), "resumed_from_step": training.start or None, "final_val_loss_raw": val_raw,
         "final_val_loss": val_ema, "teacher_data": data.fingerprint, "command": command,
+        "conditioning": None if cond is None else cond.describe(),
     }
     return DistillResult(module=final, adapter=dataclasses.replace(adapter, module=final, calls=0),
-                         history=training.history, info=info)
+                         history=training.history, info=info, lora=lora)
 
 
 def _export(result: DistillResult, adapter: ModelAdapter, tables: list[TimestepTable], out: Path | None,
@@ -312,7 +328,7 @@ def _export(result: DistillResult, adapter: ModelAdapter, tables: list[TimestepT
 
     if accelerator.is_main_process:
         export_model(adapter, result.module, tables, out, result.info, result.history, overwrite=overwrite,
-                     loss_log=(work / LOSS_LOG) if work is not None else None)
+                     loss_log=(work / LOSS_LOG) if work is not None else None, lora=result.lora)
         if work is not None:
             import shutil
 

@@ -43,9 +43,13 @@ def default_work_dir(out: Path) -> Path:
 
 
 def run_record(config: DistillConfig, adapter: ModelAdapter, tables: Sequence[TimestepTable]) -> dict[str, Any]:
-    """What must match between a checkpoint and a resumed run."""
-    return {"hyperparameters": config.hyperparameters(), "model": adapter.name,
-            "tables": [t.sigmas for t in tables]}
+    """What must match between a checkpoint and a resumed run (a conditional model's conditioning too:
+    the condition set and the guidance scale baked into the student)."""
+    rec = {"hyperparameters": config.hyperparameters(), "model": adapter.name, "tables": [t.sigmas for t in tables]}
+    cond = getattr(adapter, "conditioning", None)
+    if cond is not None:
+        rec["conditioning"] = cond.describe()
+    return rec
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

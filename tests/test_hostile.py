@@ -222,8 +222,9 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
                                   "--out", OUT_PNG], "--allow-other-model"),
     ("eval-table-other-model", ["eval", "--model", "builtin:digits-flow", "--tables", "{ok}", "--num", "4",
                                 "--out", "{d}/new/ev"], "--allow-other-model"),
-    ("distill-conditional", ["distill", "--model", "builtin:digits-cond", "--table", "{ok}", "--steps", "1",
-                             "--allow-other-model", "--out", "{d}/new/st"], "unconditional models only"),
+    ("distill-conditional-without-classes", ["distill", "--model", "builtin:digits-cond", "--table", "{ok}", "--steps",
+                                             "1", "--allow-other-model", "--out", "{d}/new/st"],
+     "give the classes to sample"),
     ("distill-table-other-model", ["distill", "--model", "builtin:digits-flow", "--table", "{ok}", "--steps", "1",
                                    "--out", "{d}/new/st"], "--allow-other-model"),
     # --shape against the UNet config; scheduler configs read by their _class_name
