@@ -13,6 +13,7 @@ from typing import Any
 
 SEARCH_METHODS = ("dp", "evolution", "ays", "olss")  # a row made by one of these is a searched row
 PUBLISHED_DP = ("dp-boss", "dp-gits", "dp-oss")  # the published DP algorithms as rows of the suite
+DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace", "default")  # what a diffusers user gets without stepsmith
 
 
 def searched_labels(report: dict[str, Any]) -> set[str]:
@@ -105,6 +106,8 @@ def _ratio_rows(labels: list[str], nfes: list[int], cells: dict[tuple[str, int],
     rows = [("best searched ÷ best baseline", searched_best, best_of([lab for lab in labels if lab not in searched])),
             ("best searched ÷ diffusers default", searched_best, {n: cells.get(("default", n)) for n in nfes})]
     dp = {n: cells.get(("dp", n)) for n in nfes}
+    if "dp" in labels:
+        rows.append(("dp ÷ best diffusers spacing (leading, trailing, linspace, default)", dp, best_of(DIFFUSERS_SPACINGS)))
     if any(lab in labels for lab in PUBLISHED_DP):
         rows.append(("dp ÷ best published DP (boss, gits, oss)", dp, best_of(PUBLISHED_DP)))
     if "dp-teacher-mse" in labels:
