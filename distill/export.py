@@ -128,8 +128,21 @@ def check_lora_export(adapter: ModelAdapter, lora_rank: int) -> None:
                              "FluxPipeline); use full fine-tuning (`lora_rank` 0)", param="lora_rank")
 
 
+def requested_conditioning(adapter: ModelAdapter) -> Conditioning | None:
+    """The conditioning a model was asked for: a pipeline adapter's prompt ``pipeline_conditioning`` (what its
+    builder was given) where present, else the adapter's own. A pipeline adapter's own prompt conditioning is
+    resolved for its run (an SDXL negative prompt left out becomes "", guided by zeros under
+    ``force_zeros_for_empty_prompt``; Flux's embedded guidance becomes its CFG scale): rebuilt from that, a student
+    would guide differently from its teacher (:func:`schedules.conditioning.with_guidance` rebuilds from the request
+    for the same reason). Class conditioning resolves without loss (``'all'`` to the labels, the null class made
+    explicit), so the resolved one is recorded."""
+    asked = getattr(adapter, "pipeline_conditioning", None)
+    return asked if asked is not None and asked.kind == "prompt" else conditioning_of(adapter)
+
+
 def conditioning_record(cond: Conditioning | None) -> dict[str, Any] | None:
-    """What :func:`load_distilled` needs to rebuild the conditioning the student was trained under."""
+    """What :func:`load_distilled` needs to rebuild the conditioning the student was trained under (give it the
+    conditioning as requested, :func:`requested_conditioning`)."""
     if cond is None:
         return None
     rec: dict[str, Any] = {"guidance": cond.guidance, "height": cond.height, "width": cond.width}
@@ -161,7 +174,7 @@ def export_model(adapter: ModelAdapter, module: torch.nn.Module, tables: Sequenc
     shutil.rmtree(tmp, ignore_errors=True)
     module = module.to("cpu")
     load: dict[str, Any] = {"teacher": adapter.name, "prediction": adapter.prediction,
-                            "shape": list(adapter.sample_shape), "conditioning": conditioning_record(conditioning_of(adapter))}
+                            "shape": list(adapter.sample_shape), "conditioning": conditioning_record(requested_conditioning(adapter))}
     try:
         src = _source_folder(adapter)
         if _is_diffusers(module) and src is not None and (src / "model_index.json").is_file():

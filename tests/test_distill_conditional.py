@@ -240,3 +240,24 @@ def test_conditional_run_resumes_only_under_the_same_guidance(cond3, tmp_path):
     res = distill(cond3, table, cfg, tmp_path / "out", resume=True)
     for k, v in full.module.state_dict().items():
         torch.testing.assert_close(res.module.state_dict()[k], v)
+
+
+def test_sdxl_record_keeps_a_missing_negative_prompt_missing(sdxl_pipe, tmp_path):
+    """SDXL under ``force_zeros_for_empty_prompt`` guides a missing negative prompt by zeros, an explicit "" by its
+    encoding: the export records the conditioning as requested (no negative), so the student loaded back guides by
+    zeros like its teacher did."""
+    from schedules.pipeline_adapters import adapter_from_pipeline
+
+    teacher = adapter_from_pipeline(sdxl_pipe, Conditioning(prompts=("a cat", "a dog"), guidance=3.0), name="tiny-sdxl")
+    assert teacher.conditioning.negative == "" and teacher.conditioning.extra["negative_embeds"] == "zeros"
+    cfg = DistillConfig(method="boss", steps=2, pairs=4, batch_size=4, ema_decay=0, **FAST)
+    out = tmp_path / "sdxl"
+    distill(teacher, uniform(teacher, 1), cfg, out)
+    rec = json.loads((out / "distill.json").read_text())["load"]["conditioning"]
+    assert rec["negative"] is None and rec["prompts"] == ["a cat", "a dog"] and rec["guidance"] == 3.0
+    student = load_distilled(out)
+    assert student.conditioning.extra.get("negative_embeds") == "zeros"
+    assert student.conditioning.fingerprint() == teacher.conditioning.fingerprint()
+    # the explicit "" is another negative branch: it would not have been the teacher's
+    explicit = adapter_from_pipeline(sdxl_pipe, Conditioning(prompts=("a cat", "a dog"), negative="", guidance=3.0))
+    assert explicit.conditioning.fingerprint() != student.conditioning.fingerprint()

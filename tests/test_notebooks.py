@@ -41,6 +41,9 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     assert not any(o.output_type == "error" for o in outputs)
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert ("FID" in text) if name == "quickstart.ipynb" else ("W2" in text)
+    assert {"quickstart.ipynb": "FID", "distillation.ipynb": "W2", "conditional.ipynb": "class accuracy"}[name] in text
     if name == "quickstart.ipynb":
         assert json.loads((tmp_path / "digits-flow-dp6.json").read_text())["format"] == "stepsmith.schedule/v1"
+    if name == "conditional.ipynb":  # the table records its guidance; pipeline_kwargs warned at the other scale
+        assert json.loads((tmp_path / "digits-cond-dp4-w3.json").read_text())["conditioning"]["guidance"] == 3.0
+        assert "guidance 1: warning:" in text and "guidance 3: warning:" not in text
