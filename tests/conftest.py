@@ -79,3 +79,33 @@ def sd_folder(sd_pipe, tmp_path_factory):
     folder = tmp_path_factory.mktemp("pipes") / "tiny-sd"
     sd_pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def _saved(pipe, tmp_path_factory, name):
+    folder = tmp_path_factory.mktemp("pipes") / name
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(sdxl_pipe, tmp_path_factory):
+    """The tiny SDXL pipeline saved with safetensors (a `--model DIR` folder)."""
+    return _saved(sdxl_pipe, tmp_path_factory, "tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(sd3_pipe, tmp_path_factory):
+    """The tiny SD3 pipeline (two CLIP encoders and a T5) saved with safetensors."""
+    return _saved(sd3_pipe, tmp_path_factory, "tiny-sd3")
+
+
+@pytest.fixture(scope="module")
+def flux_folder(flux_pipe, tmp_path_factory):
+    """The tiny Flux (schnell-style, no guidance embedding) pipeline saved with safetensors."""
+    return _saved(flux_pipe, tmp_path_factory, "tiny-flux")
+
+
+@pytest.fixture(scope="module")
+def dit_folder(dit_pipe, tmp_path_factory):
+    """The tiny class-conditional DiT pipeline saved with safetensors."""
+    return _saved(dit_pipe, tmp_path_factory, "tiny-dit")

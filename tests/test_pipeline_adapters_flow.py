@@ -140,16 +140,37 @@ def test_save_pretrained_round_trip(request, tmp_path, which, cls):
     pipe = request.getfixturevalue(f"{which}_pipe")
     cond = Conditioning(prompts=PROMPTS, negative="dog", guidance=3.0, height=16, width=16)
     pipe.save_pretrained(tmp_path, safe_serialization=True)
-    # every weight and config is reloaded from tmp_path; the test-only word-level T5 tokenizer is passed in
-    # (the installed transformers cannot rebuild a WordLevel T5TokenizerFast from its saved files)
-    t5 = "tokenizer_3" if which == "sd3" else "tokenizer_2"
-    again = cls.from_pretrained(tmp_path, use_safetensors=True, **{t5: getattr(pipe, t5)})
+    # every weight, config and tokenizer (the T5 one included) is reloaded from tmp_path
+    again = cls.from_pretrained(tmp_path, use_safetensors=True)
     assert again.transformer is not pipe.transformer
+    t5 = "tokenizer_3" if which == "sd3" else "tokenizer_2"
+    assert getattr(again, t5)(["a cat", "dog"]).input_ids == getattr(pipe, t5)(["a cat", "dog"]).input_ids == [[3, 4, 1], [5, 1]]
     a, b = adapter_from_pipeline(pipe, cond), adapter_from_pipeline(again, cond)
     assert a.describe() == b.describe()
     x, s = a.noise(2, 5), torch.full((2,), 0.6, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(b.denoise(x, s), a.denoise(x, s), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["sd3", "flux"])
+def test_decoded_images_are_the_pipelines(request, which):
+    """stepsmith's decoding (Flux: packed latents unpacked first) gives the pipeline's own output_type="pt" images."""
+    from schedules.cli_sample import decode_latents
+
+    pipe = request.getfixturevalue(f"{which}_pipe")
+    table = flow_table((1.0, 0.5, 0.0))
+    adapter = adapter_from_pipeline(pipe, Conditioning(prompts=PROMPTS, height=16, width=16))
+    noise = adapter.noise(2, 4)
+    try:
+        with torch.no_grad():
+            images = pipe(list(PROMPTS), height=16, width=16, latents=noise.clone(), output_type="pt",
+                          guidance_scale=1.0, **pipeline_kwargs(table, pipe)).images  # unguided, as the adapter
+    finally:
+        remove_table(pipe)
+    with torch.no_grad():
+        decoded = decode_latents(adapter, sample(adapter, noise, table.sigmas, table.solver))
+    assert decoded.shape == images.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(decoded, images, atol=1e-4, rtol=0)
 
 
 def test_default_sizes_are_the_pipelines(sd3_pipe, flux_pipe):

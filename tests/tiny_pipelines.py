@@ -1,7 +1,8 @@
-"""Tiny random-weight diffusers pipelines built offline (SD1.5, SDXL, SD3, Flux), for tests.
+"""Tiny random-weight diffusers pipelines built offline (SD1.5, SDXL, SD3, Flux, DiT), for tests.
 
 Tokenizer vocabularies are written to a folder (``write_vocab``); every builder seeds torch so two
-builds are identical. Shared by the plug tests and the pipeline-adapter tests.
+builds are identical, and every pipeline survives ``save_pretrained`` / ``from_pretrained`` offline.
+Shared by the plug tests and the pipeline-adapter tests.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _bytes_to_unicode() -> list[str]:
 
 
 def write_vocab(d: Path) -> Path:
-    """Tokenizer vocabularies (CLIP BPE with the merges for "cat", a T5 word level) written into ``d``."""
+    """Tokenizer vocabularies (CLIP BPE with the merges for "cat", a T5 Unigram in ``d/t5``) written into ``d``."""
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -64,13 +65,15 @@ def write_vocab(d: Path) -> Path:
         vocab[merged] = len(vocab)
     (d / "vocab.json").write_text(json.dumps(vocab))
     (d / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = {"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "cat": 4, "dog": 5}
-    t5 = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    t5.pre_tokenizer = pre_tokenizers.Whitespace()
-    t5.save(str(d / "t5.json"))
+    # T5's own layout (pad 0, eos 1, unk 2) as a tiny Unigram model with SentencePiece's "▁" word marker: the
+    # tokenizers-backed T5TokenizerFast rebuilds exactly this model from a saved tokenizer.json, so the folder
+    # written here (and every pipeline saved with it) reloads with from_pretrained. "a cat dog" → 3 4 5 </s>.
+    T5TokenizerFast(vocab=T5_VOCAB, extra_ids=0, model_max_length=16).save_pretrained(d / "t5")
     return d
+
+
+# (piece, log-probability) pairs of the tiny T5 Unigram vocabulary; anything else maps to <unk>
+T5_VOCAB = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁a", -1.0), ("▁cat", -1.0), ("▁dog", -1.0)]
 
 
 def clip_tokenizer(d):
@@ -78,8 +81,8 @@ def clip_tokenizer(d):
 
 
 def t5_tokenizer(d):
-    return T5TokenizerFast(tokenizer_file=str(d / "t5.json"), extra_ids=0, pad_token="<pad>", eos_token="</s>",
-                           unk_token="<unk>", model_max_length=16)
+    """The tiny T5 tokenizer, loaded back from the folder :func:`write_vocab` saved it to."""
+    return T5TokenizerFast.from_pretrained(Path(d) / "t5")
 
 
 def clip_config(hidden=32, proj=32):
@@ -94,11 +97,13 @@ def tiny_t5(d_model=32):
                                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
 
 
-def tiny_vae(latent_channels=4):
+def tiny_vae(latent_channels=4, shift_factor=None):
+    """A 2-level VAE (scale factor 2); SD3 / Flux decode ``latents / scaling_factor + shift_factor``, so their
+    VAEs carry a shift (the real ones: 0.0609 / 0.1159)."""
     torch.manual_seed(4)
     return AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=latent_channels,
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         norm_num_groups=2).eval()
+                         norm_num_groups=2, shift_factor=shift_factor).eval()
 
 
 def sd_pipeline(vocab_dir):
@@ -140,7 +145,7 @@ def sd3_pipeline(vocab_dir):
     te2 = CLIPTextModelWithProjection(clip_config()).eval()
     tok = clip_tokenizer(vocab_dir)
     return StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                                    vae=tiny_vae(), text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+                                    vae=tiny_vae(shift_factor=0.0609), text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
                                     text_encoder_3=tiny_t5(), tokenizer_3=t5_tokenizer(vocab_dir))
 
 
@@ -153,7 +158,7 @@ def flux_pipeline(vocab_dir):
     te = CLIPTextModel(clip_config()).eval()
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                             base_image_seq_len=256, max_image_seq_len=4096)
-    return FluxPipeline(scheduler=sched, vae=tiny_vae(latent_channels=1), text_encoder=te,
+    return FluxPipeline(scheduler=sched, vae=tiny_vae(latent_channels=1, shift_factor=0.1159), text_encoder=te,
                         tokenizer=clip_tokenizer(vocab_dir), text_encoder_2=tiny_t5(), tokenizer_2=t5_tokenizer(vocab_dir),
                         transformer=tr)
 

@@ -37,6 +37,7 @@ which resolution it was searched at.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -146,7 +147,8 @@ def build(pipe, conditioning: Conditioning | None, *, name: str, max_sequence_le
                                  name=name, scheduler_config=sched, call=transformer_call,
                                  model_kwargs={"txt_ids": text_ids, "img_ids": img_ids}, conditioning=cond,
                                  condition_kwargs=encoded, guide_above_one=True)
-    adapter.pipeline = pipe  # for decoding: pipe._unpack_latents(x, height, width, pipe.vae_scale_factor)
+    adapter.pipeline = pipe  # for decoding: the packed latents unpacked to [C, h, w] first, as the pipeline does
+    adapter.unpack_latents = functools.partial(pipe._unpack_latents, height=height, width=width, vae_scale_factor=f)
     return adapter
 
 
