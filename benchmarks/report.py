@@ -120,6 +120,26 @@ def _ratio_rows(labels: list[str], nfes: list[int], cells: dict[tuple[str, int],
             *(f"| {name} | {ratio(num, den)} |" for name, num, den in rows)]
 
 
+def _below_teacher(rep: dict[str, Any], guided: bool) -> list[str]:
+    """Rows that score clearly better than the many-step teacher itself, with their distance to the teacher's samples:
+    a few-step table cannot beat the sampler it approximates except by sampling another distribution."""
+    t = rep["teacher"]["value"]
+    rows = [r for r in rep["results"] if r["value"] < 0.9 * t and "teacher_mse" in r.get("extra", {})]
+    if not rows or not rep.get("lower_is_better", True):
+        return []
+    dp = {int(r["nfe"]): r["extra"].get("teacher_mse") for r in rep["results"] if r["label"] == "dp"}
+    lines = ["", f"Rows scoring below the teacher's own {_fmt(t)} (mean squared distance to the teacher's samples from the "
+             "same noises, and ÷ dp's):"]
+    for r in sorted(rows, key=lambda r: (r["label"], r["nfe"])):
+        d, ref = r["extra"]["teacher_mse"], dp.get(int(r["nfe"]))
+        lines.append(f"- {r['label']} NFE {r['nfe']}: {_fmt(r['value'])}, distance {d:.3g}"
+                     + (f" ({d / ref:.1f}× dp)" if ref else ""))
+    if guided:
+        lines.append("Against unguided real data, a guided model's FID rewards undoing the guidance: such rows do not "
+                     "reproduce the guided sampler (MMHM and the teacher distance say so).")
+    return lines
+
+
 def _final_jumps(rep: dict[str, Any], searched: set[str], nfes: list[int]) -> list[str]:
     """The last evaluated σ of every searched table and the share of the noise range its final jump crosses."""
     rows = {(r["label"], int(r["nfe"])): r for r in rep["results"] if r["label"] in searched and r.get("sigmas")}
@@ -204,6 +224,7 @@ def _quality_config(res: dict[str, Any], out: Path, md_dir: Path) -> list[str]:
         lines.append("")
         lines.append("Not applicable here: " + "; ".join(f"`{b}` ({why})" for b, why in res["skipped_baselines"].items()))
     lines += _ratio_rows(labels, nfes, cells, searched)
+    lines += _below_teacher(rep, cond is not None)
     lines += _manifold(rep, labels, nfes, searched)
     acc = {(r["label"], int(r["nfe"])): (r.get("metrics") or {}).get("class-accuracy") for r in rep["results"]}
     if any(v is not None for v in acc.values()):

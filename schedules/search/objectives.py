@@ -46,7 +46,15 @@ with a long final jump on sharp-ddpm (last t = 549 at NFE 4, FID 172; search-see
 pairing of ``teacher-mse``, beats it in 4 of 4 cells and is best or tied-best in 3 (sum of FIDs 441.9
 vs 455.1; differences of 0.5–6.6 FID at 512 samples and one eval seed, so modest evidence). The
 benchmark suite (``stepsmith bench``) searches both at its default settings side by side (rows ``dp``
-and ``dp-teacher-mse``) on every embedded configuration.
+and ``dp-teacher-mse``; 32 search samples, grid 60, candidates 6, 2 sweeps; N = 500, seed 10 000). Its
+run of 2026-12-02 (BENCHMARKS.md), FID feature-mse / teacher-mse:
+
+* sharp-ddpm DDIM NFE 4 / 6 / 8: 74.0 / 82.7, 65.2 / 67.2, 59.5 / 63.3 (leading 112.2, 71.7, 70.5);
+* digits-flow Euler NFE 2–10: 399 / 502, 189.8 / 193.0, 126.4 / 130.4, 103.5 / 106.9, 93.3 / 93.3;
+* digits-ddpm DDIM NFE 2–10: 529 / 529, **272.7 / 226.5**, **148.5 / 116.5**, 88.7 / 104.5, **88.3 / 86.9**.
+
+feature-mse is better in 8 cells, worse in 3 (digits-ddpm DDIM NFE 4, 6, 10), tied in 3; kept as the
+default for models with a feature network, with teacher-mse one option away.
 """
 
 from __future__ import annotations
