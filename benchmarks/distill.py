@@ -21,7 +21,8 @@ size and learning rate:
 
 Quality on ``eval_samples`` from noise seed 10 000: toy2d → exact W2 to fresh ``toy2d_data``
 (seed 10 001, POT via ``eval.metrics.wasserstein``); digits → FID on the ``digits-features``
-network against all 1 797 digits (``eval.metrics.fid``). Also the L2 distance to the teacher's
+network against all 1 797 digits (``eval.metrics.fid_from_features``), and KID on the same features
+(``eval.metrics.kid_from_features``, subsets of min(1000, ``eval_samples``), seed 0). Also the L2 distance to the teacher's
 ``reference_steps``-step Heun sample from the same noise, and Liu et al.'s straightness
 (``eval.metrics.flow_straightness``, ``straight_steps`` Euler steps) before/after. Results go to
 ``out`` (JSON, atomic, rewritten after every student) and, from the command line, a Markdown table
@@ -125,18 +126,25 @@ class Evaluator:
             self.kind, self.real = "w2", toy2d_data(n, seed=EVAL_SEED + 1)
         else:
             from eval.features import load_feature_network
+            from eval.metrics import extract_features
             from schedules.embedded.nets import digits_data
 
             self.kind, self.real = "fid", digits_data()[0]
             self.net = load_feature_network("digits-features")
+            self.real_features = extract_features(self.net, self.real)  # once, not per scored cell
 
-    def quality(self, x: torch.Tensor) -> float:
+    def scores(self, x: torch.Tensor) -> dict[str, float]:
+        """The quality metric of samples ``x`` (toy2d: ``w2``; images: ``fid`` and ``kid``, the KID mean)."""
         from eval import metrics
 
         if self.kind == "w2":
-            return metrics.wasserstein(x, self.real)
-        with torch.no_grad():
-            return metrics.fid(self.real, x.clamp(-1, 1), self.net)
+            return {"w2": metrics.wasserstein(x, self.real)}
+        fake = metrics.extract_features(self.net, x.clamp(-1, 1))
+        return {"fid": metrics.fid_from_features(self.real_features, fake),
+                "kid": metrics.kid_from_features(self.real_features, fake)[0]}
+
+    def quality(self, x: torch.Tensor) -> float:
+        return self.scores(x)[self.kind]
 
     def evaluate(self, model, sigmas) -> dict:
         from schedules.solvers import sample
@@ -144,7 +152,7 @@ class Evaluator:
         x = sample(model, self.noise, sigmas, "euler")
         # teacher_l2 as eval.metrics defines it: root-mean-square over samples of the per-sample L2 distance.
         l2 = float(((x - self.reference) ** 2).flatten(1).sum(1).mean().sqrt())
-        return {self.kind: self.quality(x), "teacher_l2": l2}
+        return {**self.scores(x), "teacher_l2": l2}
 
     def straightness(self, model) -> float | None:
         """Straightness of a flow model (``None`` for other conventions)."""
@@ -212,7 +220,7 @@ def run_distill_bench(cfg: DistillBenchConfig = DistillBenchConfig(), out: str |
     straight = {"teacher": ev.straightness(adapter)}
     log("teacher straightness", straight["teacher"])
 
-    def write(ref_q: float | None = None) -> dict[str, Any]:
+    def write(ref_q: dict[str, float] | None = None) -> dict[str, Any]:
         result = _result(run, command, straight, table_info, teacher_seconds, time.perf_counter() - t_start, ref_q)
         result["config"]["out"] = None if out is None else str(out)
         if out is not None:
@@ -222,7 +230,7 @@ def run_distill_bench(cfg: DistillBenchConfig = DistillBenchConfig(), out: str |
         return result
 
     _train_all(run, dp, uni, write)
-    return write(ev.quality(ev.reference))
+    return write(ev.scores(ev.reference))
 
 
 def _train_all(run: _Run, dp: dict, uni: dict, write: Callable[[], Any]) -> None:
@@ -255,12 +263,14 @@ def _train_all(run: _Run, dp: dict, uni: dict, write: Callable[[], Any]) -> None
 
 
 def _result(run: _Run, command: str, straight: dict, table_info: dict, teacher_seconds: float, seconds: float,
-            ref_q: float | None) -> dict[str, Any]:
+            ref_q: dict[str, float] | None) -> dict[str, Any]:
     cfg, kind = run.cfg, run.ev.kind
     result = {
         "command": command,
         "metric": kind, "eval_samples": cfg.eval_samples, "eval_seed": EVAL_SEED, "data_seed": DATA_SEED,
-        "reference_quality": ref_q, "teacher_data_seconds": round(teacher_seconds, 1), "tables": table_info,
+        "reference_quality": None if ref_q is None else ref_q[kind],
+        **({"reference_kid": ref_q["kid"]} if ref_q and "kid" in ref_q else {}),
+        "teacher_data_seconds": round(teacher_seconds, 1), "tables": table_info,
         "straightness": {"teacher": straight["teacher"], **{k: v["straightness"] for k, v in run.runs.items()}},
         "runs": run.runs, "rows": run.rows, "seconds": round(seconds, 1),
         "config": {**asdict(cfg), "threads": torch.get_num_threads()},
@@ -290,9 +300,34 @@ def markdown(result: dict) -> str:
     Results written before the metric was named ``teacher_l2`` store the same quantity as ``teacher_rmse``.
     """
     kind = result["metric"]
-    nfes = sorted({r["nfe"] for r in result["rows"]})
+    lines = _table(result["rows"], lambda r: f"{r[kind]:.4g} ({_teacher_l2(r):.3g})")
+    ref_steps = result.get("config", {}).get("reference_steps", 100)
+    lines.append(f"\n{kind} (L2 distance to the teacher's {ref_steps}-step Heun sample); reference sampler {kind}: "
+                 f"{result['reference_quality']}")
+    if all("kid" in r for r in result["rows"]):
+        lines += ["", "KID (mean over subsets) on the same samples:", ""] + _table(result["rows"], lambda r: f"{r['kid']:.4g}")
+        lines.append(f"\nreference sampler KID: {result['reference_kid']:.4g}")
+    lines.append("straightness: " + ", ".join(f"{k} {v:.4g}" for k, v in result["straightness"].items() if v is not None))
+    lines.append("BOSS / uniform reflow: " + ", ".join(f"NFE {k}: {v:.3f}" for k, v in result["boss_over_uniform_reflow"].items()))
+    if all("kid" in r for r in result["rows"]):
+        nfes = sorted({r["nfe"] for r in result["rows"]})
+        kid = boss_over_uniform_reflow(result["rows"], nfes, "kid")
+        lines.append("BOSS / uniform reflow (KID): " + ", ".join(f"NFE {k}: {v:.3f}" for k, v in kid.items()))
+    ref = result.get("reference_quality")
+    if kind == "fid" and ref:
+        # each student with the table it is sampled with: BOSS its DP table, the others the uniform one
+        top = max(r["nfe"] for r in result["rows"])
+        over = [f"{r['model']} {r[kind] / ref:.2f}" for r in result["rows"] if r["model"] != "teacher" and r["nfe"] == top
+                and (r["table"] == "dp") == r["model"].startswith("boss")]
+        lines.append(f"NFE {top} student fid / reference sampler fid: " + ", ".join(over))
+    return "\n".join(lines)
+
+
+def _table(rows: list[dict], cell: Callable[[dict], str]) -> list[str]:
+    """A Markdown table, one line per (model without ``@K``, table) and one column per NFE."""
+    nfes = sorted({r["nfe"] for r in rows})
     keys = []
-    for r in result["rows"]:
+    for r in rows:
         key = (r["model"].split("@")[0], r["table"])
         if key not in keys:
             keys.append(key)
@@ -301,16 +336,11 @@ def markdown(result: dict) -> str:
     for model, table in keys:
         cells = []
         for k in nfes:
-            r = next((r for r in result["rows"] if r["model"].split("@")[0] == model and r["table"] == table
-                      and r["nfe"] == k), None)
-            cells.append("" if r is None else f"{r[kind]:.4g} ({_teacher_l2(r):.3g})")
+            r = next((r for r in rows if r["model"].split("@")[0] == model and r["table"] == table and r["nfe"] == k),
+                     None)
+            cells.append("" if r is None else cell(r))
         lines.append(f"| {model} | {table} | " + " | ".join(cells) + " |")
-    ref_steps = result.get("config", {}).get("reference_steps", 100)
-    lines.append(f"\n{kind} (L2 distance to the teacher's {ref_steps}-step Heun sample); reference sampler {kind}: "
-                 f"{result['reference_quality']}")
-    lines.append("straightness: " + ", ".join(f"{k} {v:.4g}" for k, v in result["straightness"].items() if v is not None))
-    lines.append("BOSS / uniform reflow: " + ", ".join(f"NFE {k}: {v:.3f}" for k, v in result["boss_over_uniform_reflow"].items()))
-    return "\n".join(lines)
+    return lines
 
 
 def cli_command(cfg: DistillBenchConfig, *extra: str) -> str:

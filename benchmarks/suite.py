@@ -102,9 +102,11 @@ class BenchConfig:
     })
     grid_2d: int = 100
     overhead: OverheadConfig = OverheadConfig()
+    # digits (on toy2d every student sits at the W2 floor); measured 1245 s on one thread (benchmarks/results/bench-p5)
     distill: DistillBenchConfig = DistillBenchConfig(
-        nfe=(1, 2, 3, 4, 5, 6), steps=300, pairs=4000, teacher_steps=100, eval_samples=2000,
-        table_options={"free_start": False})
+        model="builtin:digits-flow", nfe=(1, 2, 4), methods=("boss", "reflow", "ot-reflow", "kstep"), steps=200,
+        batch_size=64, warmup=20, pairs=1024, teacher_steps=30, reference_steps=50, eval_samples=1000,
+        straight_samples=100, straight_steps=50, search_samples=32, table_options={"free_start": False})
     parts: tuple[str, ...] = PARTS
 
 
