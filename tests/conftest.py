@@ -76,9 +76,7 @@ def dit_pipe():
 @pytest.fixture(scope="module")
 def sd_folder(sd_pipe, tmp_path_factory):
     """The tiny SD pipeline saved with safetensors (a `--model DIR` folder)."""
-    folder = tmp_path_factory.mktemp("pipes") / "tiny-sd"
-    sd_pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return _saved(sd_pipe, tmp_path_factory, "tiny-sd")
 
 
 def _saved(pipe, tmp_path_factory, name):

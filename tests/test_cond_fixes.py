@@ -185,26 +185,16 @@ def test_sd_at_guidance_below_one_is_the_pipelines(sd_pipe):
     assert_same(out0, out)  # 0 and 0.5 are the same unguided run
 
 
-def test_dit_at_guidance_below_one_is_the_pipelines(dit_pipe, monkeypatch):
+def test_dit_at_guidance_below_one_is_the_pipelines(dit_pipe):
     from schedules.interchange import table_from_timesteps
+    from tests.tiny_pipelines import dit_final_latents
 
     labels = [207, 360]
     adapter = adapter_from_pipeline(dit_pipe, Conditioning(labels=tuple(labels), guidance=0.5))
     sch = dit_pipe.scheduler
     sch.set_timesteps(4)
     table = table_from_timesteps(sch.timesteps.tolist(), adapter=adapter, solver="ddim", model="tiny-dit")
-    finals, step = [], type(sch).step
-
-    def recording_step(self, *a, **k):
-        out = step(self, *a, **k)
-        finals.append(out.prev_sample)
-        return out
-
-    monkeypatch.setattr(type(sch), "step", recording_step)
-    dit_pipe(labels, guidance_scale=0.5, num_inference_steps=4, generator=torch.Generator().manual_seed(7),
-             output_type="pt")
-    monkeypatch.undo()
-    ref = finals[-1]
+    ref = dit_final_latents(dit_pipe, labels, 0.5, 4)
     assert ref.shape[0] == 2  # no CFG batch in the pipeline at w ≤ 1
     noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(7))
     out = sample(adapter, noise, table.sigmas, "ddim")

@@ -187,3 +187,23 @@ def flux_guidance_pipeline(vocab_dir):
                                 axes_dims_rope=[4, 4, 8], guidance_embeds=True).eval()
     return FluxPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                         text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, transformer=tr)
+
+
+def dit_final_latents(pipe, labels: list[int], guidance_scale: float, steps: int, seed: int = 7) -> torch.Tensor:
+    """DiTPipeline's last scheduler state (before the VAE) for ``labels``: the pipeline has no latent
+    output, so its scheduler's ``step`` is wrapped for the run (under CFG the state is the doubled batch)."""
+    cls = type(pipe.scheduler)
+    step, finals = cls.step, []
+
+    def recording_step(self, *a, **k):
+        out = step(self, *a, **k)
+        finals.append(out.prev_sample)
+        return out
+
+    cls.step = recording_step
+    try:
+        pipe(labels, guidance_scale=guidance_scale, num_inference_steps=steps,
+             generator=torch.Generator().manual_seed(seed), output_type="pt")
+    finally:
+        cls.step = step
+    return finals[-1]
