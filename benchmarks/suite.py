@@ -379,7 +379,8 @@ def merge(bench_jsons: list[str | Path], out: str | Path, markdown_path: str | P
               "runs": [{"command": r["command"], "date": r["date"], "seconds": r["seconds"],
                         "configs": [q["name"] for q in r.get("quality") or []]} for r in runs],
               "seconds": max(r["seconds"] for r in runs)}
-    result.pop("quality", None), result.pop("overhead", None), result.pop("distill", None)
+    for key in ("quality", "overhead", "distill"):  # taken from the runs below
+        result.pop(key, None)
     if quality:
         result["quality"] = quality
         plot_gap(quality, out / "p2_gap_closed.png")
