@@ -3,6 +3,9 @@
     stepsmith bench --out runs/bench                  # full run (about an hour on 2 CPU cores)
     stepsmith bench --reduced --out runs/bench-ci     # seconds; CI runs it so the suite never rots
     stepsmith bench --render                          # re-write BENCHMARKS.md from the committed bench.json
+    stepsmith bench --only digits-flow-euler --rows dp,ays --out runs/rows   # re-measure two rows of one config
+    stepsmith bench --merge benchmarks/results/bench/bench.json runs/rows/bench.json --out benchmarks/results/bench \
+        --markdown BENCHMARKS.md                      # ...and splice them into the committed run
 
 Writes ``BENCHMARKS.md`` (or ``--markdown PATH``), ``bench.json`` and the figures under ``--out``:
 
@@ -18,6 +21,11 @@ Writes ``BENCHMARKS.md`` (or ``--markdown PATH``), ``bench.json`` and the figure
   pipeline at equal NFE (:mod:`benchmarks.overhead`).
 * **P5 straightening** — BOSS vs reflow vs k-step distillation at equal training budget
   (:mod:`benchmarks.distill`).
+
+A ``--rows`` run searches and scores only the named searched rows (and the teacher, whose score must equal the
+base run's: the check that the evaluation reproduces it), keeps every other row, baseline and cost of the config
+from ``--base`` and recomputes MMHM over the spliced rows; ``report["spliced"]`` and ``runs`` say which rows
+came from which command.
 
 Every number in the file is measured by the run that writes it; the machine, versions, seeds and
 N are written next to them. The committed run is ``benchmarks/results/bench``.
@@ -88,6 +96,8 @@ class BenchConfig:
     search_samples: int = 32
     searched: tuple[SearchedRow, ...] = SEARCHED_ROWS
     only: tuple[str, ...] = ()
+    rows: tuple[str, ...] = ()          # re-measure only these searched rows, the rest from `base` (splice_rows)
+    base: str | None = None             # the bench.json whose other rows, teacher and baselines are kept
     # per config: other budgets, searched rows left out (keeps the full run within about 100 minutes on 2 cores)
     nfe_of: dict[str, tuple[int, ...]] = field(default_factory=lambda: {
         "sharp-ddpm-ddim": (4, 6, 8), "digits-cond-euler": (4, 6, 8)})
@@ -197,7 +207,7 @@ def _searched_tables(cfg: BenchConfig, adapter, solver: str, name: str, progress
     tables, costs = [], []
     nfes = cfg.nfe_of.get(name, cfg.nfe)
     for row in cfg.searched:
-        if row.label in cfg.skip_rows.get(name, ()):
+        if row.label in cfg.skip_rows.get(name, ()) or (cfg.rows and row.label not in cfg.rows):
             continue
         if row.all_budgets:
             calls0, t0 = getattr(adapter, "calls", 0), time.perf_counter()
@@ -249,21 +259,86 @@ def run_quality(cfg: BenchConfig, out: Path, progress: bool, command: str) -> li
     from schedules.adapters import load_model
 
     results = []
+    base = _base_configs(cfg)
     for model, solver in cfg.configs:
         name = _config_name(model, solver)
         if cfg.only and name not in cfg.only:
             continue
         adapter = load_model(model, conditioning=_conditioning(cfg, model))
         searched, costs = _searched_tables(cfg, adapter, solver, name, progress)
-        baselines, skipped = _baseline_tables(cfg, adapter, solver, name)
+        baselines, skipped = _baseline_tables(cfg, adapter, solver, name) if not cfg.rows else ([], {})
         metric = None if len(adapter.sample_shape) == 1 else IMAGE_METRICS + (
             ",class-accuracy" if getattr(adapter, "conditioning", None) is not None else "")
         report = run_sweep(adapter, tables=searched + [(b.method, b) for b in baselines], num=cfg.num,
-                           teacher_steps=cfg.teacher_steps, metric=metric, out=out / "p1" / name, progress=progress,
-                           command=command)
-        results.append({"name": name, "model": model, "solver": solver, "conditioning": cfg.conditioning.get(model),
-                        "report": report, "costs": costs, "skipped_baselines": skipped})
+                           teacher_steps=cfg.teacher_steps, metric=metric,
+                           out=out / "p1" / name, progress=progress, command=command)
+        entry = {"name": name, "model": model, "solver": solver, "conditioning": cfg.conditioning.get(model),
+                 "report": report, "costs": costs, "skipped_baselines": skipped}
+        if cfg.rows:
+            entry = splice_rows(base[name], entry, [label for label, _ in searched] or list(cfg.rows), cfg.base)
+            _write_config_report(entry["report"], out / "p1" / name)
+        results.append(entry)
     return results
+
+
+def _base_configs(cfg: BenchConfig) -> dict[str, dict[str, Any]]:
+    """The configs of ``cfg.base`` by name ({} without ``rows``); refused when a config to re-measure is not there."""
+    if not cfg.rows:
+        return {}
+    known = {r.label for r in cfg.searched}
+    if set(cfg.rows) - known:
+        raise StepsmithError(f"unknown --rows {sorted(set(cfg.rows) - known)}; choose from {', '.join(sorted(known))}",
+                             param="rows")
+    base = json.loads(Path(cfg.base or COMMITTED).read_text())
+    configs = {q["name"]: q for q in base.get("quality") or []}
+    wanted = [_config_name(m, s) for m, s in cfg.configs if not cfg.only or _config_name(m, s) in cfg.only]
+    missing = [n for n in wanted if n not in configs]
+    if missing:
+        raise StepsmithError(f"--rows re-measures rows of configs in the base run; {cfg.base or COMMITTED} has no "
+                             f"{missing} (run those configs in full, or pass --only)", param="only")
+    return configs
+
+
+def splice_rows(base: dict[str, Any], new: dict[str, Any], labels: list[str], base_path: str | None) -> dict[str, Any]:
+    """``base``'s P1 config with the rows (and P3 costs) labelled ``labels`` replaced by ``new``'s.
+
+    Everything else — teacher, baselines, other searched rows — is the base run's: the evaluation is the same
+    noises (seed 10 000), N and metrics, so rows of the two runs compare. MMHM, whose bounds are the min/max over
+    the rows of each NFE, is recomputed over the spliced rows.
+    """
+    from eval.sweep_metrics import MetricPlan, apply_mmhm, mmhm_info
+
+    rep, got = base["report"], new["report"]
+    for key in ("num", "eval_seed", "metrics"):
+        if rep.get(key) != got.get(key):
+            raise StepsmithError(f"the base run's {key} {rep.get(key)} differs from this run's {got.get(key)}: "
+                                 "rows of the two runs do not compare; run the config in full")
+    t_base, t_new = (rep.get("teacher") or {}).get("value"), (got.get("teacher") or {}).get("value")
+    if t_base is not None and (t_new is None or abs(t_new - t_base) > 1e-6 * max(1.0, abs(t_base))):
+        # the teacher row, re-measured on the same noises, is the check that this evaluation reproduces the base's
+        raise StepsmithError(f"the teacher scores {t_new} here and {t_base} in the base run: the evaluation does not "
+                             "reproduce the base run's, so its rows cannot be kept; run the config in full")
+    order = [r.label for r in SEARCHED_ROWS]
+    rows = [r for r in got["results"] if r["label"] in labels] + [r for r in rep["results"] if r["label"] not in labels]
+    rows.sort(key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))  # stable: NFE order kept
+    report = {**rep, "results": rows, "methods": list(dict.fromkeys(r["label"] for r in rows)),
+              "spliced": {"rows": labels, "from": got.get("command"), "base": str(base_path or COMMITTED),
+                          "base_command": rep.get("command")}}
+    names = tuple(rep.get("metrics") or ())
+    if "mmhm" in names:
+        plan = MetricPlan(names, True, True)
+        used = apply_mmhm(rows, plan, None)
+        report["mmhm"] = mmhm_info(rows, plan, used, "min/max over the rows of each NFE")
+    costs = [c for c in new["costs"]] + [c for c in base.get("costs", []) if c["method"] not in labels]
+    costs.sort(key=lambda c: order.index(c["method"]) if c["method"] in order else len(order))
+    return {**base, "report": report, "costs": costs}
+
+
+def _write_config_report(report: dict[str, Any], folder: Path) -> None:
+    """report.json / report.md / plots of a spliced config, over the partial ones the sweep wrote."""
+    from eval.report import write_report
+
+    write_report(report, folder)
 
 
 def _conditioning(cfg: BenchConfig, model: str):
@@ -362,10 +437,14 @@ def merge(bench_jsons: list[str | Path], out: str | Path, markdown_path: str | P
     out = Path(out)
     runs = [json.loads(Path(p).read_text()) for p in bench_jsons]
     names = [_config_name(m, s) for m, s in FULL.configs]
-    quality = [q for r in runs for q in r.get("quality") or []]
-    seen = [q["name"] for q in quality]
-    if len(set(seen)) != len(seen):
-        raise StepsmithError(f"configs measured twice in the runs to merge: {sorted({n for n in seen if seen.count(n) > 1})}")
+    by_name: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        for q in r.get("quality") or []:
+            if q["name"] in by_name and not q["report"].get("spliced"):
+                raise StepsmithError(f"configs measured twice in the runs to merge: {q['name']} (only a later --rows "
+                                     "run may replace a config's rows)")
+            by_name[q["name"]] = q  # a --rows run (spliced) replaces the config of an earlier run
+    quality = list(by_name.values())
     quality.sort(key=lambda q: names.index(q["name"]) if q["name"] in names else len(names))
     for p in bench_jsons:
         src = Path(p).resolve().parent
@@ -376,8 +455,7 @@ def merge(bench_jsons: list[str | Path], out: str | Path, markdown_path: str | P
     parts = sorted({p for r in runs for p in r["config"]["parts"]})
     result = {**first, "command": command, "out": str(out), "markdown": str(resolve_markdown_path(out, markdown_path)),
               "config": {**first["config"], "parts": parts, "only": []},
-              "runs": [{"command": r["command"], "date": r["date"], "seconds": r["seconds"],
-                        "configs": [q["name"] for q in r.get("quality") or []]} for r in runs],
+              "runs": [e for r in runs for e in _run_entries(r)],
               "seconds": max(r["seconds"] for r in runs)}
     for key in ("quality", "overhead", "distill"):  # taken from the runs below
         result.pop(key, None)
@@ -394,6 +472,17 @@ def merge(bench_jsons: list[str | Path], out: str | Path, markdown_path: str | P
     md = Path(result["markdown"])
     atomic_write(md, markdown(result, md.resolve().parent))
     return result
+
+
+def _run_entries(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``runs`` record of one merged input: its own runs if it is itself a merge, else the run."""
+    if run.get("runs"):
+        return list(run["runs"])
+    e = {"command": run["command"], "date": run["date"], "seconds": run["seconds"],
+         "configs": [q["name"] for q in run.get("quality") or []]}
+    if run.get("config", {}).get("rows"):
+        e["rows"] = list(run["config"]["rows"])
+    return [e]
 
 
 def _run_dir(folder: Path, out: Path) -> Path:
@@ -422,6 +511,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", default="", metavar="CONFIGS",
                    help="comma-separated P1 configs to run (e.g. digits-flow-euler,sharp-ddpm-ddim; default all): "
                         "split a run over parallel processes, each with its own --out, then --merge")
+    p.add_argument("--rows", default="", metavar="LABELS",
+                   help="comma-separated searched rows to re-measure (e.g. dp,ays,olss): only these are searched and "
+                        "scored (with the teacher, which must reproduce the base run's); every other row, baseline "
+                        "and cost of the config is kept from --base; MMHM is recomputed over the spliced rows")
+    p.add_argument("--base", default=None, metavar="BENCH_JSON",
+                   help="the run whose other rows --rows keeps (default: the committed benchmarks/results/bench/bench.json)")
     p.add_argument("--merge", nargs="+", metavar="BENCH_JSON", default=None,
                    help="combine the bench.json of runs of disjoint configs / parts into --out and its Markdown")
     p.set_defaults(func=_run)
@@ -446,7 +541,10 @@ def _run(args: argparse.Namespace) -> None:
     if set(only) - set(known):
         raise StepsmithError(f"unknown --only configs {sorted(set(only) - set(known))}; choose from {', '.join(known)}",
                              param="only")
-    cfg = replace(base, parts=tuple(p for p in args.parts.split(",") if p), only=only)
+    rows = tuple(r for r in args.rows.split(",") if r)
+    if args.base and not rows:
+        raise StepsmithError("--base is the run --rows splices into; pass --rows too", param="base")
+    cfg = replace(base, parts=tuple(p for p in args.parts.split(",") if p), only=only, rows=rows, base=args.base)
     md = resolve_markdown_path(args.out, args.markdown)
     result = run_bench(cfg, args.out, markdown_path=md, reduced=args.reduced,
                        command=getattr(args, "invocation", "stepsmith bench"))

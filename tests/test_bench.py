@@ -167,3 +167,61 @@ def test_merge_combines_configs_of_parallel_runs_in_preset_order(tmp_path):
 
     with pytest.raises(StepsmithError, match="measured twice"):
         merge([a, a], tmp_path / "out2")
+
+
+def _config(rows, teacher=2.0, command="stepsmith bench --only m-euler", costs=()):
+    rep = {"metric": "fid", "metrics": ["fid", "precision", "mmhm"], "num": 10, "eval_seed": 10000, "nfe": [4],
+           "teacher": {"value": teacher, "nfe": 39, "extra": {}}, "model": "m", "command": command,
+           "results": [{"label": lab, "method": lab, "nfe": 4, "value": v, "extra": {},
+                        "metrics": {"fid": v, "precision": p}} for lab, v, p in rows]}
+    return {"name": "m-euler", "model": "m", "solver": "euler", "report": rep, "skipped_baselines": {},
+            "costs": [{"method": lab, "nfe": 4, "seconds": 1.0} for lab in costs]}
+
+
+def test_splice_rows_replaces_only_the_remeasured_rows_and_recomputes_mmhm():
+    from benchmarks.suite import splice_rows
+
+    base = _config([("dp", 8.0, 0.5), ("ays", 9.0, 0.4), ("uniform", 10.0, 0.3)], costs=("dp", "ays"))
+    new = _config([("ays", 4.0, 0.9)], command="stepsmith bench --only m-euler --rows ays", costs=("ays",))
+    new["costs"][0]["seconds"] = 7.0
+    out = splice_rows(base, new, ["ays"], None)
+    rows = {r["label"]: r for r in out["report"]["results"]}
+    assert [r["label"] for r in out["report"]["results"]] == ["dp", "ays", "uniform"]  # searched order, then baselines
+    assert rows["ays"]["value"] == 4.0 and rows["dp"]["value"] == 8.0 and rows["uniform"]["value"] == 10.0
+    # ays is now best on both metrics: MMHM (bounds over the spliced rows) ranks it first
+    assert rows["ays"]["metrics"]["mmhm"] > rows["dp"]["metrics"]["mmhm"] > rows["uniform"]["metrics"]["mmhm"]
+    assert out["report"]["spliced"]["rows"] == ["ays"] and out["report"]["teacher"]["value"] == 2.0
+    assert {c["method"]: c["seconds"] for c in out["costs"]} == {"dp": 1.0, "ays": 7.0}
+    from schedules.io import StepsmithError
+
+    with pytest.raises(StepsmithError, match="teacher scores"):  # an evaluation that does not reproduce the base's
+        splice_rows(base, _config([("ays", 4.0, 0.9)], teacher=2.5), ["ays"], None)
+    other = _config([("ays", 4.0, 0.9)])
+    other["report"]["num"] = 20
+    with pytest.raises(StepsmithError, match="num"):
+        splice_rows(base, other, ["ays"], None)
+
+
+def test_merge_lets_a_rows_run_replace_its_config(tmp_path):
+    from benchmarks.suite import merge, splice_rows
+
+    def write(folder, quality, command, rows=()):
+        folder.mkdir()
+        r = {"format": "stepsmith.bench/v1", "command": command, "date": "d", "seconds": 5.0, "reduced": False,
+             "out": str(folder), "markdown": "x.md", "machine": {"platform": "p", "cpus": 2, "threads": 1, "versions": {}},
+             "config": {"search_samples": 8, "num": 10, "teacher_steps": 5, "parts": ["p1"], "nfe": [4], "only": [],
+                        "rows": list(rows)}, "quality": quality}
+        (folder / "bench.json").write_text(json.dumps(r))
+        return folder / "bench.json"
+
+    base = _config([("dp", 8.0, 0.5), ("uniform", 10.0, 0.3)], costs=("dp",))
+    a = write(tmp_path / "a", [base], "stepsmith bench --only m-euler")
+    spliced = splice_rows(base, _config([("dp", 3.0, 0.9)]), ["dp"], str(a))
+    b = write(tmp_path / "b", [spliced], "stepsmith bench --only m-euler --rows dp", rows=("dp",))
+    res = merge([a, b], tmp_path / "out")
+    assert [r["value"] for r in res["quality"][0]["report"]["results"]] == [3.0, 10.0]
+    assert res["runs"][1]["rows"] == ["dp"]
+    from schedules.io import StepsmithError
+
+    with pytest.raises(StepsmithError, match="measured twice"):
+        merge([b, a], tmp_path / "out2")  # a full run cannot replace a config silently
