@@ -67,6 +67,7 @@ from eval.metrics import (
 from eval.report import staging_folder
 from eval.sweep_metrics import (
     KNOWN,
+    LEGACY,
     MetricPlan,
     apply_mmhm,
     check_bounds,
@@ -77,6 +78,7 @@ from eval.sweep_metrics import (
     mmhm_info,
     parse_metrics,
     plan_metrics,
+    resolve_metric,
 )
 from schedules.conditioning import bind, micro_batches
 from schedules.distributed import Dist, current_dist  # noqa: F401  (re-exported for older callers)
@@ -84,7 +86,7 @@ from schedules.io import StepsmithError, check_output_path
 from schedules.table import TimestepTable, load_table
 from schedules.teacher import Teacher, teacher_sample
 
-METRICS = ("fid", "kid", "wasserstein", "teacher")  # the main metrics of a one-name sweep
+METRICS = LEGACY  # the main metrics of a one-name sweep
 ALL_METRICS = KNOWN  # every name `metric` accepts in a comma list (see eval.sweep_metrics)
 DEFAULT_EVAL_SEED = 10_000
 REPORT_FORMAT = "stepsmith.eval/v1"
@@ -156,21 +158,6 @@ class SweepConfig:
     def reference(self) -> Teacher | None:
         """The teacher of the sweep's teacher row (``None`` with ``teacher=False``)."""
         return Teacher(solver="heun", steps=self.teacher_steps) if self.teacher else None
-
-
-def resolve_metric(adapter, metric: str | None) -> str:
-    """The sweep's metric: the given one, checked against the model's sample shape, or the default."""
-    if metric is None:
-        return "wasserstein" if len(adapter.sample_shape) == 1 else "fid"
-    if metric not in METRICS:
-        raise StepsmithError(f"unknown `metric` {metric!r}; choose one of {', '.join(METRICS)}", param="metric")
-    if metric in ("fid", "kid") and len(adapter.sample_shape) != 3:
-        raise StepsmithError(f"{metric} scores images [C, H, W]; {adapter.name} makes samples of shape "
-                             f"{list(adapter.sample_shape)} — use `metric` wasserstein or teacher", param="metric")
-    if metric == "wasserstein" and len(adapter.sample_shape) != 1:
-        raise StepsmithError("the exact Wasserstein distance is for low-dimensional vectors; use `metric` fid, kid or "
-                             "teacher for images", param="metric")
-    return metric
 
 
 def _check_bounds_config(cfg: SweepConfig, plan: MetricPlan, nfe: list[int],

@@ -63,6 +63,21 @@ def parse_metrics(metric: str | Sequence[str] | None) -> tuple[str, ...] | None:
     return names
 
 
+def resolve_metric(adapter, metric: str | None) -> str:
+    """The sweep's metric: the given one, checked against the model's sample shape, or the default."""
+    if metric is None:
+        return "wasserstein" if len(adapter.sample_shape) == 1 else "fid"
+    if metric not in LEGACY:
+        raise StepsmithError(f"unknown `metric` {metric!r}; choose one of {', '.join(LEGACY)}", param="metric")
+    if metric in ("fid", "kid") and len(adapter.sample_shape) != 3:
+        raise StepsmithError(f"{metric} scores images [C, H, W]; {adapter.name} makes samples of shape "
+                             f"{list(adapter.sample_shape)} — use `metric` wasserstein or teacher", param="metric")
+    if metric == "wasserstein" and len(adapter.sample_shape) != 1:
+        raise StepsmithError("the exact Wasserstein distance is for low-dimensional vectors; use `metric` fid, kid or "
+                             "teacher for images", param="metric")
+    return metric
+
+
 def _has_classifier(features: Any, images_16: bool) -> bool:
     """Whether the feature network that a sweep would load has a ``classify`` head (no model call)."""
     if features is None:
@@ -142,8 +157,6 @@ class MetricPlan:
 
 def plan_metrics(adapter, names: tuple[str, ...], *, teacher: bool, features: Any) -> MetricPlan:
     """Check every name against the model (main first); ``names`` from :func:`parse_metrics`."""
-    from eval.sweep import resolve_metric
-
     if names[0] == "mmhm":
         raise StepsmithError("`metric` mmhm aggregates the other metrics, so it cannot be the main (first) one; "
                              "list it after them, e.g. fid,kid,precision,recall,mmhm", param="metric")
