@@ -4,6 +4,7 @@ the stateless diffusers scheduler."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -20,12 +21,16 @@ from schedules.pipeline import UnconditionalFlowMatchPipeline
 from schedules.search import SEARCHED, make_table, method_options
 from schedules.search.common import make_grid
 from schedules.search.olss import (
+    _ClosedScorer,
     _Gram,
+    ddim_coefficients,
+    fit_closed_loop,
     fit_path,
     lstsq_fit,
     olss_sample,
     olss_table,
     pad_path,
+    ridge_fit,
     search_path,
     teacher_trajectories,
 )
@@ -293,3 +298,109 @@ def test_eval_sweep_replays_an_olss_table(toy, toy_table):
     noise = toy.noise(64, 10_000)
     ref = teacher_sample(toy, noise, Teacher("heun", 20)).x
     assert row["value"] == pytest.approx(float(((sample_table(toy, noise, toy_table) - ref) ** 2).mean()), rel=1e-6)
+
+
+# ------------------------------------------------------------------ the closed-loop fit
+
+
+@pytest.mark.parametrize("kind,pred", [("flow", "flow"), ("vp", "epsilon"), ("vp", "v")])
+def test_ddim_coefficients_are_the_euler_step(kind, pred):
+    ad = gaussian_adapter(kind, 0.4, dim=3, prediction=pred)
+    grid = make_grid(ad.convention, 10)
+    traj = teacher_trajectories(ad, ad.noise(4, 0), grid)
+    for n in (0, 4, 9):
+        a, b = ddim_coefficients(ad.convention, pred, grid[n], grid[n + 1])
+        step = a * traj.states[n].double() + b * traj.outputs[n].double()
+        torch.testing.assert_close(step.float(), traj.states[n + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_ridge_fit_shrinks_and_reduces_to_lstsq():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(200, generator=g)
+    feats = [base, base + 1e-3 * torch.randn(200, generator=g), torch.randn(200, generator=g)]  # two collinear
+    y = 3 * feats[0] - 2 * feats[1] + 0.5 * feats[2] + 0.01 * torch.randn(200, generator=g)
+    c0, e0 = ridge_fit(feats, y, 0.0)
+    assert c0 == pytest.approx(lstsq_fit(feats, y)[0], rel=1e-9)
+    c1, e1 = ridge_fit(feats, y, 1e-2)
+    assert sum(c * c for c in c1) < sum(c * c for c in c0) and e1 >= e0 - 1e-15
+    assert ridge_fit(feats, y, 1e6)[0] == pytest.approx([0, 0, 0], abs=1e-3)
+    with pytest.raises(StepsmithError, match="ridge"):
+        olss_table(gaussian_adapter("flow", 0.3, dim=2), 2, samples=4, teacher_steps=10, ridge=-1.0)
+    with pytest.raises(StepsmithError, match="closed | open"):
+        olss_table(gaussian_adapter("flow", 0.3, dim=2), 2, samples=4, teacher_steps=10, fit="sideways")
+
+
+@pytest.fixture(scope="module")
+def ddpm():
+    return load_model("builtin:digits-ddpm", probe=False)
+
+
+def test_closed_loop_fit_replays_better_than_ddim_and_the_open_loop_fit_on_a_vp_eps_model(ddpm):
+    ad = ddpm
+    grid = make_grid(ad.convention, 30)
+    noise = ad.noise(8, 0)
+    traj = teacher_trajectories(ad, noise, grid, batch_size=8)
+    path, _, _ = search_path(traj, 3)
+    sig = [grid[p] for p in path] + [0.0]
+
+    def table(rows):
+        t = TimestepTable.from_sigmas(sig, convention=ad.convention, prediction="epsilon", solver="euler",
+                                      method="olss", model=ad.name)
+        t.solver, t.olss = "olss", {"version": 1, "prediction": "epsilon", "guidance": None, "coefficients": rows}
+        t.validate()
+        return t
+
+    def err(x):
+        return float(((x - traj.states[-1]) ** 2).mean())
+
+    calls = ad.calls
+    rows, errs, ddim_errs = fit_closed_loop(ad, traj, path, batch_size=4)
+    assert ad.calls - calls == 3 * 2  # one call per step per micro-batch
+    assert all(e <= d * (1 + 1e-9) + 1e-15 for e, d in zip(errs, ddim_errs))  # r = 0 (plain DDIM) is feasible
+    flat = [w for r in rows for w in r]
+    assert all(map(math.isfinite, flat)) and max(map(abs, flat)) < 10 * max(sig)  # bounded weights
+    closed = err(olss_sample(ad, noise, table(rows)))
+    assert closed == pytest.approx(errs[-1], rel=1e-4)  # the fit saw exactly what the replay does
+    ddim = err(sample(ad, noise, sig, "euler"))
+    open_loop = err(olss_sample(ad, noise, table(fit_path(traj, path)[0])))
+    assert closed <= ddim and closed <= open_loop, (closed, ddim, open_loop)
+    # and on held-out noise, against the teacher's grid run from it
+    held = ad.noise(8, 10_000)
+    ref = sample(ad, held, grid, "euler")
+    held_closed = float(((olss_sample(ad, held, table(rows)) - ref) ** 2).mean())
+    assert held_closed < float(((sample(ad, held, sig, "euler") - ref) ** 2).mean())
+
+
+def test_olss_table_records_the_fit_and_keeps_the_better_walk(ddpm):
+    t = olss_table(ddpm, 3, samples=4, teacher_steps=20, batch_size=4)
+    p = t.provenance
+    assert p["fit"] == "closed" and p["ridge"] == 0.0 and len(p["ddim_step_errors"]) == 3
+    assert t.objective == pytest.approx(p["step_errors"][-1], rel=1e-4)
+    objs = p["walk_objectives"]
+    assert set(objs) == {"open", "closed"} and t.objective == min(objs.values()) == objs[p["walk_fit"]]
+    for w in ("open", "closed"):
+        one = olss_table(ddpm, 3, samples=4, teacher_steps=20, batch_size=4, walk_fit=w)
+        assert one.provenance["walk_fit"] == w and "walk_objectives" not in one.provenance
+        assert one.objective == pytest.approx(objs[w], rel=1e-6)
+    o = olss_table(ddpm, 3, samples=4, teacher_steps=20, batch_size=4, fit="open", walk_fit="open")
+    assert o.provenance["fit"] == "open" and "ddim_step_errors" not in o.provenance
+    assert o.provenance["path"] == olss_table(ddpm, 3, samples=4, teacher_steps=20, walk_fit="open").provenance["path"]
+    with pytest.raises(StepsmithError, match="auto | closed | open"):
+        olss_table(ddpm, 3, samples=4, teacher_steps=20, walk_fit="both")
+
+
+def test_closed_loop_walk_scores_the_fit_the_table_gets(ddpm):
+    ad = ddpm
+    grid = make_grid(ad.convention, 30)
+    traj = teacher_trajectories(ad, ad.noise(8, 0), grid, batch_size=8)
+    scorer = _ClosedScorer(ad, traj, batch_size=8)
+    path = [0, 12, 20]
+    errs = scorer.errors(path)
+    assert torch.isinf(errs[:21]).all() and scorer.calls == 3
+    rows, step_errs, _ = fit_closed_loop(ad, traj, path)  # its last row fits the end node x_30
+    assert float(errs[30]) == pytest.approx(step_errs[-1], rel=1e-3)
+    scorer.errors(path)
+    assert scorer.calls == 3  # one model call per prefix, cached
+    found, tau, _ = search_path(traj, 3, scorer=scorer)
+    assert len(found) == 3 and found == sorted(set(found))
+    assert max(fit_closed_loop(ad, traj, found)[1]) <= tau * (1 + 1e-3)
