@@ -96,10 +96,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objective", default=None,
                    help="dp/evolution: what the search minimises on its samples against the teacher's: auto (default: "
                         "feature-mse when the model has a feature network or --features is given, else teacher-mse), "
-                        "teacher-mse, feature-mse, kid, fid, wasserstein (feature space with a feature network)")
+                        "teacher-mse, feature-mse, kid, fid, wasserstein (feature space with a feature network); "
+                        "data-kid, data-fid, data-wasserstein: against real data (--data) instead of the teacher")
     p.add_argument("--features", default=None, metavar="builtin:NAME",
                    help="feature network of --objective kid|fid|feature-mse|wasserstein (builtin:sharp-features, "
                         "builtin:digits-features; embedded models default to their own)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="--method ays: data samples x0 of the KLUB (.safetensors tensor [N, ...] or a folder of PNGs; "
+                        "embedded models default to their own data); --objective data-*: the real data compared with "
+                        "(.safetensors tensor [N, ...] in the model's range)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="JSON table to write (several budgets: the folder to write)")
     p.set_defaults(func=run)
@@ -122,6 +127,12 @@ def run(args: argparse.Namespace) -> None:
             raise StepsmithError("--features is the feature space of --objective; give --objective too (auto, "
                                  "feature-mse, kid, fid, wasserstein)", param="features")
         options["features"] = args.features
+    if args.data is not None:
+        if args.method != "ays" and not str(args.objective or "").startswith("data-"):
+            raise StepsmithError("--data goes with --method ays (the KLUB's data samples) or --objective data-kid, "
+                                 "data-fid, data-wasserstein (the real data they compare with); drop it", param="data")
+        if args.method == "ays":
+            options["data"] = args.data
     if args.source is not None or args.method == "interp":
         if args.method != "interp" or args.source is None:
             raise StepsmithError("--from TABLE goes with --method interp (and interp needs --from)", param="source")
@@ -131,10 +142,20 @@ def run(args: argparse.Namespace) -> None:
     # before loading the model: the request, then the output path
     for nfe in args.nfe:
         check_request(args.method, nfe, args.solver, samples=args.samples, options=options, exact_nfe=True)
+    if args.data is not None and args.method != "ays":  # the real data of the data objectives
+        from schedules.io import load_safetensors
+        from schedules.search.objectives import register_data
+
+        tensors = load_safetensors(args.data)
+        if len(tensors) != 1:
+            raise StepsmithError(f"--data {args.data} holds tensors {sorted(tensors)}; keep exactly one", param="data")
+        register_data(args.model, next(iter(tensors.values())).float())
     if "objective" in options:
         from schedules.search.objectives import feature_name, resolve_objective
 
-        feature_name(resolve_objective(options.get("objective"), args.model, options.get("features")), args.model,
+        guidance = getattr(args, "guidance", None)
+        feature_name(resolve_objective(options.get("objective"), args.model, options.get("features"),
+                                       None if guidance is None else float(guidance)), args.model,
                      options.get("features"))
     if len(args.nfe) > 1:
         _check_folder(args.out, args.overwrite)
@@ -142,6 +163,10 @@ def run(args: argparse.Namespace) -> None:
         check_output_path(args.out, param="out")
     dist = current_dist()  # joins the process group under accelerate launch / torchrun
     model = model_from_args(args)
+    if args.data is not None and args.method != "ays" and model.name != args.model:  # the search looks the data up by the adapter's name
+        from schedules.search.objectives import model_data, register_data
+
+        register_data(model.name, model_data(args.model)[0])
     t0 = time.perf_counter()
     kw = {} if args.method not in SEARCHED else {"samples": args.samples, "seed": args.seed,
                                                    "progress": not args.no_progress}

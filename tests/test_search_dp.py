@@ -224,3 +224,72 @@ def test_cli_search_writes_table_and_rejects_bad_input(tmp_path, capsys):
         rc = main(["search", "--model", "builtin:toy2d-flow", "--no-progress", "--samples", "4", "--out", str(dst), *bad])
         assert rc == 2 and not dst.exists()
         assert "error:" in capsys.readouterr().err
+
+
+class _Counting:
+    """Wraps an adapter and counts its batched model calls."""
+
+    def __init__(self, ad):
+        self.ad, self.calls = ad, 0
+
+    def __getattr__(self, name):
+        return getattr(self.ad, name)
+
+    def denoise(self, x, s):
+        self.calls += 1
+        return self.ad.denoise(x, s)
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp-2m"])
+def test_pattern_refinement_exact_error_local_optimum_and_cheaper(solver):
+    ad = gaussian_adapter("vp", 0.5, dim=4)
+    grid = make_grid(ad.convention, 40)
+    noise = ad.noise(8, 3)
+    target = ad.module.den.exact_solution(noise, ad.convention.sigma_max)
+    start = [3, 12, 20, 33, 40]
+
+    def err(p):
+        return float(((sample(ad, noise, [grid[i] for i in p], solver) - target) ** 2).mean())
+
+    counted = {}
+    for moves in ("pattern", "coarse-fine", "candidates"):
+        c = _Counting(ad)
+        path, e, sweeps = refine_final_error(c, solver, grid, start, noise, target, moves=moves, candidates=12,
+                                             max_sweeps=20, free_start=True)
+        counted[moves] = (c.calls, e)
+        assert e <= err(start)
+        assert e == pytest.approx(err(path), rel=1e-6)  # the spliced cached states give the true final error
+        assert path[-1] == 40 and len(path) == 5 and all(a < b for a, b in zip(path, path[1:]))
+        if moves != "candidates":
+            assert sweeps < 20  # converged: no ±1 move of any node helps
+            for m in range(4):
+                for c_ in (path[m] - 1, path[m] + 1):
+                    lo = path[m - 1] + 1 if m > 0 else 0
+                    if lo <= c_ < path[m + 1]:
+                        assert err(path[:m] + [c_] + path[m + 1:]) >= e * (1 - 1e-9)
+    assert counted["pattern"][0] < counted["candidates"][0]
+    # coarse-fine's first sweep is one candidates sweep; its ±1 sweeps after it can only improve
+    _, e1, _ = refine_final_error(ad, solver, grid, start, noise, target, moves="candidates", candidates=12, max_sweeps=1,
+                                  free_start=True)
+    assert counted["coarse-fine"][1] <= e1
+
+
+def test_refined_dp_seeds_from_every_spacing_and_is_never_worse_than_them():
+    from schedules.search.dp_method import START_SPACINGS, refinement_starts
+
+    ad = gaussian_adapter("vp", 0.5, dim=4)
+    g = make_grid(ad.convention, 30)
+    starts = refinement_starts(ad, 4, "ddim", g, {"dp-teacher": [0, 5, 10, 20, 30]}, True)
+    assert set(starts) - {"dp-teacher"} <= set(START_SPACINGS)
+    assert len({tuple(p) for p in starts.values()}) == len(starts)  # duplicates are left out
+    t = make_table(ad, "dp", 4, "ddim", samples=8, grid=30)
+    p = t.provenance
+    assert "dp-student" in p["start_final_errors"] and p["moves"] == "pattern" and p["student_start"] is True
+    assert t.objective <= min(p["start_final_errors"].values())
+    s = make_table(ad, "dp", 4, "ddim", samples=8, grid=30, student_start=False, moves="candidates")
+    assert "dp-student" not in s.provenance["start_final_errors"] and s.provenance["moves"] == "candidates"
+    assert s.objective <= min(s.provenance["start_final_errors"].values())
+    assert make_table(ad, "dp", 8, "ddim", samples=4, grid=30).provenance["moves"] == "candidates"  # auto, K >= 8
+    with pytest.raises(StepsmithError, match="moves") as e:
+        make_table(ad, "dp", 4, "ddim", samples=8, grid=30, moves="random")
+    assert e.value.param == "moves"

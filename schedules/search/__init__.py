@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from schedules.baselines import BASELINES
 from schedules.io import StepsmithError
-from schedules.search.ays import ays_table
+from schedules.search.ays import ays_table, ays_tables
 from schedules.search.dp_method import dp_table, dp_tables
 from schedules.search.evolution import evolution_table
 from schedules.search.interp import interp_table
@@ -33,7 +33,11 @@ SearchMethod = Callable[..., TimestepTable]
 
 SEARCHED: dict[str, SearchMethod] = {"dp": dp_table, "evolution": evolution_table, "ays": ays_table,
                                      "interp": interp_table, "olss": olss_table}
-MULTI_BUDGET = {"dp": dp_tables}  # methods that answer several budgets from one pass
+def _ays_tables(adapter, nfes: list[int], solver: str = "euler", **options) -> dict[int, TimestepTable]:
+    return dict(zip(nfes, ays_tables(adapter, nfes, solver, **options)))
+
+
+MULTI_BUDGET = {"dp": dp_tables, "ays": _ays_tables}  # methods that answer several budgets from one pass
 DEFAULT_SAMPLES = 64
 SEARCH_KEYWORDS = ("samples", "seed", "progress")  # passed by make_table itself, never as options
 

@@ -1,59 +1,132 @@
-"""Align Your Steps (Sabour, Fidler & Kreis, ICML 2024): the optimizer itself, not just its tables.
+"""Align Your Steps (Sabour, Fidler & Kreis, ICML 2024), as published: the optimizer itself, not just its tables.
 
 Objective: the KL-divergence upper bound (KLUB, via Girsanov) between the true reverse SDE and
-its discretisation on the schedule t_0 > t_1 > ... (EDM sigmas). For the first-order
-(DDIM/Euler) discretisation the per-interval term is
+its discretisation on the schedule t_0 > t_1 > ... (EDM sigmas) with the denoiser frozen at each
+interval's start. For the first-order (DDIM/Euler) discretisation the per-interval term is
 
-    KLUB_i = ∫_{t_{i+1}}^{t_i} (1/t³) · E_{x0, ε} ‖D(x0 + t·ε, t) − D(x0 + t_i·ε, t_i)‖² dt,
+    KLUB_i = ∫_{t_{i+1}}^{t_i} (1/t³) · E_{x0, ε} ‖D(x_t, t) − D(x_{t_i}, t_i)‖² dt,
 
-estimated by Monte Carlo with the model's denoiser D and *importance sampling in t* from
-q(t) ∝ 1/t³ on the interval (inverse CDF), so the estimate is Z_i · mean ‖·‖², Z_i = ∫ t⁻³ dt.
-The state at t inside the interval is drawn from the Brownian bridge between x0 and
-x_{t_i} = x0 + t_i·ε (the SDE's own coupling). Common random numbers (the same x0, ε, ξ and
-quantiles for every candidate) make the comparison of candidates low-variance.
+with x0 a **data sample**, x_t = x0 + t·n and x_{t_i} = x_t + sqrt(t_i² − t²)·n' (noised further).
+Here the same joint law is drawn the other way round — x_{t_i} = x0 + t_i·ε once per interval
+start (one cached evaluation), x_t from the Brownian bridge between x0 and x_{t_i} — which is
+identical in distribution and lets every candidate share its anchor evaluations.
 
-Optimisation (as in the paper): coordinate-wise over interior points — for each t_i try
-``candidates`` values log-spaced strictly between its neighbours, keep the argmin of the two
-adjacent KLUB terms, sweep until the schedule is stable; after every sweep a *sample metric*
-(final-sample error against the teacher on the search samples) is measured and the search
-stops early once it no longer improves, returning the best schedule by that metric.
-Hierarchical: for K above ``base`` steps, optimise ``base`` steps, subdivide at log-midpoints,
-optimise only the new points, repeat, and reach K by log-linear interpolation.
+Importance sampling in t uses the Gaussian-data closed form with a constant c (0.5 in the paper):
+t is drawn from q(t) ∝ t⁻³·g(t), g(t) = 1/(t²+c²) − 1/(t_i²+c²) (inverse CDF of the closed-form
+antiderivative, by bisection), and each squared difference is divided by g(t), so the estimate is
+Z_i · mean(‖ΔD‖² / g), Z_i = ∫ t⁻³ g dt. For data N(0, c²I) the ratio has mean exactly
+c⁴·dim, so the estimator has low variance where the data look Gaussian. Common random numbers
+(the same x0, ε, ξ and quantiles for every candidate) make candidates comparable.
 
-Data samples x0 for the KLUB: AYS needs samples of the data distribution; stepsmith uses the
-**teacher's outputs** (reference Heun sampler on the search noises), so no dataset is needed.
-Every model is handled in EDM sigma through its convention's ``to_edm`` / ``from_edm`` (flow:
-t = σ/(1-σ), σ = 1 ↔ t = ∞, where q(t) ∝ t⁻³ is still proper; the teacher is
-:mod:`schedules.teacher`'s Heun on the convention's reference grid). The last evaluated node is
-optimised too and the final jump goes straight to 0 (``last="zero"``, the default for every
-model, as ComfyUI's and diffusers' AYS lists end): pinning it at σ_min (the paper's optimiser,
-``last="sigma_min"``) spends one of K evaluations on a node whose output is nearly the input.
-Measured on builtin:digits-ddpm (DDIM, FID of 512 held-out samples): the NFE-4 table pinned at
-σ_min evaluates timesteps [999, 634, 24, 0] and scores 1692; with ``last="zero"`` 524 (NFE 6:
-425.6 → 322.0). On flow models the default was already ``"zero"``.
+Theorem 3.1's closed form (t_i = c·tan of a uniform grid in atan(t/c)) is *not* the KLUB's optimum: for
+data N(0, c²) it minimises the deterministic Euler/DDIM output error (:class:`GaussianODEError`: each step
+shrinks the sample std by cos Δθ_i, t = c·tan θ), while the KLUB's 1/t³ weight pulls interior points far
+lower (c = 0.5, t ∈ [0.002, 80], 3 steps: KLUB optimum t = [0.080, 0.013], closed form [0.860, 0.289]).
+Both are checked in tests/test_search_ays.py; the search optimises the KLUB, as the paper does.
+
+Optimisation (as in the paper): coordinate-wise over interior points, 11 candidates per point
+log-spaced strictly between its neighbours plus the current value (so the bound never
+increases); at the ``base`` stage (11 points: 10 steps) a *sample metric* is measured after every sweep —
+the search objective of :mod:`schedules.search.objectives` (``auto``: feature-mse on embedded models, else
+teacher-mse) against the teacher's samples on the search noises — and the search stops early once it no
+longer improves, returning the best schedule by that metric (the bound's optimum is not the output's).
+Then subdivide 10 → 20 → 40 at log-midpoints optimising only the new points, and reach every step count
+by log-linear interpolation of the 40-step list (``small="direct"`` optimises counts below ``base``
+directly instead, with the same early stopping). :func:`ays_tables` serves several budgets from one
+search. Initialisation (``init``): time-uniform for discrete (VP) models, as the paper; for flow models
+the paper's EDM ρ = 7 (``rho7``) and uniform in σ (``uniform``, diffusers' FlowMatch default) were
+measured and ``auto`` is uniform in σ: on builtin:digits-flow (Euler, 32 search samples, seed 0, bench options
+draws 1 / candidates 9 / max_sweeps 3 / teacher_steps 50) the 10-step stage's feature-mse against the teacher
+is 0.450 from uniform-in-σ and 5.56 from ρ = 7 (and the first KLUB sweep raised both: 0.468, 6.71, so early
+stopping kept the initial schedule).
+
+Measured (search: 32 samples, seed 0, the bench options above, one search for all four budgets; held-out FID
+on digits-features, N = 500, seed 10 000; uniform / karras / trailing are the committed BENCHMARKS.md rows):
+
+    NFE                       4      6      8      10
+    digits-flow Euler   ays   253.6  151.6  120.4  104.9   (uniform = trailing 255.5 155.4 124.5 104.1)
+    digits-ddpm DDIM    ays   283.7  149.0  105.9   84.5   (uniform 440 184 117.4 90.4; trailing 285.4 147.8 105.9 84.0)
+    digits-ddpm DPM++2M ays   256.4   75.0   52.2   47.7   (uniform 530.9 694.4 216.1 111.5; karras 977.8 135.3 115.8 83.7)
+    (DPM++2M from ρ = 7 instead: 788.1 82.5 62.1 60.1 — the paper's time-uniform init for discrete models holds.)
+
+On all three the first KLUB sweep at the 10-step stage raised the sample metric (flow 0.450 → 0.468, DDIM
+0.820 → 0.924, DPM++ 0.691 → 1.114), so early stopping returned the initial schedule: the gain over
+``uniform`` here comes from the initialisation with the σ_min node replaced by 0 (time-uniform ending in a jump
+to 0, i.e. diffusers' "trailing" spacing), not from the KLUB moves.
+
+Final point (``last="zero"``, default): the schedule is optimised with K+1 points ending at σ_min,
+and the σ_min point is replaced by 0 — K evaluations at the first K points, then the final jump
+to 0 (what ComfyUI and diffusers' ``AysSchedules`` do with the published lists). ``last="sigma_min"``
+keeps the published lists' last *evaluated* node at σ_min (one of K evaluations spent there).
+
+Data: ``data`` (a tensor [N, ...] or a path to a safetensors file / folder of PNGs); the embedded
+digits / toy2d models default to their own training data. Without data the teacher's outputs
+(reference Heun sampler on the search noises) stand in as a labelled fallback (``x0="teacher"``, or
+automatically when no data is known; recorded in the provenance as ``x0_source``).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from schedules.baselines import ays_closed_form_nodes, loglinear_interp, steps_for, table_from_nodes
+from schedules.baselines import loglinear_interp, steps_for, table_from_nodes
 from schedules.conditioning import bind
-from schedules.io import StepsmithError
-from schedules.search.common import check_finite, final_mse_kind, mse, rollout
+from schedules.conventions import karras_sigmas
+from schedules.io import StepsmithError, load_safetensors
+from schedules.search.common import check_finite, rollout
+from schedules.search.objectives import adapter_guidance, make_scorer, objective_kind, resolve_objective
 from schedules.teacher import Teacher, teacher_sample
+
+DATA_KEYS = ("images", "samples", "x", "data", "real")
+
+
+def _gauss_antiderivative(t: torch.Tensor, c: float, t_hi: float) -> torch.Tensor:
+    """F(t) with F' = t⁻³·(1/(t²+c²) − 1/(t_hi²+c²)) and F(∞) = 0 (partial fractions)."""
+    c2 = c * c
+    b = 0.0 if math.isinf(t_hi) else 1.0 / (t_hi * t_hi + c2)
+    inv2 = t ** -2
+    return (torch.log1p(c2 * inv2) / c2 - inv2) / (2 * c2) + b * inv2 / 2
+
+
+def gaussian_factor(t: torch.Tensor, c: float, t_hi: float) -> torch.Tensor:
+    """g(t) = 1/(t²+c²) − 1/(t_hi²+c²), written without cancellation near t_hi."""
+    if math.isinf(t_hi):
+        return 1.0 / (t * t + c * c)
+    return (t_hi * t_hi - t * t) / ((t * t + c * c) * (t_hi * t_hi + c * c))
+
+
+def sample_t(u: torch.Tensor, t_lo: float, t_hi: float, c: float) -> tuple[torch.Tensor, float]:
+    """Quantiles ``u`` ∈ [0, 1) → t ~ q(t) ∝ t⁻³·g(t) on [t_lo, t_hi] (bisection in log t), and Z = ∫ t⁻³ g dt."""
+    lo_t = torch.tensor(t_lo, dtype=torch.float64)
+    F_lo = float(_gauss_antiderivative(lo_t, c, t_hi))
+    F_hi = 0.0 if math.isinf(t_hi) else float(_gauss_antiderivative(torch.tensor(t_hi, dtype=torch.float64), c, t_hi))
+    Z = F_hi - F_lo
+    target = F_lo + u.to(torch.float64) * Z
+    a = torch.full_like(target, math.log(t_lo))
+    top = math.log(t_hi) if math.isfinite(t_hi) else math.log(max(t_lo, c) * 1e6)
+    b = torch.full_like(target, top)
+    for _ in range(60):
+        m = (a + b) / 2
+        below = _gauss_antiderivative(m.exp(), c, t_hi) < target
+        a, b = torch.where(below, m, a), torch.where(below, b, m)
+    return ((a + b) / 2).exp(), Z
 
 
 class KLUB:
-    """Monte Carlo KLUB estimator with fixed data samples, noises and quantiles."""
+    """Monte Carlo KLUB estimator with fixed data samples, noises and quantiles (importance constant ``c``)."""
 
-    def __init__(self, denoiser, x0: torch.Tensor, draws: int = 2, seed: int = 0):
+    def __init__(self, denoiser, x0: torch.Tensor, draws: int = 2, seed: int = 0, c: float = 0.5):
+        if not c > 0:
+            raise StepsmithError(f"ays option c (the importance-sampling constant) must be > 0, got {c}", param="c")
         self.den = denoiser
         self.conv = denoiser.convention
+        self.c = float(c)
         g = torch.Generator().manual_seed(seed + 1)
         self.x0 = x0
         self.eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
@@ -88,12 +161,10 @@ class KLUB:
         """KLUB term of the step from t_hi (D frozen there) down to t_lo."""
         if not t_hi > t_lo > 0:
             raise StepsmithError(f"KLUB interval needs t_hi > t_lo > 0, got ({t_lo}, {t_hi})")
-        a2, b2 = t_lo ** -2, (0.0 if math.isinf(t_hi) else t_hi ** -2)
-        Z = (a2 - b2) / 2
-        t = (a2 - self.u * (a2 - b2)) ** -0.5  # [draws, B], q(t) ∝ t^-3 on [t_lo, t_hi]
+        t, Z = sample_t(self.u, t_lo, t_hi, self.c)  # [draws, B]
+        w = 1.0 / gaussian_factor(t, self.c, t_hi)
         B = self.x0.shape[0]
-        # Brownian coupling of the SDE: x_t given x0 and x_{t_hi} = x0 + t_hi·ε is a Brownian bridge,
-        # x_t = x0 + t·(r·ε + sqrt(1-r²)·ξ) with r = t / t_hi (r = 0 when t_hi = ∞).
+        # x_t given x0 and x_{t_hi} = x0 + t_hi·ε is a Brownian bridge: x_t = x0 + t·(r·ε + sqrt(1-r²)·ξ), r = t/t_hi
         r = torch.zeros_like(t) if math.isinf(t_hi) else t / t_hi
         view = (self.draws, B) + (1,) * (self.x0.ndim - 1)
         rv = r.view(view).to(self.x0.dtype)
@@ -102,7 +173,37 @@ class KLUB:
         with bind(torch.arange(B).repeat(self.draws)):  # draw-major: the B samples once per draw
             d = self._d(t.reshape(-1), x0, eps).reshape(self.draws, B, -1)
         ref = self.anchor(t_hi).reshape(1, B, -1)
-        return float(Z * ((d - ref) ** 2).sum(-1).mean())
+        return float(Z * (((d - ref) ** 2).sum(-1) * w).mean())
+
+    def total(self, ts: list[float]) -> float:
+        return sum(self.interval(ts[i + 1], ts[i]) for i in range(len(ts) - 1))
+
+
+class GaussianODEError:
+    """The quantity behind the paper's Theorem 3.1 (the closed form for data N(0, c²I)), as a per-interval cost.
+
+    With the ideal denoiser D(x, t) = c²/(c²+t²)·x, one Euler/DDIM step t_i → t_{i+1} maps x to
+    x·(c² + t_i·t_{i+1})/(c² + t_i²) while the exact ODE maps it to x·sqrt((c²+t_{i+1}²)/(c²+t_i²)). Writing
+    t = c·tan θ, their ratio is cos(θ_i − θ_{i+1}), so the sampler's final std is the true one times
+    Π_i cos Δθ_i and KL(output ‖ data) is a decreasing function of that product. Minimising
+    Σ_i −log cos Δθ_i with Σ Δθ_i fixed gives equal Δθ_i: t_i = c·tan of a uniform grid in atan(t/c), the closed
+    form of :func:`schedules.baselines.ays_closed_form_nodes`. (The KLUB with the SDE's 1/t³ weight has a different
+    optimum, with the interior points much lower; checked numerically in tests/test_search_ays.py.)
+    ``interval(lo, hi)`` has KLUB's interface, so :func:`coordinate_descent` optimises either.
+    """
+
+    def __init__(self, c: float = 0.5):
+        if not c > 0:
+            raise StepsmithError(f"the Gaussian data std c must be > 0, got {c}", param="c")
+        self.c = float(c)
+
+    def theta(self, t: float) -> float:
+        return math.pi / 2 if math.isinf(t) else math.atan(t / self.c)
+
+    def interval(self, t_lo: float, t_hi: float) -> float:
+        if not t_hi > t_lo > 0:
+            raise StepsmithError(f"interval needs t_hi > t_lo > 0, got ({t_lo}, {t_hi})")
+        return -math.log(math.cos(self.theta(t_hi) - self.theta(t_lo)))
 
     def total(self, ts: list[float]) -> float:
         return sum(self.interval(ts[i + 1], ts[i]) for i in range(len(ts) - 1))
@@ -164,44 +265,193 @@ def subdivide(ts: list[float]) -> tuple[list[float], list[int]]:
     return out, new
 
 
-def _hierarchical(klub: KLUB, smin: float, smax: float, n_pts: int, data_std: float, *, base: int, candidates: int,
-                 max_sweeps: int, metric, progress: bool) -> tuple[list[float], dict]:
-    """``n_pts`` descending EDM points from smax to smin: optimise ``base`` of them (stopping early on ``metric``
-    when that already is the whole schedule), subdivide at log-midpoints and optimise the new points, repeat,
-    and reach ``n_pts`` by log-linear interpolation."""
-    if n_pts < 3:  # nothing interior to optimise
-        return ([smax, smin] if n_pts == 2 else [smax]), {"history": [], "best_metric": None}
-    m0 = min(n_pts, base)
-    ts = ays_closed_form_nodes(smin, smax, m0, data_std)
-    ts, info = coordinate_descent(klub, ts, list(range(1, m0 - 1)), candidates=candidates, max_sweeps=max_sweeps,
-                                  metric=metric if m0 == n_pts else None, progress=progress)
-    while len(ts) < n_pts:
-        ts2, new = subdivide(ts)
-        new = [i for i in new if 0 < i < len(ts2) - 1]
-        if len(ts2) > 2 * n_pts:
-            break
-        ts, info = coordinate_descent(klub, ts2, new, candidates=candidates, max_sweeps=max_sweeps, metric=None,
-                                      progress=progress)
-    if len(ts) != n_pts:
-        finite = [v for v in ts if math.isfinite(v)]
-        inner = loglinear_interp(finite, n_pts - (len(ts) - len(finite)))
-        ts = ([math.inf] if len(finite) < len(ts) else []) + inner
-    return ts, info
+def _to_count(ts: list[float], n_pts: int, conv=None) -> list[float]:
+    """Log-linear interpolation (over the index) of a descending EDM list to ``n_pts`` points, in log of the
+    convention's native σ when given (flow: σ = 1 on top is EDM ∞, whose log the paper's rule cannot use; keeping
+    ∞ fixed and interpolating the rest would pin the second node at the 40-step list's second, σ ≈ 0.97)."""
+    if len(ts) == n_pts:
+        return list(ts)
+    if conv is not None:
+        native = conv.from_edm(torch.tensor(ts, dtype=torch.float64)).tolist()
+        return conv.to_edm(torch.tensor(loglinear_interp(native, n_pts), dtype=torch.float64)).tolist()
+    finite = [v for v in ts if math.isfinite(v)]
+    inner = loglinear_interp(finite, n_pts - (len(ts) - len(finite)))
+    return ([math.inf] if len(finite) < len(ts) else []) + inner
 
 
-def ays_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, seed: int = 0, progress: bool = False,
-              draws: int = 2, candidates: int = 11, max_sweeps: int = 6, base: int = 10, last: str | None = None,
-              early_stop: bool = True, teacher_steps: int = 100, data_std: float | None = None):
-    """Align-Your-Steps optimisation for ``make_table(method="ays")``.
+def _hierarchical(klub: KLUB, init, n_pts: int | None, *, base: int, candidates: int, max_sweeps: int, metric,
+                 progress: bool, levels: int = 2, small: str = "interp") -> tuple[list[float], dict]:
+    """``n_pts`` descending EDM points (``init(n)`` gives the starting n), as the paper: optimise ``base`` points
+    (10 steps) with early stopping on ``metric``, subdivide ``levels`` times at log-midpoints (10 → 20 → 40)
+    optimising only the new points (more levels while fewer than ``n_pts``), and reach ``n_pts`` by log-linear
+    interpolation (``n_pts=None``: the finest list itself). ``small="direct"`` optimises a count at most ``base``
+    directly instead (with early stopping)."""
+    if n_pts is not None and n_pts < 3:  # nothing interior to optimise
+        return init(n_pts), {"history": [], "best_metric": None}
+    m0 = n_pts if (n_pts is not None and small == "direct" and n_pts <= base) else base
+    ts, stage = coordinate_descent(klub, init(m0), list(range(1, m0 - 1)), candidates=candidates,
+                                   max_sweeps=max_sweeps, metric=metric, progress=progress)
+    if m0 == n_pts:
+        return ts, stage
+    level = 0
+    while level < levels or len(ts) < (n_pts or 0):
+        ts, new = subdivide(ts)
+        ts, _ = coordinate_descent(klub, ts, [i for i in new if 0 < i < len(ts) - 1], candidates=candidates,
+                                   max_sweeps=max_sweeps, metric=None, progress=progress)
+        level += 1
+    return (ts if n_pts is None else _to_count(ts, n_pts)), stage
 
-    ``last`` (default ``"zero"``; ``"sigma_min"`` is the paper's pinned end point) says whether the last
-    evaluated node is optimised with a final jump straight to 0 or pinned at σ_min.
+
+INITS = ("auto", "uniform", "rho7")
+
+
+def init_kind(init: str = "auto") -> str:
+    """What ``init="auto"`` stands for: time-uniform for discrete (VP) models, as the paper; for continuous-time
+    (flow) models uniform in σ, the measured better of the two (see the module docstring)."""
+    if init not in INITS:
+        raise StepsmithError(f"ays option init must be one of {', '.join(INITS)}, got {init!r}", param="init")
+    return "uniform" if init == "auto" else init
+
+
+def init_nodes(adapter, n: int, init: str = "auto") -> list[float]:
+    """The starting n EDM points (descending, σ_max … σ_min): ``uniform`` is uniform in the model's time (VP:
+    timesteps T-1 … 0; flow: σ uniform from 1 to 0, the end point at σ_min), ``rho7`` is EDM ρ = 7 on the model's own σ range (flow: σ = 1
+    on top, i.e. EDM ∞, as the ``karras`` baseline)."""
+    conv = adapter.convention
+    T = conv.discrete_timesteps
+    kind = init_kind(init)
+    if kind == "uniform" and T is None:
+        lo, hi = conv.sampling_range()
+        if n == 1:
+            return conv.to_edm(torch.tensor([hi], dtype=torch.float64)).tolist()
+        # time-uniform from σ_max down to 0, the end point kept at σ_min (log-space subdivision and interpolation
+        # need it finite): with the last point replaced by 0 the evaluated nodes are the uniform baseline's
+        native = torch.linspace(hi, 0.0, n, dtype=torch.float64)
+        native[-1] = lo
+        return conv.to_edm(native).tolist()
+    if kind == "uniform":
+        if n == 1:
+            return [conv.sigma_max]
+        t = torch.linspace(T - 1, 0, n, dtype=torch.float64)
+        native = conv.sigma_from_model_time(t)
+    else:
+        lo, hi = conv.sampling_range()
+        native = torch.tensor(karras_sigmas(lo, hi, n, 7.0) if n > 1 else [hi], dtype=torch.float64)
+    return conv.to_edm(native).tolist()
+
+
+def load_data(path: str | Path) -> torch.Tensor:
+    """Data samples from a safetensors file (one tensor [N, ...], or one named images/samples/x/data/real) or a
+    folder of PNG images (scaled to [-1, 1])."""
+    p = Path(path)
+    if p.is_dir():
+        from PIL import Image
+
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() == ".png")
+        if not files:
+            raise StepsmithError(f"`data` folder {p} holds no .png images", param="data")
+        arrs = []
+        for f in files:
+            with Image.open(f) as im:
+                im = im.convert("L" if im.mode in ("L", "1", "I", "I;16") else "RGB")
+                arrs.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+                            .reshape(im.height, im.width, -1).permute(2, 0, 1))
+        if len({tuple(a.shape) for a in arrs}) > 1:
+            raise StepsmithError(f"`data` folder {p}: the images have different sizes; resize them to the model's",
+                                 param="data")
+        return torch.stack(arrs).float() / 127.5 - 1.0
+    if not p.is_file():
+        raise StepsmithError(f"`data` {path}: no such file or folder (a .safetensors file or a folder of PNGs)",
+                             param="data")
+    tensors = load_safetensors(p)
+    if len(tensors) == 1:
+        return next(iter(tensors.values())).float()
+    key = next((k for k in DATA_KEYS if k in tensors), None)
+    if key is None:
+        raise StepsmithError(f"`data` {p} holds tensors {sorted(tensors)}; keep one tensor or name it one of "
+                             f"{', '.join(DATA_KEYS)}", param="data")
+    return tensors[key].float()
+
+
+def embedded_data(adapter) -> tuple[torch.Tensor, str] | None:
+    """The training data of an embedded (``builtin:``) model, or None for other models."""
+    from schedules.embedded import nets
+
+    name = str(getattr(adapter, "name", ""))
+    if name in ("builtin:digits-flow", "builtin:digits-ddpm", "builtin:digits-cond"):
+        return nets.digits_data()[0], "digits_data() (the embedded digits, 16x16, [-1, 1])"
+    if name == "builtin:sharp-ddpm":
+        return nets.sharp_digits_data()[0], "sharp_digits_data() (the embedded digits thresholded to ±1)"
+    if name == "builtin:toy2d-flow":
+        return nets.toy2d_data(8192, seed=0), "toy2d_data(8192, seed=0)"
+    return None
+
+
+def data_samples(adapter, data, samples: int, seed: int, required: bool = True) -> tuple[torch.Tensor | None, str | None]:
+    """``samples`` data samples x0 for the KLUB (a random subset, by ``seed``) and where they came from
+    ((None, None) when there is no data and it is not ``required``)."""
+    if isinstance(data, (str, Path)):
+        x, src = load_data(data), f"data file {data}"
+    elif isinstance(data, torch.Tensor):
+        x, src = data, "data tensor"
+    else:
+        found = embedded_data(adapter)
+        if found is None:
+            if not required:
+                return None, None
+            raise StepsmithError(f"ays needs data samples for {getattr(adapter, 'name', 'this model')}: pass --data PATH "
+                                 "(a .safetensors tensor [N, ...] or a folder of PNGs), or the labelled fallback "
+                                 "--option x0=teacher", param="data")
+        x, src = found
+    shape = tuple(adapter.sample_shape)
+    if x.ndim < 1 or tuple(x.shape[1:]) != shape:
+        raise StepsmithError(f"`data` samples have shape {list(x.shape[1:])} but the model makes {list(shape)}; "
+                             "give data of the model's sample shape", param="data")
+    if x.shape[0] < samples:
+        raise StepsmithError(f"`data` holds {x.shape[0]} samples but the search asks for {samples}; give more data "
+                             f"or pass --samples {x.shape[0]}", param="data")
+    if not torch.isfinite(x).all():
+        raise StepsmithError("`data` holds NaN/Inf values", param="data")
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]
+    return x[idx].float(), f"{src}: {samples} of {x.shape[0]} samples"
+
+
+def ays_table(adapter, nfe: int, solver: str = "euler", **options):
+    """Align-Your-Steps optimisation for ``make_table(method="ays")``; the options are :func:`ays_tables`'s."""
+    return ays_tables(adapter, [nfe], solver, **options)[0]
+
+
+def ays_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int = 64, seed: int = 0, progress: bool = False,
+               draws: int = 2, candidates: int = 11, max_sweeps: int = 6, base: int = 11, last: str = "zero",
+               early_stop: bool = True, teacher_steps: int = 100, c: float = 0.5, x0: str = "auto",
+               data: torch.Tensor | str | None = None, init: str = "auto", objective: str | None = None, features=None,
+               levels: int = 2, small: str = "interp"):
+    """Align-Your-Steps tables for each budget in ``nfes`` from one optimisation (the 40-step list is shared; only
+    ``small="direct"`` counts below ``base`` are optimised on their own).
+
+    ``last="zero"`` (default) replaces the σ_min end point by 0 so every one of the K evaluations counts;
+    ``"sigma_min"`` evaluates the last node at σ_min as the published lists do. ``x0`` picks the KLUB's data
+    samples: ``"data"`` (``data``, or an embedded model's own data set), ``"teacher"`` (the teacher's outputs on
+    the search noises), or ``"auto"`` (data when there is any, else the teacher fallback, labelled in ``x0_source``).
+    ``init``: ``auto`` | ``uniform`` | ``rho7`` (:func:`init_nodes`). ``objective`` / ``features``: the early-stopping
+    sample metric against the teacher on the search noises (default ``auto``: feature-mse on embedded models).
+    ``base`` points (11: the paper's 10 steps) are optimised first, then ``levels`` subdivisions.
     """
     conv = adapter.convention
-    K = steps_for(adapter, nfe, solver)
-    last = last or "zero"
     if last not in ("sigma_min", "zero"):
-        raise StepsmithError(f"ays option last must be 'sigma_min' or 'zero', got {last!r}")
+        raise StepsmithError(f"ays option last must be 'sigma_min' or 'zero', got {last!r}", param="last")
+    if x0 not in ("auto", "data", "teacher"):
+        raise StepsmithError(f"ays option x0 must be 'auto', 'data' or 'teacher', got {x0!r}", param="x0")
+    if x0 == "teacher" and data is not None:
+        raise StepsmithError("ays option x0=teacher ignores --data; drop one of them", param="x0")
+    if candidates < 1 or base < 3:
+        raise StepsmithError(f"ays needs candidates >= 1 and base >= 3, got {candidates} and {base}", param="base")
+    if small not in ("interp", "direct") or levels < 0:
+        raise StepsmithError(f"ays options: small must be 'interp' or 'direct' and levels >= 0, got {small!r}, {levels}",
+                             param="small")
+    init_name = init_kind(init)
+    objective_name = resolve_objective(objective, getattr(adapter, "name", None), features, adapter_guidance(adapter))
+    x_data, data_src = (None, None) if x0 == "teacher" else data_samples(adapter, data, samples, seed, x0 == "data")
     t0 = time.perf_counter()
     noise = adapter.noise(samples, seed)
     teacher = Teacher("heun", teacher_steps)
@@ -209,28 +459,53 @@ def ays_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, se
     check_finite(target, "the reference trajectory")
     t_ref = time.perf_counter() - t0
     calls_ref = adapter.calls
-    x0 = target.to(torch.float64).to(noise.dtype)
-    sd = float(data_std if data_std is not None else x0.std())
-    klub = KLUB(adapter, x0, draws=draws, seed=seed)
-    lo, hi = conv.sampling_range()
-    n_pts = K if last == "sigma_min" else K + 1  # K evaluated nodes (+ the σ_min end point when last == "zero")
+    score, oprov = make_scorer(objective_name, target, model_name=getattr(adapter, "name", None), features=features)
+    if x_data is None:
+        x_data, data_src = target.to(noise.dtype), f"teacher outputs ({teacher.name}) on the search noises (fallback)"
+    klub = KLUB(adapter, x_data.to(noise.dtype), draws=draws, seed=seed, c=c)
 
     def to_sigmas(ts: list[float]) -> list[float]:
         nodes = conv.from_edm(torch.tensor(ts, dtype=torch.float64)).tolist()
         return table_from_nodes(adapter, nodes if last == "sigma_min" else nodes[:-1], solver, "ays").sigmas
 
     def metric(ts: list[float]) -> float:
-        return mse(rollout(adapter, solver, to_sigmas(ts), x=noise), target)
+        return score(rollout(adapter, solver, to_sigmas(ts), x=noise))
 
-    ts, info = _hierarchical(klub, lo, conv.to_edm(hi), n_pts, sd, base=base, candidates=candidates,
-                             max_sweeps=max_sweeps, metric=metric if early_stop else None, progress=progress)
-    objective = metric(ts)
-    prov = {"klub_draws": draws, "candidates": candidates, "base": base, "last": last, "data_std": sd,
-            "x0_source": f"teacher outputs ({teacher.name}) on the search noises", "teacher": teacher.describe(),
-            "klub": klub.total(ts), "history": info.get("history"), "reference_seconds": round(t_ref, 3),
-            "reference_calls": calls_ref, "objective_kind": final_mse_kind(teacher),
-            "edm_schedule": [None if math.isinf(v) else v for v in ts]}
-    nodes = conv.from_edm(torch.tensor(ts[:K], dtype=torch.float64)).tolist()
-    t = table_from_nodes(adapter, nodes, solver, "ays", provenance=prov)
-    t.objective = float(objective)
-    return t
+    def search(n_pts: int | None):
+        return _hierarchical(klub, lambda n: init_nodes(adapter, n, init_name), n_pts, base=base, candidates=candidates,
+                             max_sweeps=max_sweeps, metric=metric if early_stop else None, progress=progress,
+                             levels=levels, small=small)
+
+    cache: dict = {}
+    tables = []
+    for nfe in nfes:
+        K = steps_for(adapter, nfe, solver)
+        n_pts = K if last == "sigma_min" else K + 1  # K evaluated nodes (+ the σ_min end point when last == "zero")
+        own = n_pts < 3 or (small == "direct" and n_pts <= base)
+        key = n_pts if own else None
+        if key not in cache:
+            cache[key] = search(key)
+        ts, info = cache[key]
+        finest = None if own else [None if math.isinf(v) else v for v in ts]
+        ts = ts if own else _to_count(ts, n_pts, conv)
+        prov = {"klub_draws": draws, "candidates": candidates, "base": base, "levels": levels, "small": small,
+                "last": last, "c": c, "x0_source": data_src, "teacher": teacher.describe(), "klub": klub.total(ts),
+                "init": init_name, "early_stop_metric": oprov, "history": info.get("history"),
+                "reference_seconds": round(t_ref, 3), "reference_calls": calls_ref,
+                "objective_kind": objective_kind(objective_name, oprov["features"], teacher.name),
+                "edm_schedule": [None if math.isinf(v) else v for v in ts], "finest_edm_schedule": finest}
+        nodes = conv.from_edm(torch.tensor(ts[:K], dtype=torch.float64)).tolist()
+        t = table_from_nodes(adapter, nodes, solver, "ays", provenance=prov)
+        t.objective = float(metric(ts))
+        tables.append(t)
+    return tables
+
+
+def _option_signature() -> inspect.Signature:
+    """ays_table's signature: (adapter, nfe, solver) and ays_tables' keyword options (for option checking)."""
+    own = inspect.signature(ays_table).parameters
+    opts = list(inspect.signature(ays_tables).parameters.values())[3:]
+    return inspect.Signature([own["adapter"], own["nfe"], own["solver"], *opts])
+
+
+ays_table.__signature__ = _option_signature()

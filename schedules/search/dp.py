@@ -20,9 +20,11 @@
   terminal node is the true final-sample error of the path.
 * **Final-error refinement** (stepsmith): a plain local teacher-state DP loses to diffusers'
   defaults on final-sample error, because local errors are not how errors
-  propagate. Starting from a DP table, coordinate descent moves each interior node to the grid
-  node between its neighbours that minimises the final error against the teacher on the search
-  samples, until no move helps. This is the default of ``make_table(method="dp")``.
+  propagate. Starting from a DP table, coordinate descent moves each interior node to a grid
+  node between its neighbours that lowers the final error against the teacher on the search
+  samples, until no move helps: evenly spread candidates, or a pattern search (±δ, δ halving)
+  that needs fewer rollouts; an accepted trial's node states are reused, so a move costs no
+  re-rollout. This is the default of ``make_table(method="dp")``.
 """
 
 from __future__ import annotations
@@ -524,52 +526,107 @@ def final_error(denoiser, solver: str, sigmas: list[float], noise: torch.Tensor,
     return mse(x, target) if score is None else score(x)
 
 
+REFINE_MOVES = ("pattern", "coarse-fine", "candidates")
+
+
+def _trial_final(denoiser, solver: str, grid: list[float], trial: list[int], m: int, noise, states):
+    """Final samples and node states of ``trial`` (node m moved), rolled out from the cached state before m
+    (K − m + 1 model calls; the states before m are reused, so an accepted trial needs no re-rollout)."""
+    if m == 0:
+        return rollout(denoiser, solver, [grid[i] for i in trial], x=noise, keep=True)
+    xf, tail = rollout(denoiser, solver, [grid[i] for i in trial[m - 1:]], start=states[m - 1], keep=True)
+    return xf, states[:m - 1] + tail
+
+
+def _first_step(lo: int, hi: int) -> int:
+    """The pattern search's coarse step between bounds ``lo`` and ``hi``: a quarter of the free range, at least 1."""
+    return max(1, (hi - lo) // 4)
+
+
 @torch.no_grad()
 def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int], noise: torch.Tensor,
                        target: torch.Tensor, *, candidates: int = 12, max_sweeps: int = 4, free_start: bool = False,
-                       progress: bool = False, score=None) -> tuple[list[int], float, int]:
+                       progress: bool = False, score=None, moves: str = "candidates") -> tuple[list[int], float, int]:
     """Coordinate descent of the interior nodes of ``path`` on the final error against ``target``.
 
-    For each interior node m, try up to ``candidates`` grid nodes strictly between its neighbours
-    (evenly spread, the current one included), roll the solver out from the cached state before m,
-    keep the argmin; sweep until no node moves (or ``max_sweeps``). With ``free_start`` the first
-    node moves too (the noise is then taken as the state at a later node, like diffusers' 'leading'
-    spacing). ``score(final samples) -> float`` replaces the mse against ``target``
+    Every trial rolls the solver out from the cached state before the node it moves (K − m + 1 calls).
+    ``moves`` is how a node m between its neighbours is searched:
+
+    * ``"candidates"`` — try up to ``candidates`` grid nodes strictly between the neighbours (evenly
+      spread, the current one included), keep the argmin.
+    * ``"pattern"`` — a compass (pattern) search on the grid index (Hooke & Jeeves 1961): try ±δ,
+      accept the first improvement and go on with the same δ, halve δ when neither side improves;
+      δ starts at a quarter of the free range in the first sweep and at 1 in later sweeps, and a later
+      sweep skips a node when neither it nor a neighbour moved since it was last searched
+      (``candidates`` is unused).
+    * ``"coarse-fine"`` — the first sweep tries ``candidates`` evenly spread nodes (a wide look, as
+      ``"candidates"``), later sweeps the ±1 pattern search of nodes whose neighbourhood moved.
+
+    Sweeps run until no node moves (or ``max_sweeps``). With ``free_start`` the first node moves too
+    (the noise is then taken as the state at a later node, like diffusers' 'leading' spacing).
+    ``score(final samples) -> float`` replaces the mse against ``target``
     (:mod:`schedules.search.objectives`). Returns (path, error, sweeps).
     """
+    if moves not in REFINE_MOVES:
+        raise StepsmithError(f"unknown refinement `moves` {moves!r}; use one of {', '.join(REFINE_MOVES)}",
+                             param="moves")
     if score is None:
         def score(x):
             return mse(x, target)
     path = list(path)
     K = len(path) - 1
 
-    def full(p):
-        return rollout(denoiser, solver, [grid[i] for i in p], x=noise, keep=True)
-
-    x_fin, states = full(path)
+    x_fin, states = rollout(denoiser, solver, [grid[i] for i in path], x=noise, keep=True)
     best = score(x_fin)
-    sweeps = 0
-    for _sweep in tqdm(range(max_sweeps), desc="refine", disable=not progress, leave=False):
+    sweeps, clock = 0, 0
+    visited = [-1] * (K + 1)  # clock of each node's last search
+    moved_at = [0] * (K + 1)  # clock of each node's last move (0: the start counts as a move)
+    for sweep in tqdm(range(max_sweeps), desc="refine", disable=not progress, leave=False):
         sweeps += 1
         moved = False
         for m in range(0 if free_start else 1, K):
             lo, hi = (path[m - 1] + 1 if m > 0 else 0), path[m + 1] - 1
             if hi <= lo:
                 continue
-            opts = sorted(set(torch.linspace(lo, hi, min(candidates, hi - lo + 1)).round().long().tolist()) | {path[m]})
-            for c in opts:
-                if c == path[m]:
-                    continue
+            local = moves == "pattern" or (moves == "coarse-fine" and sweep > 0)
+            if local and sweep > 0 and max(moved_at[max(m - 1, 0):m + 2]) <= visited[m]:
+                continue
+            clock += 1
+            visited[m] = clock
+
+            # bound now: searching node m changes neither the nodes around it nor the states before it
+            def trial_error(c: int, m=m, path=path, states=states) -> tuple[float, list[int], list]:
                 trial = path[:m] + [c] + path[m + 1:]
-                if m == 0:
-                    xf = rollout(denoiser, solver, [grid[i] for i in trial], x=noise)
-                else:
-                    xf = rollout(denoiser, solver, [grid[i] for i in trial[m - 1:]], start=states[m - 1])
-                e = score(xf)
-                if e < best - 1e-12 * max(1.0, abs(best)):
-                    best, path, moved = e, trial, True
-            if moved:
-                x_fin, states = full(path)
+                xf, st = _trial_final(denoiser, solver, grid, trial, m, noise, states)
+                return score(xf), trial, st
+
+            node_moved = False
+            if local:
+                step = _first_step(lo, hi) if sweep == 0 else 1
+                while step >= 1:
+                    for c in (path[m] + step, path[m] - step):
+                        if lo <= c <= hi:
+                            e, trial, st = trial_error(c)
+                            if e < best - 1e-12 * max(1.0, abs(best)):
+                                best, path, states, node_moved = e, trial, st, True
+                                break
+                    else:
+                        step //= 2
+            else:
+                opts = sorted(set(torch.linspace(lo, hi, min(candidates, hi - lo + 1)).round().long().tolist())
+                              | {path[m]})
+                for c in opts:
+                    if c == path[m]:
+                        continue
+                    e, trial, st = trial_error(c)
+                    if e < best - 1e-12 * max(1.0, abs(best)):
+                        best, path, node_moved, new_states = e, trial, True, st
+            if node_moved:
+                moved = True
+                clock += 1
+                moved_at[m] = clock
+                if not local:
+                    states = new_states
         if not moved:
             break
     return path, best, sweeps

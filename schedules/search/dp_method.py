@@ -5,14 +5,50 @@ Modes (option ``mode``):
 * ``"teacher"`` — plain BOSS/GITS DP on teacher states (local one-step errors).
 * ``"student"`` — OSS student-state DP (cost = error of the student's own states).
 * ``"refined"`` (default) — the product default. Candidates: the teacher-DP table, the
-  student-DP table (not for Heun: its corrections would cost n² calls per level) and the
-  model's diffusers default / uniform spacing snapped to the grid; the one with the lowest
-  final-sample error against the teacher on the search samples seeds a coordinate descent
-  (:func:`~schedules.search.dp.refine_final_error`). With ``free_start`` (default) the first
-  node may move as well, and diffusers' 'leading' spacing is one of the seeds: starting below
-  σ_max (noise read as a later state) can cut the final error of few-step samplers. Plain local DP
+  student-DP table (option ``student_start``, default on; never for Heun: its corrections would
+  cost n² calls per level) and every diffusers spacing (:data:`START_SPACINGS`) snapped to the grid;
+  the one with the lowest final-sample error against the teacher on the search samples seeds a
+  coordinate descent (:func:`~schedules.search.dp.refine_final_error`, option ``moves``, default ``auto``: a
+  pattern search below 8 steps), so the table is never worse on the search objective than any of those spacings.
+  With ``free_start`` (default) the first node may move as well, and diffusers' 'leading' spacing
+  is one of the seeds: starting below σ_max (noise read as a later state) can cut the final error
+  of few-step samplers. Plain local DP
   loses to diffusers' defaults on final-sample error, because local errors are not how errors add up
   over a few large steps; this mode optimises what is measured.
+
+Refinement defaults (measured; issues 12 and 16). Search on seed 0 with 32 samples, grid 60,
+candidates 6, max_sweeps 2 (the bench's dp options); FID on the held-out seed 10000, N = 500
+(``stepsmith eval --num 500 --seed 10000 --no-teacher``; the old default reproduces the committed P1
+cells exactly: digits-ddpm DDIM 272.68 / 148.48 / 88.72 at NFE 4 / 6 / 8). FID old → new ("kept": the
+old moves from the same seed; digits-ddpm NFE 8 re-run gives the old path):
+
+=====================  ===================  ===================  ===================
+config                 NFE 4                NFE 6                NFE 8
+=====================  ===================  ===================  ===================
+digits-ddpm DDIM       272.7 → 254.3        148.5 → 129.8        88.72 (kept)
+sharp-ddpm DDIM        74.01 → 69.08        65.17 → 65.23        59.52 (kept)
+digits-flow Euler      189.8 → 172.5        126.4 → 123.8        103.5 (kept)
+=====================  ===================  ===================  ===================
+
+* Every diffusers spacing seeds the refinement (one rollout each): digits-ddpm DDIM NFE 6 now beats
+  'trailing' (129.8 vs 147.8). toy2d-flow Euler NFE 8 still loses to 'leading' (W2 0.2136 vs 0.1993):
+  the refinement starts from 'leading' and moves away on its objective (teacher-mse), which does not
+  rank tables by W2 there.
+* ``moves="auto"``: the pattern search below 8 steps. At 8 steps it lost held-out FID on digits-ddpm
+  DDIM (99.61 from the student-DP start, 94.44 with ``coarse-fine``, vs 88.72 with ``candidates``),
+  though it tied on digits-flow Euler (103.7 vs 103.5), so 8 steps and more keep ``candidates``.
+* ``student_start`` stays on: without the student-DP seed the search is about half as many model
+  calls (digits-ddpm DDIM NFE 4 / 6 / 8: 345 / 446 / 550 calls, 1.8 / 2.7 / 3.8× the reference pass,
+  vs 561 / 806 / 1094, 3.1 / 5.3 / 10.4×; the old default's 10.4× was timed under a different machine
+  load, so compare the calls), but held-out FID drops at 6–8 steps (digits-flow Euler NFE 6 / 8:
+  129.7 / 110.2 vs 126.4 / 103.5; digits-ddpm DDIM NFE 8: 99.82 vs 88.72). With it, the new default
+  costs about as much as the old: model calls digits-ddpm DDIM NFE 4 / 6 / 8: 524 / 707 / 1054 vs
+  561 / 806 / 1094; sharp-ddpm DDIM NFE 4 / 6: 589 / 769 vs 564 / 824; digits-flow Euler NFE 4 / 6:
+  532 / 717 vs the committed 586 / 848. The student DP, K·n calls, is the largest cost; the issue-12
+  target (≤ 2.5× the reference pass) is met only with ``student_start=False`` at NFE 4 (digits-ddpm
+  1.8×, digits-flow 2.0×; sharp-ddpm 2.7×).
+  ``student_start=False`` is the cheap setting (held-out FID at NFE 4 was still better than the old
+  default everywhere: 254.3 / 69.08 / 179.0).
 
 Published variants (option ``variant``), each run as its authors define it (:data:`VARIANTS`):
 ``boss``, ``gits``, ``gits-sd`` and ``oss``. Several budgets come out of one pass with
@@ -34,6 +70,7 @@ from schedules.baselines import BASELINES, steps_for
 from schedules.io import StepsmithError
 from schedules.search.common import final_mse_kind, make_grid, snap_path
 from schedules.search.dp import (
+    REFINE_MOVES,
     aggregate_paths,
     final_error,
     refine_final_error,
@@ -43,7 +80,7 @@ from schedules.search.dp import (
     teacher_reference,
 )
 from schedules.search.evolution import snap_genome
-from schedules.search.objectives import DEFAULT_OBJECTIVE, make_scorer, objective_kind, resolve_objective
+from schedules.search.objectives import DEFAULT_OBJECTIVE, adapter_guidance, make_scorer, objective_kind, resolve_objective
 from schedules.table import TimestepTable
 from schedules.teacher import Teacher
 
@@ -57,15 +94,22 @@ def grid_provenance(grid: list[float], kind: str, conv) -> dict:
     return d
 
 
+START_SPACINGS = ("default", "uniform", "leading", "trailing", "linspace")
+
+
 def refinement_starts(adapter, nfe: int, solver: str, g: list[float], paths: dict[str, list[int]],
                       free_start: bool) -> dict[str, list[int]]:
-    """Candidate starting paths of the refinement: the DP paths, and the diffusers default / uniform
-    (and, with ``free_start``, 'leading') baselines snapped to the grid."""
+    """Candidate starting paths of the refinement: the DP paths, and every diffusers spacing
+    (:data:`START_SPACINGS`: the scheduler default, uniform, leading, trailing, linspace) snapped to the
+    grid — with ``free_start`` the first node snaps too, else it stays at the grid's start. A spacing
+    that snaps to a path already listed is left out (it would cost a rollout for nothing)."""
     n = len(g) - 1
     starts = dict(paths)
-    for b in ("default", "uniform") + (("leading",) if free_start else ()):
+    for b in START_SPACINGS:
         tb = BASELINES[b](adapter, nfe, solver)
-        starts[b] = (list(snap_genome(g, tb.sigmas, n, False)) + [n]) if free_start else snap_path(g, tb.sigmas)
+        p = (list(snap_genome(g, tb.sigmas, n, False)) + [n]) if free_start else snap_path(g, tb.sigmas)
+        if p not in starts.values():
+            starts[b] = p
     return starts
 
 
@@ -167,6 +211,15 @@ def variant_tables(adapter, nfes: list[int], solver: str, v: DPVariant, *, sampl
     return out
 
 
+PATTERN_BELOW_STEPS = 8
+
+
+def auto_moves(K: int) -> str:
+    """The refinement's moves for ``moves="auto"``: the pattern search below :data:`PATTERN_BELOW_STEPS` steps,
+    the evenly spread candidates from there on (measured, module docstring)."""
+    return "pattern" if K < PATTERN_BELOW_STEPS else "candidates"
+
+
 @dataclass
 class _Shared:
     """The one pass every budget of a dp search shares: grid, noise, teacher DP (all budgets), student DP."""
@@ -180,7 +233,7 @@ class _Shared:
 
 
 def _shared_pass(adapter, Ks: list[int], solver: str, *, samples, seed, progress, mode, grid, grid_kind,
-                 micro_batch, late_weight, substeps) -> _Shared:
+                 micro_batch, late_weight, substeps, student_start) -> _Shared:
     n = int(grid or (100 if solver != "heun" else 50))
     g = make_grid(adapter.convention, n, grid_kind)
     n = len(g) - 1
@@ -190,7 +243,7 @@ def _shared_pass(adapter, Ks: list[int], solver: str, *, samples, seed, progress
                              "lower `nfe` or raise `grid`", param="grid")
     noise = adapter.noise(samples, seed)
     calls0, t0 = getattr(adapter, "calls", 0), time.perf_counter()
-    need_states = mode == "student" or (mode == "refined" and solver != "heun")
+    need_states = mode == "student" or (mode == "refined" and student_start and solver != "heun")
     dps = teacher_dp(adapter, noise, g, solver, K, micro_batch=micro_batch, late_weight=late_weight,
                      substeps=substeps, progress=progress, keep_states=need_states)
     for k in Ks:
@@ -201,8 +254,10 @@ def _shared_pass(adapter, Ks: list[int], solver: str, *, samples, seed, progress
 
 
 def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_kind, micro_batch, late_weight,
-            candidates, max_sweeps, free_start, progress, objective_name="teacher-mse", features=None) -> TimestepTable:
+            candidates, max_sweeps, free_start, progress, objective_name="teacher-mse", features=None,
+            moves="auto") -> TimestepTable:
     """One budget's table from the shared pass (the refinement, in the default mode)."""
+    moves = auto_moves(K) if moves == "auto" else moves
     g, dps, noise = sh.g, sh.dps, sh.noise
     t0 = time.perf_counter()
     prov: dict = {"grid": grid_provenance(g, grid_kind, adapter.convention), "mode": mode,
@@ -215,7 +270,7 @@ def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_k
     if mode == "student":
         path, objective = sh.st.paths[K], sh.st.costs[K]
     if mode == "refined":
-        dp_paths = {"dp-teacher": dps.result.paths[K]} | ({"dp-student": sh.st.paths[K]} if solver != "heun" else {})
+        dp_paths = {"dp-teacher": dps.result.paths[K]} | ({"dp-student": sh.st.paths[K]} if sh.st is not None else {})
         starts = refinement_starts(adapter, nfe, solver, g, dp_paths, free_start)
         score, oprov = make_scorer(objective_name, target, model_name=adapter.name, features=features)
         errs = {name: final_error(adapter, solver, [g[i] for i in p], noise, target, score)
@@ -223,8 +278,10 @@ def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_k
         start = min(errs, key=errs.get)
         path, objective_value, sweeps = refine_final_error(adapter, solver, g, starts[start], noise, target,
                                                            candidates=candidates, max_sweeps=max_sweeps,
-                                                           free_start=free_start, progress=progress, score=score)
-        prov.update(start=start, free_start=free_start, start_final_errors={k: float(v) for k, v in errs.items()},
+                                                           free_start=free_start, progress=progress, score=score,
+                                                           moves=moves)
+        prov.update(start=start, free_start=free_start, moves=moves, student_start=sh.st is not None,
+                    start_final_errors={k: float(v) for k, v in errs.items()},
                     sweeps=sweeps, objective_kind=objective_kind(objective_name, oprov["features"], dps.teacher.name),
                     **oprov)
         if objective_name != "teacher-mse":
@@ -255,10 +312,10 @@ def _check_options(mode: str, late_weight: float | None, variant: str | None,
 
 def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int = 64, seed: int = 0,
               progress: bool = False, mode: str = "refined", grid: int | None = None, grid_kind: str = "auto",
-              micro_batch: int = 16, late_weight: float | None = None, substeps: int = 1, candidates: int = 12,
-              max_sweeps: int = 4, free_start: bool = True, variant: str | None = None,
+              micro_batch: int = 16, late_weight: float | None = None, substeps: int = 1, candidates: int = 6,
+              max_sweeps: int = 2, free_start: bool = True, variant: str | None = None,
               reduce: str | None = None, objective: str = DEFAULT_OBJECTIVE,
-              features=None) -> dict[int, TimestepTable]:
+              features=None, moves: str = "auto", student_start: bool = True) -> dict[int, TimestepTable]:
     """The ``dp`` tables of every budget in ``nfes`` from ONE reference pass and ONE Bellman pass.
 
     Only the refinement runs per budget. With several budgets each table's ``model_calls`` are its
@@ -266,11 +323,18 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
     ``objective`` (:mod:`schedules.search.objectives`) is what the refinement minimises; ``features``
     (an embedded feature network's name or a callable) is the feature space of the feature objectives;
     ``auto`` is feature-mse for a model with a feature network, else teacher-mse (:func:`resolve_objective`).
+    ``moves`` is the refinement's node search (``auto``: :func:`auto_moves`; or one of
+    :data:`~schedules.search.dp.REFINE_MOVES`), ``student_start`` whether the student DP (K·n model calls)
+    runs to seed it (module docstring: the measured trade-off).
     """
     from schedules.search.objectives import feature_name
 
     _check_options(mode, late_weight, variant, objective)
-    objective = resolve_objective(objective, adapter.name, features) if variant is None and mode == "refined" \
+    if moves != "auto" and moves not in REFINE_MOVES:
+        raise StepsmithError(f"unknown refinement `moves` {moves!r}; use auto or one of {', '.join(REFINE_MOVES)}",
+                             param="moves")
+    objective = resolve_objective(objective, adapter.name, features, adapter_guidance(adapter)) \
+        if variant is None and mode == "refined" \
         else "teacher-mse"
     feature_name(objective, adapter.name, features)  # refuse before any model call
     nfes = list(dict.fromkeys(int(v) for v in nfes))
@@ -284,13 +348,13 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
     Ks = {nfe: steps_for(adapter, nfe, solver) for nfe in nfes}
     sh = _shared_pass(adapter, sorted(set(Ks.values())), solver, samples=samples, seed=seed, progress=progress,
                       mode=mode, grid=grid, grid_kind=grid_kind, micro_batch=micro_batch, late_weight=w,
-                      substeps=substeps)
+                      substeps=substeps, student_start=student_start)
     out = {}
     for nfe, K in Ks.items():
         calls0 = getattr(adapter, "calls", 0)
         out[nfe] = _finish(adapter, nfe, K, solver, sh, mode=mode, grid_kind=grid_kind, micro_batch=micro_batch,
                            late_weight=w, candidates=candidates, max_sweeps=max_sweeps, free_start=free_start,
-                           progress=progress, objective_name=objective, features=features)
+                           progress=progress, objective_name=objective, features=features, moves=moves)
         if len(nfes) > 1:
             out[nfe].provenance.update(model_calls=getattr(adapter, "calls", 0) - calls0, shared_pass={
                 "shared": True, "nfe": nfes, "model_calls": sh.calls, "seconds": round(sh.seconds, 3),
@@ -300,11 +364,13 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
 
 def dp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, seed: int = 0, progress: bool = False,
              mode: str = "refined", grid: int | None = None, grid_kind: str = "auto", micro_batch: int = 16,
-             late_weight: float | None = None, substeps: int = 1, candidates: int = 12, max_sweeps: int = 4,
+             late_weight: float | None = None, substeps: int = 1, candidates: int = 6, max_sweeps: int = 2,
              free_start: bool = True, variant: str | None = None, reduce: str | None = None,
-             objective: str = DEFAULT_OBJECTIVE, features=None) -> TimestepTable:
+             objective: str = DEFAULT_OBJECTIVE, features=None, moves: str = "auto",
+             student_start: bool = True) -> TimestepTable:
     """The ``dp`` table of ``mode`` (or of a published ``variant``) for ``nfe`` evaluations (module docstring)."""
     return dp_tables(adapter, [nfe], solver, samples=samples, seed=seed, progress=progress, mode=mode, grid=grid,
                      grid_kind=grid_kind, micro_batch=micro_batch, late_weight=late_weight, substeps=substeps,
                      candidates=candidates, max_sweeps=max_sweeps, free_start=free_start, variant=variant,
-                     reduce=reduce, objective=objective, features=features)[nfe]
+                     reduce=reduce, objective=objective, features=features, moves=moves,
+                     student_start=student_start)[nfe]
