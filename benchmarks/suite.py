@@ -283,7 +283,7 @@ def run_quality(cfg: BenchConfig, out: Path, progress: bool, command: str) -> li
         entry = {"name": name, "model": model, "solver": solver, "conditioning": cfg.conditioning.get(model),
                  "report": report, "costs": costs, "skipped_baselines": skipped}
         if cfg.rows:
-            entry = splice_rows(base[name], entry, list(dict.fromkeys(label for label, _ in searched)) or list(cfg.rows),
+            entry = splice_rows(base[name], entry, [r for r in cfg.rows if r not in cfg.skip_rows.get(name, ())],
                                 cfg.base)
             _write_config_report(entry["report"], out / "p1" / name)
         results.append(entry)
