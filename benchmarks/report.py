@@ -82,7 +82,8 @@ def _header(result: dict[str, Any]) -> list[str]:
             "", f"- machine: {m['platform']}, {m['cpus']} CPUs, torch threads {m['threads']}, no GPU",
             "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
             f"- tables searched on noise seed 0 with {cfg['search_samples']} search samples; every "
-            f"cell evaluated on held-out noise seed 10 000 (N = {cfg['num']} per cell, the same noises "
+            f"cell evaluated on held-out noise seed 10 000 (N = {cfg['num']} per cell"
+            + "".join(f", {k} {v}" for k, v in (cfg.get("num_of") or {}).items()) + ", the same noises "
             f"for every row); teacher = Heun, {cfg['teacher_steps']} steps, same noises",
             "- NFE = network evaluations per sample (Heun: 2K-1, DPM++(2M): K, Euler/DDIM: K); the final jump to "
             "σ = 0 is a step and counts", ""]
@@ -110,7 +111,7 @@ def _ratio_rows(labels: list[str], nfes: list[int], cells: dict[tuple[str, int],
         rows.append(("dp ÷ best diffusers spacing (leading, trailing, linspace, default)", dp, best_of(DIFFUSERS_SPACINGS)))
     if any(lab in labels for lab in PUBLISHED_DP):
         rows.append(("dp ÷ best published DP (boss, gits, oss)", dp, best_of(PUBLISHED_DP)))
-    for other in ("dp-teacher-mse", "dp-feature-mse"):
+    for other in ("dp-teacher-mse", "dp-data-fid"):
         if other in labels:
             rows.append((f"dp ÷ {other}", dp, {n: cells.get((other, n)) for n in nfes}))
 
@@ -128,8 +129,7 @@ def _below_teacher(rep: dict[str, Any], guided: bool) -> list[str]:
     rows = [r for r in rep["results"] if r["value"] < 0.9 * t and "teacher_mse" in r.get("extra", {})]
     if not rows or not rep.get("lower_is_better", True):
         return []
-    # distances relative to the dp row that reproduces the teacher (on a guided model the default dp targets the data)
-    ref_label = "dp-feature-mse" if any(r["label"] == "dp-feature-mse" for r in rep["results"]) else "dp"
+    ref_label = "dp"
     dp = {int(r["nfe"]): r["extra"].get("teacher_mse") for r in rep["results"] if r["label"] == ref_label}
     lines = ["", f"Rows scoring below the teacher's own {_fmt(t)} (mean squared distance to the teacher's samples from the "
              f"same noises, and ÷ {ref_label}'s):"]
@@ -138,10 +138,9 @@ def _below_teacher(rep: dict[str, Any], guided: bool) -> list[str]:
         lines.append(f"- {r['label']} NFE {r['nfe']}: {_fmt(r['value'])}, distance {d:.3g}"
                      + (f" ({d / ref:.1f}× {ref_label})" if ref else ""))
     if guided:
-        lines.append("Against unguided real data, a guided model's FID rewards undoing part of the guidance: such rows "
-                     "do not reproduce the guided sampler (the teacher distance says so); the default dp searches on "
-                     "data-fid there (FID against the data, the teacher's classes kept), dp-feature-mse reproduces the "
-                     "guided teacher.")
+        lines.append("Against unguided real data, a guided model's FID rewards undoing part of the guidance (and, in "
+                     "this feature network, residual noise): such rows do not reproduce the guided sampler (the teacher "
+                     "distance says so); dp-data-fid is dp searched on FID against the data itself.")
     return lines
 
 

@@ -67,7 +67,7 @@ class SearchedRow:
 # authors define them (their own grids and costs: no shared dp options)
 SEARCHED_ROWS = (
     SearchedRow("dp", "dp"), SearchedRow("dp-teacher-mse", "dp", {"objective": "teacher-mse"}),
-    SearchedRow("dp-feature-mse", "dp", {"objective": "feature-mse"}),
+    SearchedRow("dp-data-fid", "dp", {"objective": "data-fid"}),
     SearchedRow("evolution", "evolution"), SearchedRow("ays", "ays", {}, True), SearchedRow("olss", "olss"),
     SearchedRow("dp-boss", "dp", {"variant": "boss"}, True), SearchedRow("dp-gits", "dp", {"variant": "gits"}, True),
     SearchedRow("dp-oss", "dp", {"variant": "oss"}, True),
@@ -102,11 +102,11 @@ class BenchConfig:
     # per config: other budgets, searched rows left out (keeps the full run within about 100 minutes on 2 cores)
     nfe_of: dict[str, tuple[int, ...]] = field(default_factory=lambda: {
         "sharp-ddpm-ddim": (4, 6, 8), "digits-cond-euler": (4, 6, 8)})
-    # dp-feature-mse is the default dp's objective on unconditional models: a row of its own only for the guided one
+    # dp-data-fid (FID against the data as the objective) only where it changes the picture: the guided model
     skip_rows: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
-        "toy2d-flow-euler": ("dp-teacher-mse", "dp-feature-mse"), "digits-flow-euler": ("dp-feature-mse",),
-        "digits-ddpm-ddim": ("dp-feature-mse",), "digits-ddpm-dpmpp-2m": ("dp-teacher-mse", "dp-feature-mse"),
-        "sharp-ddpm-ddim": ("dp-feature-mse",),
+        "toy2d-flow-euler": ("dp-teacher-mse", "dp-data-fid"), "digits-flow-euler": ("dp-data-fid",),
+        "digits-ddpm-ddim": ("dp-data-fid",), "digits-ddpm-dpmpp-2m": ("dp-teacher-mse", "dp-data-fid"),
+        "sharp-ddpm-ddim": ("dp-data-fid",),
         "digits-cond-euler": ("dp-teacher-mse", "evolution", "ays", "olss", "dp-boss", "dp-gits", "dp-oss")})
     # evaluation samples per cell where `num` is too few: exact W2 of 500 2-D points moves by more between eval
     # seeds (leading NFE 8: 0.199 at seed 10 000, 0.229 at 20 000) than the rows differ
@@ -435,6 +435,9 @@ def merge(bench_jsons: list[str | Path], out: str | Path, markdown_path: str | P
           command: str = "stepsmith bench --merge") -> dict[str, Any]:
     """One result from runs of disjoint parts or configs (``--only``) run in parallel processes.
 
+    A config measured by two runs is refused, unless the later one is a ``--rows`` run (it replaces the config it
+    spliced into) or the first input is an earlier merged result (later runs update it).
+
     Each run's per-config folders (``p1/<config>``, ``p5``) are copied into ``out``; P1 configs keep the
     order of the full preset; P4 / P5 come from the run that measured them. ``seconds`` is the longest
     run (they ran side by side); each run's own command, date and seconds are kept under ``runs``.
@@ -447,12 +450,16 @@ def merge(bench_jsons: list[str | Path], out: str | Path, markdown_path: str | P
     runs = [json.loads(Path(p).read_text()) for p in bench_jsons]
     names = [_config_name(m, s) for m, s in FULL.configs]
     by_name: dict[str, dict[str, Any]] = {}
-    for r in runs:
+    replaceable = set()  # configs of an earlier merged result given first: later runs update it
+    for i, r in enumerate(runs):
         for q in r.get("quality") or []:
-            if q["name"] in by_name and not q["report"].get("spliced"):
+            if q["name"] in by_name and q["name"] not in replaceable and not q["report"].get("spliced"):
                 raise StepsmithError(f"configs measured twice in the runs to merge: {q['name']} (only a later --rows "
-                                     "run may replace a config's rows)")
+                                     "run, or any run after an earlier merged result given first, may replace a config)")
+            replaceable.discard(q["name"])
             by_name[q["name"]] = q  # a --rows run (spliced) replaces the config of an earlier run
+            if i == 0 and r.get("runs"):
+                replaceable.add(q["name"])
     quality = list(by_name.values())
     quality.sort(key=lambda q: names.index(q["name"]) if q["name"] in names else len(names))
     for p in bench_jsons:
@@ -461,9 +468,11 @@ def merge(bench_jsons: list[str | Path], out: str | Path, markdown_path: str | P
             if (src / part).is_dir() and src != out.resolve():
                 shutil.copytree(src / part, out / part, dirs_exist_ok=True)
     first = runs[0]
+    newest = max(runs, key=lambda r: r["date"])  # its preset (rows, options, N per config) is the one in force
     parts = sorted({p for r in runs for p in r["config"]["parts"]})
     result = {**first, "command": command, "out": str(out), "markdown": str(resolve_markdown_path(out, markdown_path)),
-              "config": {**first["config"], "parts": parts, "only": []},
+              "date": newest["date"], "config": {**first["config"], **newest["config"], "parts": parts, "only": [],
+                                                 "rows": [], "base": None},
               "runs": [e for r in runs for e in _run_entries(r)],
               "seconds": max(r["seconds"] for r in runs)}
     for key in ("quality", "overhead", "distill"):  # taken from the runs below

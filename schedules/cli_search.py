@@ -153,9 +153,7 @@ def run(args: argparse.Namespace) -> None:
     if "objective" in options:
         from schedules.search.objectives import feature_name, resolve_objective
 
-        guidance = getattr(args, "guidance", None)
-        feature_name(resolve_objective(options.get("objective"), args.model, options.get("features"),
-                                       None if guidance is None else float(guidance)), args.model,
+        feature_name(resolve_objective(options.get("objective"), args.model, options.get("features")), args.model,
                      options.get("features"))
     if len(args.nfe) > 1:
         _check_folder(args.out, args.overwrite)

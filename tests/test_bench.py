@@ -225,3 +225,10 @@ def test_merge_lets_a_rows_run_replace_its_config(tmp_path):
 
     with pytest.raises(StepsmithError, match="measured twice"):
         merge([b, a], tmp_path / "out2")  # a full run cannot replace a config silently
+    merged = write(tmp_path / "m", [base], "stepsmith bench --merge")
+    data = json.loads(merged.read_text())
+    data["runs"] = [{"command": "stepsmith bench --only m-euler", "date": "d", "seconds": 5.0, "configs": ["m-euler"]}]
+    merged.write_text(json.dumps(data))
+    full = write(tmp_path / "f", [_config([("dp", 2.0, 0.9), ("uniform", 10.0, 0.3)])], "stepsmith bench --only m-euler")
+    res = merge([merged, full], tmp_path / "out3")  # an earlier merged result given first is updated by a full run
+    assert [r["value"] for r in res["quality"][0]["report"]["results"]] == [2.0, 10.0] and len(res["runs"]) == 2

@@ -80,7 +80,7 @@ from schedules.conditioning import bind
 from schedules.conventions import karras_sigmas
 from schedules.io import StepsmithError, load_safetensors
 from schedules.search.common import check_finite, rollout
-from schedules.search.objectives import adapter_guidance, make_scorer, objective_kind, resolve_objective
+from schedules.search.objectives import make_scorer, objective_kind, resolve_objective
 from schedules.teacher import Teacher, teacher_sample
 
 DATA_KEYS = ("images", "samples", "x", "data", "real")
@@ -450,7 +450,7 @@ def ays_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int 
         raise StepsmithError(f"ays options: small must be 'interp' or 'direct' and levels >= 0, got {small!r}, {levels}",
                              param="small")
     init_name = init_kind(init)
-    objective_name = resolve_objective(objective, getattr(adapter, "name", None), features, adapter_guidance(adapter))
+    objective_name = resolve_objective(objective, getattr(adapter, "name", None), features)
     x_data, data_src = (None, None) if x0 == "teacher" else data_samples(adapter, data, samples, seed, x0 == "data")
     t0 = time.perf_counter()
     noise = adapter.noise(samples, seed)

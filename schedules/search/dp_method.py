@@ -80,7 +80,7 @@ from schedules.search.dp import (
     teacher_reference,
 )
 from schedules.search.evolution import snap_genome
-from schedules.search.objectives import DEFAULT_OBJECTIVE, adapter_guidance, make_scorer, objective_kind, resolve_objective
+from schedules.search.objectives import DEFAULT_OBJECTIVE, make_scorer, objective_kind, resolve_objective
 from schedules.table import TimestepTable
 from schedules.teacher import Teacher
 
@@ -333,8 +333,7 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
     if moves != "auto" and moves not in REFINE_MOVES:
         raise StepsmithError(f"unknown refinement `moves` {moves!r}; use auto or one of {', '.join(REFINE_MOVES)}",
                              param="moves")
-    objective = resolve_objective(objective, adapter.name, features, adapter_guidance(adapter)) \
-        if variant is None and mode == "refined" \
+    objective = resolve_objective(objective, adapter.name, features) if variant is None and mode == "refined" \
         else "teacher-mse"
     feature_name(objective, adapter.name, features)  # refuse before any model call
     nfes = list(dict.fromkeys(int(v) for v in nfes))

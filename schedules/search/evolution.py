@@ -357,12 +357,11 @@ def evolution_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 
     ``auto`` (default) is feature-mse for a model with a feature network, else the final mse
     (:mod:`schedules.search.objectives`, ``features`` its feature network); or a custom ``fitness``.
     """
-    from schedules.search.objectives import adapter_guidance, feature_name, objective_kind, resolve_objective
+    from schedules.search.objectives import feature_name, objective_kind, resolve_objective
 
     if fitness is not None and objective not in (None, "auto", "teacher-mse"):
         raise StepsmithError("give either a custom `fitness` or an `objective`, not both", param="objective")
-    objective = "teacher-mse" if fitness is not None else \
-        resolve_objective(objective, adapter.name, features, adapter_guidance(adapter))
+    objective = "teacher-mse" if fitness is not None else resolve_objective(objective, adapter.name, features)
     fname = feature_name(objective, adapter.name, features)  # refuse before any model call
     check_options(seed=seed, samples=samples, grid=grid, population=population, generations=generations,
                   elite=elite, p_mutation=p_mutation, p_crossover=p_crossover)

@@ -27,14 +27,7 @@ The distribution objectives ignore the pairing; all are computed on the search s
 Feature networks are the embedded ones (``builtin:sharp-features``, ``builtin:digits-features``),
 or any callable images → [B, D]; an embedded model uses its own by default.
 
-Default (``auto``, :func:`resolve_objective`): for a **guided** model (w > 1) whose real data and feature
-network are known (embedded digits-cond, or data registered with ``--data``), ``data-fid`` — measured below on
-digits-cond at w = 3: the tables that reproduce the guided teacher (feature-mse) score FID 852.5 / 846.7 / 802.6
-at NFE 4 / 6 / 8, the guided teacher itself 815.6, diffusers' ``leading`` 346.4 / 428.2 / 512.4, data-fid
-268.6 / 256.7 / 283.7 at class accuracy 0.994–0.996 (the teacher's samples' classes kept by the class guard).
-Such a table trades part of the guidance for data likeness (it starts near σ = 0.7, like ``leading``);
-``--objective feature-mse`` reproduces the guided sampler instead. Otherwise ``feature-mse`` when a feature
-network is known — the
+Default (``auto``, :func:`resolve_objective`): ``feature-mse`` when a feature network is known — the
 model's embedded one (:data:`schedules.embedded.MODEL_FEATURES`) or ``features`` given — else
 ``teacher-mse`` (2-D toys, user and pipeline models without a feature network). Why: the coupled MSE
 rewards blur on sharp images (a final jump from high noise to 0 is a posterior mean), and of the
@@ -80,7 +73,11 @@ candidates 6, max_sweeps 2; ``stepsmith eval --num 500 --seed 10000 --no-teacher
   tables start at σ = 0.72 instead of 1 (as ``leading`` does): from pure noise that leaves the guided
   sampler, and the FID against unguided real data rewards undoing part of the guidance (search-seed
   mse to the guided teacher 0.072 at NFE 4). So it is the objective for "match the data", not for
-  "reproduce the guided sampler" — a choice of target, left opt-in (``auto`` unchanged).
+  "reproduce the guided sampler" — a choice of target, left opt-in (``auto`` unchanged). The image grids
+  say why it must stay opt-in: in the benchmark run of 2026-12-02 (BENCHMARKS.md row ``dp-data-fid``) the
+  data-fid samples at NFE 6 are covered in residual pixel noise, visibly worse than the clean guided digits of
+  the feature-mse table (and grainier than ``leading``'s): the digits feature network scores noise as "data-like"
+  (FID 256.7 vs 825.6), so a lower FID here is not better images.
   128 search samples at NFE 4: FID 298.8, class accuracy 0.990 (search 462 s vs 265 s for 32).
   ``data-fid`` (same guard): **268.6 / 256.7 / 283.7**, class accuracy 0.996 / 0.994 / 0.996 (its
   Fréchet distance from 32 samples against 1,797 is biased, but the bias is nearly the same for every
@@ -118,7 +115,7 @@ from schedules.io import StepsmithError
 Features = Callable[[torch.Tensor], torch.Tensor]
 Scorer = Callable[[torch.Tensor], float]
 
-DEFAULT_OBJECTIVE = "auto"  # data-fid for guided models with data, feature-mse with a feature network, else teacher-mse
+DEFAULT_OBJECTIVE = "auto"  # feature-mse where a feature network is known, else teacher-mse (resolve_objective)
 SLICES = 256  # random directions of the sliced Wasserstein distance
 
 
@@ -221,37 +218,15 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def has_data(model_name: str | None) -> bool:
-    """Whether the data objectives know real data for ``model_name`` (registered, or an embedded model's)."""
-    try:
-        model_data(model_name)
-    except StepsmithError:
-        return False
-    return True
-
-
-def resolve_objective(objective: str | None, model_name: str | None, features=None, guidance: float | None = None) -> str:
-    """The objective ``auto`` (or ``None``) stands for; other names pass through.
-
-    * a **guided** model (``guidance`` w > 1) with a feature network and known real data (:func:`has_data`):
-      ``data-fid`` — FID against the data is what a guided model is scored on, and the guided teacher itself
-      is far from the data (module docstring: digits-cond at w = 3);
-    * else ``feature-mse`` when a feature network is known (``features`` given, or the model's embedded one);
-    * else ``teacher-mse``.
-    """
+def resolve_objective(objective: str | None, model_name: str | None, features=None) -> str:
+    """The objective ``auto`` (or ``None``) stands for: ``feature-mse`` when a feature network is known
+    (``features`` given, or the model has an embedded one), else ``teacher-mse``; other names pass through.
+    Also for guided models: the data objectives are opt-in (module docstring: their FID gain on digits-cond is
+    residual noise)."""
     if objective not in (None, "auto"):
         get_objective(objective)
         return objective
-    known_features = features is not None or model_name in MODEL_FEATURES
-    if known_features and guidance is not None and guidance > 1 and has_data(model_name):
-        return "data-fid"
-    return "feature-mse" if known_features else "teacher-mse"
-
-
-def adapter_guidance(adapter) -> float | None:
-    """The guidance scale of a conditional adapter (``None`` for an unconditional one)."""
-    cond = getattr(adapter, "conditioning", None)
-    return None if cond is None else float(cond.guidance)
+    return "feature-mse" if features is not None or model_name in MODEL_FEATURES else "teacher-mse"
 
 
 def get_objective(name: str) -> Objective:
