@@ -21,9 +21,6 @@ from eval.features import FeatureNetwork
 from eval.metrics import FeatureStats, check_samples, extract_features
 from schedules.io import StepsmithError, load_safetensors, save_safetensors
 
-DIGITS_MODELS = ("builtin:digits-flow", "builtin:digits-ddpm", "builtin:digits-cond")
-TOY2D_MODELS = ("builtin:toy2d-flow",)
-SHARP_MODELS = ("builtin:sharp-ddpm",)
 TENSOR_KEYS = ("images", "samples", "x", "data", "real")
 
 
@@ -43,18 +40,11 @@ def tensor_hash(x: torch.Tensor) -> str:
 
 def default_real_data(model_name: str, n: int, seed: int) -> tuple[torch.Tensor, str]:
     """(real samples, description) for an embedded model; a clear error for other models."""
-    if model_name in DIGITS_MODELS:
-        from schedules.embedded.nets import digits_data
+    from schedules.embedded import embedded_data
 
-        return digits_data()[0], "digits_data() (all 1797 sklearn digits, 16x16, [-1, 1])"
-    if model_name in SHARP_MODELS:
-        from schedules.embedded.nets import sharp_digits_data
-
-        return sharp_digits_data()[0], "sharp_digits_data() (all 1797 sklearn digits, 16x16, thresholded to ±1)"
-    if model_name in TOY2D_MODELS:
-        from schedules.embedded.nets import toy2d_data
-
-        return toy2d_data(n, seed=seed), f"toy2d_data({n}, seed={seed})"
+    found = embedded_data(model_name, n, seed)
+    if found is not None:
+        return found
     raise StepsmithError(
         f"no real data known for {model_name}: pass --real PATH (a safetensors file with one tensor [N, ...] "
         "in the model's range, or a folder of PNG images)"

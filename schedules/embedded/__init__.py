@@ -22,6 +22,21 @@ MODEL_FEATURES = {"builtin:sharp-ddpm": "sharp-features", "builtin:digits-flow":
                   "builtin:digits-ddpm": "digits-features", "builtin:digits-cond": "digits-features"}
 
 
+def embedded_data(model_name: str | None, n: int, seed: int):
+    """(training data, description) of an embedded model — all 1,797 digits for the digits models (their
+    thresholded ±1 copy for sharp-ddpm), ``n`` fresh two-moons points drawn with ``seed`` for toy2d — or
+    ``None`` for any other model. Eval's real data, AYS's KLUB pairs and the data objectives all come from here."""
+    from schedules.embedded import nets
+
+    if model_name in ("builtin:digits-flow", "builtin:digits-ddpm", "builtin:digits-cond"):
+        return nets.digits_data()[0], "digits_data() (all 1797 sklearn digits, 16x16, [-1, 1])"
+    if model_name == "builtin:sharp-ddpm":
+        return nets.sharp_digits_data()[0], "sharp_digits_data() (all 1797 sklearn digits, 16x16, thresholded to ±1)"
+    if model_name == "builtin:toy2d-flow":
+        return nets.toy2d_data(n, seed=seed), f"toy2d_data({n}, seed={seed})"
+    return None
+
+
 def load_feature_cnn(name: str):
     """The embedded digits CNN ``name`` (one of :data:`FEATURE_NETWORKS`) with its weights, in eval mode."""
     from schedules.adapters import load_state_dict

@@ -78,12 +78,14 @@ from tqdm.auto import tqdm
 from schedules.baselines import loglinear_interp, steps_for, table_from_nodes
 from schedules.conditioning import bind
 from schedules.conventions import karras_sigmas
+from schedules.embedded import embedded_data
 from schedules.io import StepsmithError, load_safetensors
 from schedules.search.common import check_finite, rollout
 from schedules.search.objectives import make_scorer, objective_kind, resolve_objective
 from schedules.teacher import Teacher, teacher_sample
 
 DATA_KEYS = ("images", "samples", "x", "data", "real")
+KLUB_TOY2D_POINTS = 8192  # fresh two-moons points the KLUB pairs of toy2d are drawn from (seed 0)
 
 
 def _gauss_antiderivative(t: torch.Tensor, c: float, t_hi: float) -> torch.Tensor:
@@ -373,20 +375,6 @@ def load_data(path: str | Path) -> torch.Tensor:
     return tensors[key].float()
 
 
-def embedded_data(adapter) -> tuple[torch.Tensor, str] | None:
-    """The training data of an embedded (``builtin:``) model, or None for other models."""
-    from schedules.embedded import nets
-
-    name = str(getattr(adapter, "name", ""))
-    if name in ("builtin:digits-flow", "builtin:digits-ddpm", "builtin:digits-cond"):
-        return nets.digits_data()[0], "digits_data() (the embedded digits, 16x16, [-1, 1])"
-    if name == "builtin:sharp-ddpm":
-        return nets.sharp_digits_data()[0], "sharp_digits_data() (the embedded digits thresholded to ±1)"
-    if name == "builtin:toy2d-flow":
-        return nets.toy2d_data(8192, seed=0), "toy2d_data(8192, seed=0)"
-    return None
-
-
 def data_samples(adapter, data, samples: int, seed: int, required: bool = True) -> tuple[torch.Tensor | None, str | None]:
     """``samples`` data samples x0 for the KLUB (a random subset, by ``seed``) and where they came from
     ((None, None) when there is no data and it is not ``required``)."""
@@ -395,7 +383,7 @@ def data_samples(adapter, data, samples: int, seed: int, required: bool = True) 
     elif isinstance(data, torch.Tensor):
         x, src = data, "data tensor"
     else:
-        found = embedded_data(adapter)
+        found = embedded_data(getattr(adapter, "name", None), KLUB_TOY2D_POINTS, 0)
         if found is None:
             if not required:
                 return None, None

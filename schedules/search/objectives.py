@@ -267,14 +267,11 @@ def model_data(model_name: str | None, data: torch.Tensor | None = None) -> tupl
     if model_name in _USER_DATA:
         x = _USER_DATA[model_name]
         return x, f"registered data [{x.shape[0]}]"
-    from schedules.embedded import nets
+    from schedules.embedded import embedded_data
 
-    if model_name in ("builtin:digits-flow", "builtin:digits-ddpm", "builtin:digits-cond"):
-        return nets.digits_data()[0], "digits_data() (1797 digits)"
-    if model_name == "builtin:sharp-ddpm":
-        return nets.sharp_digits_data()[0], "sharp_digits_data() (1797 digits)"
-    if model_name == "builtin:toy2d-flow":
-        return nets.toy2d_data(TOY2D_DATA_POINTS, seed=1), f"toy2d_data({TOY2D_DATA_POINTS}, seed=1)"
+    found = embedded_data(model_name, TOY2D_DATA_POINTS, 1)
+    if found is not None:
+        return found
     raise StepsmithError(f"the data objectives compare with real data, and none is known for {model_name}: pass "
                          "--data PATH (a safetensors file with one tensor [N, ...] in the model's range) or "
                          "`data=` a tensor, or use an objective against the teacher (feature-mse, kid, ...)",
