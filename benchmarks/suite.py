@@ -263,6 +263,7 @@ def _baseline_tables(cfg: BenchConfig, adapter, solver: str, name: str) -> tuple
 
 def run_quality(cfg: BenchConfig, out: Path, progress: bool, command: str) -> list[dict[str, Any]]:
     """P1 and P3: search every method, build every baseline, score them all in one sweep per config."""
+    from eval.report import write_report
     from eval.sweep import run_sweep
     from schedules.adapters import load_model
 
@@ -285,7 +286,7 @@ def run_quality(cfg: BenchConfig, out: Path, progress: bool, command: str) -> li
         if cfg.rows:
             entry = splice_rows(base[name], entry, [r for r in cfg.rows if r not in cfg.skip_rows.get(name, ())],
                                 cfg.base)
-            _write_config_report(entry["report"], out / "p1" / name)
+            write_report(entry["report"], out / "p1" / name)  # over the partial report the sweep wrote
         results.append(entry)
     return results
 
@@ -328,8 +329,12 @@ def splice_rows(base: dict[str, Any], new: dict[str, Any], labels: list[str], ba
         raise StepsmithError(f"the teacher scores {t_new} here and {t_base} in the base run: the evaluation does not "
                              "reproduce the base run's, so its rows cannot be kept; run the config in full")
     order = [r.label for r in SEARCHED_ROWS]
+
+    def rank(label: str) -> int:  # searched rows in preset order, then the baselines (stable sorts keep NFE order)
+        return order.index(label) if label in order else len(order)
+
     rows = [r for r in got["results"] if r["label"] in labels] + [r for r in rep["results"] if r["label"] not in labels]
-    rows.sort(key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))  # stable: NFE order kept
+    rows.sort(key=lambda r: rank(r["label"]))
     report = {**rep, "results": rows, "methods": list(dict.fromkeys(r["label"] for r in rows)),
               "spliced": {"rows": labels, "from": got.get("command"), "base": str(base_path or COMMITTED),
                           "base_command": rep.get("command")}}
@@ -338,16 +343,9 @@ def splice_rows(base: dict[str, Any], new: dict[str, Any], labels: list[str], ba
         plan = MetricPlan(names, True, True)
         used = apply_mmhm(rows, plan, None)
         report["mmhm"] = mmhm_info(rows, plan, used, "min/max over the rows of each NFE")
-    costs = [c for c in new["costs"]] + [c for c in base.get("costs", []) if c["method"] not in labels]
-    costs.sort(key=lambda c: order.index(c["method"]) if c["method"] in order else len(order))
+    costs = list(new["costs"]) + [c for c in base.get("costs", []) if c["method"] not in labels]
+    costs.sort(key=lambda c: rank(c["method"]))
     return {**base, "report": report, "costs": costs}
-
-
-def _write_config_report(report: dict[str, Any], folder: Path) -> None:
-    """report.json / report.md / plots of a spliced config, over the partial ones the sweep wrote."""
-    from eval.report import write_report
-
-    write_report(report, folder)
 
 
 def _conditioning(cfg: BenchConfig, model: str):
