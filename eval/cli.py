@@ -89,8 +89,8 @@ def register(sub) -> None:
     p.add_argument("--save-bounds", default=None, metavar="FILE", help="write the MMHM bounds this run used")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=10_000, help="evaluation noise seed (must differ from search seeds)")
-    p.add_argument("--real", default=None, help="real data: safetensors tensor [N, ...] or a folder of PNGs "
-                                                "(default: the embedded model's data)")
+    p.add_argument("--real", default=None, help="real data: safetensors tensor [N, ...] or a folder of PNG/JPEG images, "
+                                                "resized to the model (default: the embedded model's data)")
     p.add_argument("--features", default=None,
                    help="feature network: digits-features (default for digits), inception, or path/to/file.py:attr")
     p.add_argument("--inception-weights", default=None, help="local Inception weights file (never downloaded)")

@@ -3,7 +3,8 @@
 * :func:`default_real_data` — the embedded models' true data (digits: all 1,797 images of
   ``digits_data()``; toy2d: ``toy2d_data(n, seed)``);
 * :func:`load_real_data` — a user's data: a safetensors file holding one tensor [N, ...]
-  (or a key ``images``/``samples``/``x``), or a folder of PNGs, scaled to [-1, 1];
+  (or exactly one named ``images``/``samples``/``x``/``data``/``real``), or a folder of PNG/JPEG
+  images, scaled to [-1, 1] and resized to the model's size (:func:`schedules.io.load_samples`);
 * :func:`real_feature_stats` — features of the real data under a feature network, computed
   once and cached in ``$STEPSMITH_CACHE`` (default ``~/.cache/stepsmith``) under a key made
   of a hash of the data and a hash of the network's weights. Writes are atomic.
@@ -18,10 +19,10 @@ from pathlib import Path
 import torch
 
 from eval.features import FeatureNetwork
-from eval.metrics import FeatureStats, check_samples, extract_features
-from schedules.io import StepsmithError, load_safetensors, save_safetensors
+from eval.metrics import FeatureStats, extract_features
+from schedules.io import SAMPLE_KEYS, StepsmithError, load_safetensors, load_samples, save_safetensors
 
-TENSOR_KEYS = ("images", "samples", "x", "data", "real")
+TENSOR_KEYS = SAMPLE_KEYS  # the tensor names a multi-tensor real-data file may use (schedules.io)
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
@@ -47,7 +48,7 @@ def default_real_data(model_name: str, n: int, seed: int) -> tuple[torch.Tensor,
         return found
     raise StepsmithError(
         f"no real data known for {model_name}: pass --real PATH (a safetensors file with one tensor [N, ...] "
-        "in the model's range, or a folder of PNG images)"
+        "in the model's range, or a folder of PNG/JPEG images)"
     )
 
 
@@ -57,54 +58,10 @@ def real_samples(model_name: str, n: int = 2000, seed: int = 0) -> torch.Tensor:
 
 
 def load_real_data(path: str | os.PathLike, sample_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Real samples from a safetensors file or a folder of PNGs (images scaled to [-1, 1])."""
-    p = Path(path)
-    if p.is_dir():
-        x = _load_png_folder(p, sample_shape)
-    elif p.is_file():
-        tensors = load_safetensors(p)
-        if len(tensors) == 1:
-            x = next(iter(tensors.values()))
-        else:
-            key = next((k for k in TENSOR_KEYS if k in tensors), None)
-            if key is None:
-                raise StepsmithError(f"{p} holds tensors {sorted(tensors)}; keep one tensor or name it one of "
-                                     f"{', '.join(TENSOR_KEYS)}")
-            x = tensors[key]
-        x = x.float()
-    else:
-        raise StepsmithError(f"--real {path}: no such file or folder")
-    x = check_samples(x, f"real data {path}")
-    if sample_shape is not None and tuple(x.shape[1:]) != tuple(sample_shape):
-        raise StepsmithError(
-            f"real data {path} has samples of shape {list(x.shape[1:])} but the model makes {list(sample_shape)}; "
-            "resize the real data (same size and channel count)"
-        )
-    return x
-
-
-def _load_png_folder(folder: Path, sample_shape: tuple[int, ...] | None) -> torch.Tensor:
-    from PIL import Image
-
-    files = sorted(f for f in folder.iterdir() if f.suffix.lower() == ".png")
-    if not files:
-        raise StepsmithError(f"--real {folder}: the folder has no .png images")
-    mode = None
-    if sample_shape is not None and len(sample_shape) == 3:
-        mode = {1: "L", 3: "RGB"}.get(sample_shape[0])
-        if mode is None:
-            raise StepsmithError(f"PNG real data fits 1- or 3-channel models, this one has {sample_shape[0]} channels")
-    arrs = []
-    for f in files:
-        with Image.open(f) as im:
-            im = im.convert(mode or ("L" if im.mode in ("L", "1", "I", "I;16") else "RGB"))
-            t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(im.height, im.width, -1)
-        arrs.append(t.permute(2, 0, 1))
-    sizes = {tuple(a.shape) for a in arrs}
-    if len(sizes) > 1:
-        raise StepsmithError(f"--real {folder}: images have different sizes {sorted(sizes)[:3]}...; resize them "
-                             "all to the model's size")
-    return torch.stack(arrs).float() / 127.5 - 1.0
+    """Real samples (at least 2) from a safetensors file or a folder of PNG/JPEG images, read by
+    :func:`schedules.io.load_samples` (its key rule; images scaled to [-1, 1] and resized to ``sample_shape``);
+    errors name ``real`` (``--real``)."""
+    return load_samples(path, shape=sample_shape, min_count=2, param="real", asked_by="scoring (FID, KID, ...)")
 
 
 def real_feature_stats(real: torch.Tensor, net: FeatureNetwork, *, cache: str | os.PathLike | None = None,

@@ -102,9 +102,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="feature network of --objective kid|fid|feature-mse|wasserstein (builtin:sharp-features, "
                         "builtin:digits-features; embedded models default to their own)")
     p.add_argument("--data", default=None, metavar="PATH",
-                   help="--method ays: data samples x0 of the KLUB (.safetensors tensor [N, ...] or a folder of PNGs; "
+                   help="--method ays: data samples x0 of the KLUB (.safetensors tensor [N, ...] or a folder of PNG/JPEG images; "
                         "embedded models default to their own data); --objective data-*: the real data compared with "
-                        "(.safetensors tensor [N, ...] in the model's range)")
+                        "(.safetensors tensor [N, ...] in the model's range, or a folder of PNG/JPEG images, scaled to "
+                        "[-1, 1] and resized to the model's size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="JSON table to write (several budgets: the folder to write)")
     p.set_defaults(func=run)
@@ -142,29 +143,32 @@ def run(args: argparse.Namespace) -> None:
     # before loading the model: the request, then the output path
     for nfe in args.nfe:
         check_request(args.method, nfe, args.solver, samples=args.samples, options=options, exact_nfe=True)
-    if args.data is not None and args.method != "ays":  # the real data of the data objectives
-        from schedules.io import load_safetensors
-        from schedules.search.objectives import register_data
+    data_objective = args.data is not None and args.method != "ays"  # --data is the real data of the data objectives
+    real = None
+    if data_objective:  # a file is read and checked now; a folder of images once the model's size is known (resized to it)
+        from schedules.io import check_sample_tensor, load_samples
 
-        tensors = load_safetensors(args.data)
-        if len(tensors) != 1:
-            raise StepsmithError(f"--data {args.data} holds tensors {sorted(tensors)}; keep exactly one", param="data")
-        register_data(args.model, next(iter(tensors.values())).float())
+        if not (args.data.strip() and Path(args.data).is_dir()):
+            real = load_samples(args.data, min_count=2, param="data", asked_by="a data objective")
     if "objective" in options:
         from schedules.search.objectives import feature_name, resolve_objective
 
         feature_name(resolve_objective(options.get("objective"), args.model, options.get("features")), args.model,
-                     options.get("features"))
+                     options.get("features"), check_data=not data_objective)
     if len(args.nfe) > 1:
         _check_folder(args.out, args.overwrite)
     else:
         check_output_path(args.out, param="out")
     dist = current_dist()  # joins the process group under accelerate launch / torchrun
     model = model_from_args(args)
-    if args.data is not None and args.method != "ays" and model.name != args.model:  # the search looks the data up by the adapter's name
-        from schedules.search.objectives import model_data, register_data
+    if data_objective:  # registered under the adapter's name (the search looks it up by that) and the --model spelling
+        from schedules.search.objectives import register_data
 
-        register_data(model.name, model_data(args.model)[0])
+        shape = tuple(model.sample_shape)
+        real = (load_samples(args.data, shape=shape, min_count=2, param="data", asked_by="a data objective") if real is None
+                else check_sample_tensor(real, shape=shape, min_count=2, param="data", source=args.data))
+        for name in {args.model, model.name}:
+            register_data(name, real)
     t0 = time.perf_counter()
     kw = {} if args.method not in SEARCHED else {"samples": args.samples, "seed": args.seed,
                                                    "progress": not args.no_progress}

@@ -79,12 +79,12 @@ from schedules.baselines import loglinear_interp, steps_for, table_from_nodes
 from schedules.conditioning import bind
 from schedules.conventions import karras_sigmas
 from schedules.embedded import embedded_data
-from schedules.io import StepsmithError, load_safetensors
+from schedules.io import SAMPLE_KEYS, StepsmithError, check_sample_tensor, load_samples
 from schedules.search.common import check_finite, rollout
 from schedules.search.objectives import make_scorer, objective_kind, resolve_objective
 from schedules.teacher import Teacher, teacher_sample
 
-DATA_KEYS = ("images", "samples", "x", "data", "real")
+DATA_KEYS = SAMPLE_KEYS  # the tensor names a multi-tensor data file may use (schedules.io)
 KLUB_TOY2D_POINTS = 8192  # fresh two-moons points the KLUB pairs of toy2d are drawn from (seed 0)
 
 
@@ -342,44 +342,18 @@ def init_nodes(adapter, n: int, init: str = "auto") -> list[float]:
     return conv.to_edm(native).tolist()
 
 
-def load_data(path: str | Path) -> torch.Tensor:
-    """Data samples from a safetensors file (one tensor [N, ...], or one named images/samples/x/data/real) or a
-    folder of PNG images (scaled to [-1, 1])."""
-    p = Path(path)
-    if p.is_dir():
-        from PIL import Image
-
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() == ".png")
-        if not files:
-            raise StepsmithError(f"`data` folder {p} holds no .png images", param="data")
-        arrs = []
-        for f in files:
-            with Image.open(f) as im:
-                im = im.convert("L" if im.mode in ("L", "1", "I", "I;16") else "RGB")
-                arrs.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-                            .reshape(im.height, im.width, -1).permute(2, 0, 1))
-        if len({tuple(a.shape) for a in arrs}) > 1:
-            raise StepsmithError(f"`data` folder {p}: the images have different sizes; resize them to the model's",
-                                 param="data")
-        return torch.stack(arrs).float() / 127.5 - 1.0
-    if not p.is_file():
-        raise StepsmithError(f"`data` {path}: no such file or folder (a .safetensors file or a folder of PNGs)",
-                             param="data")
-    tensors = load_safetensors(p)
-    if len(tensors) == 1:
-        return next(iter(tensors.values())).float()
-    key = next((k for k in DATA_KEYS if k in tensors), None)
-    if key is None:
-        raise StepsmithError(f"`data` {p} holds tensors {sorted(tensors)}; keep one tensor or name it one of "
-                             f"{', '.join(DATA_KEYS)}", param="data")
-    return tensors[key].float()
+def load_data(path: str | Path, shape: tuple[int, ...] | None = None, min_count: int | None = None) -> torch.Tensor:
+    """Data samples from a safetensors file (one tensor [N, ...], or exactly one named images/samples/x/data/real)
+    or a folder of PNG/JPEG images (scaled to [-1, 1], resized to ``shape``): :func:`schedules.io.load_samples`."""
+    return load_samples(path, shape=shape, min_count=min_count, param="data", asked_by="the search")
 
 
 def data_samples(adapter, data, samples: int, seed: int, required: bool = True) -> tuple[torch.Tensor | None, str | None]:
     """``samples`` data samples x0 for the KLUB (a random subset, by ``seed``) and where they came from
     ((None, None) when there is no data and it is not ``required``)."""
+    shape = tuple(adapter.sample_shape)
     if isinstance(data, (str, Path)):
-        x, src = load_data(data), f"data file {data}"
+        x, src = load_data(data, shape, samples), f"data file {data}"
     elif isinstance(data, torch.Tensor):
         x, src = data, "data tensor"
     else:
@@ -388,18 +362,10 @@ def data_samples(adapter, data, samples: int, seed: int, required: bool = True) 
             if not required:
                 return None, None
             raise StepsmithError(f"ays needs data samples for {getattr(adapter, 'name', 'this model')}: pass --data PATH "
-                                 "(a .safetensors tensor [N, ...] or a folder of PNGs), or the labelled fallback "
-                                 "--option x0=teacher", param="data")
+                                 "(a .safetensors tensor [N, ...] or a folder of PNG/JPEG images), or the labelled "
+                                 "fallback --option x0=teacher", param="data")
         x, src = found
-    shape = tuple(adapter.sample_shape)
-    if x.ndim < 1 or tuple(x.shape[1:]) != shape:
-        raise StepsmithError(f"`data` samples have shape {list(x.shape[1:])} but the model makes {list(shape)}; "
-                             "give data of the model's sample shape", param="data")
-    if x.shape[0] < samples:
-        raise StepsmithError(f"`data` holds {x.shape[0]} samples but the search asks for {samples}; give more data "
-                             f"or pass --samples {x.shape[0]}", param="data")
-    if not torch.isfinite(x).all():
-        raise StepsmithError("`data` holds NaN/Inf values", param="data")
+    x = check_sample_tensor(x, shape=shape, min_count=samples, param="data", asked_by="the search")
     idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]
     return x[idx].float(), f"{src}: {samples} of {x.shape[0]} samples"
 

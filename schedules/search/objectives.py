@@ -273,8 +273,8 @@ def model_data(model_name: str | None, data: torch.Tensor | None = None) -> tupl
     if found is not None:
         return found
     raise StepsmithError(f"the data objectives compare with real data, and none is known for {model_name}: pass "
-                         "--data PATH (a safetensors file with one tensor [N, ...] in the model's range) or "
-                         "`data=` a tensor, or use an objective against the teacher (feature-mse, kid, ...)",
+                         "--data PATH (a safetensors file with one tensor [N, ...] in the model's range, or a folder of "
+                         "PNG/JPEG images) or `data=` a tensor, or use an objective against the teacher (feature-mse, kid, ...)",
                          param="data")
 
 
