@@ -140,8 +140,26 @@ def _below_teacher(rep: dict[str, Any], guided: bool) -> list[str]:
     if guided:
         lines.append("Against unguided real data, a guided model's FID rewards undoing part of the guidance (and, in "
                      "this feature network, residual noise): such rows do not reproduce the guided sampler (the teacher "
-                     "distance says so); dp-data-fid is dp searched on FID against the data itself.")
+                     "distance says so, and the FID to the teacher below); dp-data-fid is dp searched on FID against the data itself.")
     return lines
+
+
+def _fid_to_teacher(rep: dict[str, Any], labels: list[str], nfes: list[int], searched: set[str]) -> list[str]:
+    """The table × NFE grid of ``fid-teacher`` (FID against the teacher's samples from the same noises) with its ratio
+    rows, where the run measured it: for a guided model the distance a schedule can close (eval.sweep_metrics)."""
+    cells = {(r["label"], int(r["nfe"])): r["metrics"]["fid-teacher"] for r in rep["results"]
+             if "fid-teacher" in (r.get("metrics") or {})}
+    if not cells:
+        return []
+    best = {n: min(v for (_, m), v in cells.items() if m == n) for n in nfes}
+    lines = ["", "FID to the teacher (lower is better): FID against the teacher's own samples from the same noises, "
+             "under the same feature network — the distance to the guided sampler's distribution, which a schedule can "
+             "close (the teacher is 0 here):", "", "| table | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---" * (len(nfes) + 1) + "|"]
+    for lab in labels:
+        row = [_cell(cells.get((lab, n)), None, best[n]) for n in nfes]
+        lines.append(f"| {f'*{lab}*' if lab in searched else lab} | " + " | ".join(row) + " |")
+    return lines + _ratio_rows(labels, nfes, cells, searched)
 
 
 def _final_jumps(rep: dict[str, Any], searched: set[str], nfes: list[int]) -> list[str]:
@@ -229,6 +247,7 @@ def _quality_config(res: dict[str, Any], out: Path, md_dir: Path) -> list[str]:
         lines.append("Not applicable here: " + "; ".join(f"`{b}` ({why})" for b, why in res["skipped_baselines"].items()))
     lines += _ratio_rows(labels, nfes, cells, searched)
     lines += _below_teacher(rep, cond is not None)
+    lines += _fid_to_teacher(rep, labels, nfes, searched)
     lines += _manifold(rep, labels, nfes, searched)
     acc = {(r["label"], int(r["nfe"])): (r.get("metrics") or {}).get("class-accuracy") for r in rep["results"]}
     if any(v is not None for v in acc.values()):

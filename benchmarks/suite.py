@@ -277,7 +277,7 @@ def run_quality(cfg: BenchConfig, out: Path, progress: bool, command: str) -> li
         searched, costs = _searched_tables(cfg, adapter, solver, name, progress)
         baselines, skipped = _baseline_tables(cfg, adapter, solver, name) if not cfg.rows else ([], {})
         metric = None if len(adapter.sample_shape) == 1 else IMAGE_METRICS + (
-            ",class-accuracy" if getattr(adapter, "conditioning", None) is not None else "")
+            ",class-accuracy,fid-teacher" if getattr(adapter, "conditioning", None) is not None else "")
         report = run_sweep(adapter, tables=searched + [(b.method, b) for b in baselines], num=cfg.num_of.get(name, cfg.num),
                            teacher_steps=cfg.teacher_steps, metric=metric,
                            out=out / "p1" / name, progress=progress, command=command)

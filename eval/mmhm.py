@@ -34,8 +34,8 @@ BOUNDS_FORMAT = "stepsmith.mmhm-bounds/v1"
 GROUPED_FORMAT = "stepsmith.mmhm-grouped-bounds/v1"
 Direction = Literal["lower", "higher"]
 
-LOWER_BETTER = ("fid", "kid", "wasserstein", "mmd", "energy", "teacher", "teacher-mse", "teacher-rmse", "mse", "rmse",
-                "straightness")
+LOWER_BETTER = ("fid", "kid", "fid-teacher", "wasserstein", "mmd", "energy", "teacher", "teacher-mse", "teacher-rmse",
+                "mse", "rmse", "straightness")
 HIGHER_BETTER = ("precision", "recall", "density", "coverage", "is", "inception-score", "class-accuracy",
                  "accuracy", "clip", "clip-score", "pickscore", "teacher-psnr", "psnr")
 

@@ -21,6 +21,7 @@ METRIC_NAMES = {
     "kid": "KID",
     "wasserstein": "Wasserstein-2",
     "teacher": "MSE to teacher",
+    "fid-teacher": "FID to teacher",
     "precision": "precision",
     "recall": "recall",
     "density": "density",

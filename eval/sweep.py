@@ -57,6 +57,7 @@ from eval.metrics import (
     FewSamplesWarning,
     check_samples,
     extract_features,
+    fid_from_features,
     fid_from_metric,
     fid_metric,
     fidelity_from_squared_error,
@@ -442,6 +443,7 @@ class Scorer:
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.plan = plan or MetricPlan((metric,), False, real.net is not None)
         self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.teacher_features: torch.Tensor | None = None  # metric fid-teacher: every process's teacher features
         if "fid" in self.plan.names:
             self.fid = fid_metric(real.net.num_features)
             # real sums live on rank 0 only: torchmetrics sums every state across processes
@@ -456,6 +458,13 @@ class Scorer:
             listed = self._listed(x_shard, value, extra) if self.plan.extended else {}
         self._memo = None
         return (listed.get(self.metric) if value is None else value), extra, listed
+
+    def set_teacher(self, x_shard: torch.Tensor) -> None:
+        """The teacher's samples (this process's shard), the reference of ``fid-teacher`` for the rows that follow."""
+        if "fid-teacher" in self.plan.names:
+            self._memo = None
+            self.teacher_features = self._features(x_shard)[1]
+            self._memo = None
 
     def _main(self, x_shard: torch.Tensor) -> tuple[float | None, dict[str, float]]:
         """A legacy main metric's value and extras; ``(None, {})`` for teacher and the newer metrics."""
@@ -524,6 +533,10 @@ class Scorer:
             out["kid"] = self._kid(x_shard)[0]
         if "wasserstein" in names and "wasserstein" not in out:
             out["wasserstein"] = self._main_wasserstein(x_shard)
+        if "fid-teacher" in names:
+            if self.teacher_features is None:
+                raise StepsmithError("fid-teacher: no teacher samples scored yet (the teacher row comes first)")
+            out["fid-teacher"] = fid_from_features(self.teacher_features, self._features(x_shard)[1])
         if any(n in names for n in ("precision", "recall", "density", "coverage")):
             out.update(manifold_values(self._real_features(), self._features(x_shard)[1], names))
         if "is" in names:
@@ -661,6 +674,8 @@ def teacher_row(run: SweepRun, scorer: Scorer | None) -> tuple[dict[str, Any], t
                            "n": run.cfg.num, "model_calls": run.dist.sum(adapter.calls - calls0),
                            "sampler": teacher.describe()}
     images = decoded(run, ref_x)
+    if scorer is not None:
+        scorer.set_teacher(images)  # fid-teacher's reference: this scale's teacher
     value, extra, listed, t_metric = _timed_score(scorer, images)
     row.update(value=0.0 if value is None else value, extra=extra)
     if run.cfg.plan.extended:

@@ -8,6 +8,14 @@ the plot and the bold of the main table); every listed name is then also a key o
 * ``fid``, ``kid`` — under the feature network (images only);
 * ``wasserstein`` — exact W2 against true samples (low-dimensional vectors only);
 * ``teacher`` — MSE to the teacher's samples from the same noises;
+* ``fid-teacher`` — FID against the teacher's samples from the same noises (same feature network; raw
+  points for vectors): how far a row's *distribution* is from the many-step sampler's at the same
+  conditions and guidance, 0 for the teacher itself. For a guided model this, not FID against the data,
+  is the distance a schedule can close: guidance moves the sampler's own distribution away from the data
+  (builtin:digits-cond teacher FID against the digits 97 / 149 / 330 / 816 at w = 1 / 1.5 / 2 / 3,
+  ``stepsmith eval --model builtin:digits-cond --classes all --guidance W --methods uniform --nfe 8,32``),
+  so a row that under-integrates the guided ODE — or leaves residual noise — can score a lower data FID
+  than the converged sampler (see BENCHMARKS.md, digits-cond);
 * ``precision``, ``recall`` (k = 3), ``density``, ``coverage`` (k = 5) — of the generated
   features against the real ones (:func:`eval.manifold.manifold_metrics`); images use the
   feature network, low-dimensional models (toy2d) their raw points, which are their own
@@ -41,8 +49,8 @@ from schedules.io import StepsmithError
 
 LEGACY = ("fid", "kid", "wasserstein", "teacher")
 MANIFOLD = ("precision", "recall", "density", "coverage")
-KNOWN = LEGACY + MANIFOLD + ("is", "class-accuracy", "clip", "mmhm")
-FEATURE_NET = ("fid", "kid", *MANIFOLD, "is", "class-accuracy")  # image metrics that need the feature network
+KNOWN = LEGACY + MANIFOLD + ("fid-teacher", "is", "class-accuracy", "clip", "mmhm")
+FEATURE_NET = ("fid", "kid", "fid-teacher", *MANIFOLD, "is", "class-accuracy")  # image metrics needing the feature network
 K_PRECISION, K_DENSITY = 3, 5
 
 
@@ -113,9 +121,10 @@ def check_applicable(adapter, name: str, *, teacher: bool, features: Any) -> Non
         raise StepsmithError("`metric` clip (CLIP score) scores the images of a text-to-image pipeline against its "
                              f"prompts (--prompts, --clip-model DIR); {adapter.name} is not text-to-image — drop clip",
                              param="metric")
-    if name == "teacher" and not teacher:
-        raise StepsmithError("`metric` teacher needs the reference sampler: pass teacher=True", param="teacher")
-    if name in MANIFOLD and len(shape) not in (1, 3):
+    if name in ("teacher", "fid-teacher") and not teacher:
+        raise StepsmithError(f"`metric` {name} compares with the reference sampler's samples: drop --no-teacher "
+                             "(teacher=True)", param="teacher")
+    if name in ("fid-teacher", *MANIFOLD) and len(shape) not in (1, 3):
         raise StepsmithError(f"{name} needs images [C, H, W] (feature network) or vectors (raw points); "
                              f"{adapter.name} makes samples of shape {list(shape)}", param="metric")
     if name == "is" and (len(shape) != 3 or not _has_classifier(features, shape == (1, 16, 16))):

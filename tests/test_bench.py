@@ -124,6 +124,24 @@ def _mmhm_report():
     return rep
 
 
+def test_markdown_fid_to_teacher_table_where_measured(tmp_path):
+    rep = _report()
+    ft = {("uniform", 4): 30.0, ("dp", 4): 6.0, ("karras", 4): 40.0, ("uniform", 8): 9.0, ("dp", 8): 3.0, ("karras", 8): 12.0}
+    for r in rep["results"]:
+        r["metrics"] = {"fid": r["value"], "fid-teacher": ft[(r["label"], r["nfe"])]}
+    res = {"name": "m-euler", "model": "m", "solver": "euler", "report": rep, "costs": [], "skipped_baselines": {}}
+    result = {"out": str(tmp_path), "command": "stepsmith bench", "date": "d", "seconds": 1.0, "reduced": False,
+              "machine": {"platform": "p", "cpus": 2, "threads": 1, "versions": {"torch": "x"}},
+              "config": {"search_samples": 8, "num": 10, "teacher_steps": 5, "parts": ["p1"], "nfe": [4, 8]},
+              "quality": [res]}
+    md = markdown(result, tmp_path)
+    assert "FID to the teacher" in md and "| *dp* | **6** | **3** |" in md and "| uniform | 30 | 9 |" in md
+    assert "| best searched ÷ best baseline | 0.2 | 0.333 |" in md  # 6 / 30, 3 / 9
+    for r in rep["results"]:
+        del r["metrics"]
+    assert "FID to the teacher" not in markdown(result, tmp_path)
+
+
 def test_markdown_mmhm_table_ratio_rows_and_final_jumps(tmp_path):
     res = {"name": "m-euler", "model": "m", "solver": "euler", "report": _mmhm_report(), "costs": [],
            "skipped_baselines": {}}

@@ -119,6 +119,7 @@ def test_legacy_single_name_report_unchanged(toy2d, tmp_path):
     ("digits", "fid,wasserstein", "low-dimensional"),
     ("digits", "mmhm,fid", "cannot be the main"),
     ("digits", "teacher,mmhm", None),
+    ("toy2d", "wasserstein,fid-teacher", None),
     ("toy2d", "wasserstein,fid", "images"),
     ("toy2d", "wasserstein,is", "classifier"),
     ("toy2d", "mmhm", "cannot be the main"),
@@ -173,3 +174,29 @@ def test_cli_metric_list_and_bad_name_exit_2(tmp_path, capsys):
     assert main(["eval", "--model", "builtin:toy2d-flow", "--methods", "uniform", "--metric", "wasserstein",
                  "--bounds", str(tmp_path / "b.json"), "--out", str(tmp_path / "q")]) == 2
     assert "add mmhm" in capsys.readouterr().err
+
+
+def test_fid_teacher_is_fid_against_the_teachers_own_samples(toy2d):
+    from eval.metrics import fid_from_features
+    from schedules.teacher import Teacher, teacher_sample
+
+    rep = run_sweep(toy2d, metric="wasserstein,fid-teacher", methods=["uniform"], nfe=[1, 8], num=300,
+                    teacher_steps=10, grid=0, progress=False)
+    assert rep["teacher"]["metrics"]["fid-teacher"] == pytest.approx(0.0, abs=1e-6)
+    noise = toy2d.noise(300, 10_000)
+    ref = teacher_sample(toy2d, noise, Teacher("heun", 10)).x.double()
+    got = {r["nfe"]: r["metrics"]["fid-teacher"] for r in rep["results"]}
+    x8 = sample(toy2d, noise, uniform(toy2d, 8).sigmas, "euler").double()
+    assert got[8] == pytest.approx(fid_from_features(ref, x8), rel=1e-6)
+    assert 0 < got[8] < got[1]  # eight Euler steps sit closer to the teacher's distribution than one
+
+
+def test_fid_teacher_follows_each_guidance_scale():
+    from schedules.conditioning import Conditioning
+
+    m = load_model("builtin:digits-cond", conditioning=Conditioning(labels="all", guidance=3.0))
+    rep = run_sweep(m, metric="fid,fid-teacher", methods=["uniform"], nfe=[2], num=32, teacher_steps=3, grid=0,
+                    guidance=[1.0, 3.0], use_cache=False, progress=False)
+    for t in rep["teachers"]:  # each scale's teacher is its own reference
+        assert t["metrics"]["fid-teacher"] == pytest.approx(0.0, abs=1e-3)
+    assert all(r["metrics"]["fid-teacher"] > 1e-3 for r in rep["results"])
