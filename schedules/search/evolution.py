@@ -34,7 +34,6 @@ from schedules.search.common import (
     check_finite,
     grid_index,
     make_grid,
-    mse,
     rollout,
     search_teacher,
 )
@@ -294,12 +293,7 @@ def _teacher_fitness(adapter, solver: str, grid: list[float], samples: int, seed
     noise = adapter.noise(samples, seed)
     target = teacher_sample(adapter, noise, teacher, batch_size=16).x
     check_finite(target, "the reference trajectory")
-    if objective == "teacher-mse" and features is None:
-        def score(x):
-            return mse(x, target)
-        oprov = {"objective": objective, "features": None}
-    else:
-        score, oprov = make_scorer(objective, target, model_name=adapter.name, features=features)
+    score, oprov = make_scorer(objective, target, model_name=adapter.name, features=features)
 
     def fit(sigmas: list[float]) -> float:
         return score(rollout(adapter, solver, sigmas, x=noise))
