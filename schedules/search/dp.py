@@ -17,7 +17,9 @@
   predecessor — budget-independent, so all budgets still come out of one pass.
 * **Student-state DP** (OSS, Wang et al. 2025): forward DP whose level-k states are the
   *student's* states on the best k-step path (the model is re-evaluated there); the cost at the
-  terminal node is the true final-sample error of the path.
+  terminal node is the true final-sample error of the path. The **corridor** variant keeps level k
+  to a band of nodes around the k-th node of seed paths and re-centres the band on its answer
+  (iterative dynamic programming, Luus 1990): ≈ K·(2W+1) model calls a round instead of ≈ K·n.
 * **Final-error refinement** (stepsmith): a plain local teacher-state DP loses to diffusers'
   defaults on final-sample error, because local errors are not how errors
   propagate. Starting from a DP table, coordinate descent moves each interior node to a grid
@@ -395,15 +397,37 @@ class _Level:
     s_prev: dict[int, float | None] = field(default_factory=dict)
 
 
-def _extend(denoiser, solver: str, grid: list[float], lvl: _Level, errs) -> _Level:
-    """Level k+1 from level k: evaluate the model at every level-k state and jump to every later node."""
+def corridor_bands(n: int, paths: list[list[int]], width: int) -> dict[int, set[int]]:
+    """The nodes each level of a corridor student DP may reach: level k → the grid nodes within ``width``
+    of the k-th node of any seed path (0 → n, one per budget K = len(path) − 1), clipped to the nodes from
+    which that path's budget can still finish (k ≤ j ≤ n − (K − k)); the terminal n belongs to level K."""
+    if width < 0:
+        raise StepsmithError(f"`student_corridor` must be a non-negative width in grid nodes, got {width}",
+                             param="student_corridor")
+    bands: dict[int, set[int]] = {}
+    for p in paths:
+        K = len(p) - 1
+        if p[0] != 0 or p[-1] != n or any(a >= b for a, b in zip(p, p[1:])):
+            raise StepsmithError(f"a corridor seed must be a strictly increasing path 0 → {n}, got {p}",
+                                 param="student_corridor")
+        for k in range(1, K):
+            bands.setdefault(k, set()).update(range(max(k, p[k] - width), min(n - (K - k), p[k] + width) + 1))
+        bands.setdefault(K, set()).add(n)
+    return bands
+
+
+def _extend(denoiser, solver: str, grid: list[float], lvl: _Level, errs, allowed: set[int] | None = None) -> _Level:
+    """Level k+1 from level k: evaluate the model at every level-k state and jump to every later node
+    (only to the nodes of ``allowed``, when given; a state with no allowed later node costs no model call)."""
     n = len(grid) - 1
     new = _Level()
     for i in sorted(lvl.x):
+        js = [j for j in range(i + 1, n + 1) if allowed is None or j in allowed]
+        if not js:
+            continue
         xi = lvl.x[i]
         di = denoiser.denoise(xi, torch.full((xi.shape[0],), grid[i], dtype=xi.dtype))
         check_finite(di, "a student state")
-        js = list(range(i + 1, n + 1))
         pred = jump_all(denoiser, solver, RollState(xi, di, lvl.x0_prev[i], lvl.s_prev[i]), grid[i],
                         [grid[j] for j in js])
         e = errs(pred, js)
@@ -418,27 +442,38 @@ def _extend(denoiser, solver: str, grid: list[float], lvl: _Level, errs) -> _Lev
 
 @torch.no_grad()
 def student_dp(denoiser, noise: torch.Tensor, grid: list[float], solver: str, kmax: int,
-               teacher_states: torch.Tensor, *, progress: bool = False) -> BellmanResult:
+               teacher_states: torch.Tensor, *, progress: bool = False,
+               bands: dict[int, set[int]] | None = None) -> BellmanResult:
     """OSS-style forward DP over student states (Wang et al. 2025, "Optimal Stepsize for Diffusion Sampling").
 
     Level k keeps, for every node j, the best k-step path from node 0 to j judged by the error of the
     *student's* state at j against the teacher's (``teacher_states[j]``, [n+1, B, ...]); level-k states
     are re-evaluated by the model to extend them. The cost at the terminal node is the true final error.
     Memory: two levels of student states (2·n·B·D) — the argmin couples samples, so no micro-batching.
+
+    ``bands`` (:func:`corridor_bands`) makes it a corridor DP: level k reaches only the nodes of
+    ``bands[k]``, so the model is evaluated ≈ Σ_k |bands[k]| times instead of ≈ K·n; its K-step answer
+    is the full DP's whenever the bands hold every node a K-step path can use, and only the budgets whose
+    level holds the terminal node get a path.
     """
     n = len(grid) - 1
     validate_budget(kmax, n)
+    if bands is not None:
+        kmax = min(kmax, max(k for k, b in bands.items() if n in b))
     T = teacher_states.to(torch.float64)
     red = tuple(range(1, T.ndim))
 
     def errs(pred: torch.Tensor, js: list[int]) -> torch.Tensor:
         return ((pred.to(torch.float64) - T[js]) ** 2).mean(dim=red)
 
-    lvl = _extend(denoiser, solver, grid, _Level(x={0: noise}, x0_prev={0: None}, s_prev={0: None}), errs)
+    def allowed(k: int) -> set[int] | None:
+        return None if bands is None else bands.get(k, set())
+
+    lvl = _extend(denoiser, solver, grid, _Level(x={0: noise}, x0_prev={0: None}, s_prev={0: None}), errs, allowed(1))
     back: list[dict[int, int]] = [{}, lvl.back]
-    paths, costs = {1: [0, n]}, {1: lvl.err[n]}
+    paths, costs = ({1: [0, n]}, {1: lvl.err[n]}) if n in lvl.err else ({}, {})
     for k in tqdm(range(2, kmax + 1), desc="student dp", disable=not progress, leave=False):
-        lvl = _extend(denoiser, solver, grid, lvl, errs)
+        lvl = _extend(denoiser, solver, grid, lvl, errs, allowed(k))
         back.append(lvl.back)
         if n in lvl.err:
             p = [n]
@@ -446,6 +481,48 @@ def student_dp(denoiser, noise: torch.Tensor, grid: list[float], solver: str, km
                 p.append(back[kk][p[-1]])
             paths[k], costs[k] = p[::-1], lvl.err[n]
     return BellmanResult(paths, costs)
+
+
+CORRIDOR_ROUNDS = 10
+
+
+@dataclass
+class CorridorResult:
+    """The iterated corridor student DP's answer: the paths of the seeds' budgets, their costs, the rounds run."""
+
+    paths: dict[int, list[int]]
+    costs: dict[int, float]
+    rounds: int
+
+
+@torch.no_grad()
+def student_dp_corridor(denoiser, noise: torch.Tensor, grid: list[float], solver: str, seeds: dict[int, list[int]],
+                        teacher_states: torch.Tensor, width: int, *, max_rounds: int = CORRIDOR_ROUNDS,
+                        progress: bool = False) -> CorridorResult:
+    """Iterated corridor student DP: :func:`student_dp` inside :func:`corridor_bands` of half-width ``width``
+    around ``seeds`` ({K: path}), re-centred on its answer until no node of any path moved by ``width`` or
+    more (an answer inside its corridor; Luus 1990, iterative dynamic programming), a path repeats, or
+    ``max_rounds`` rounds. Each round costs ≈ Σ_K K·(2·width + 1) model calls instead of the full DP's ≈ K·n."""
+    if width < 1:
+        raise StepsmithError(f"`student_corridor` must be at least 1 grid node, got {width}", param="student_corridor")
+    n = len(grid) - 1
+    paths = {K: list(p) for K, p in seeds.items()}
+    seen = {tuple(tuple(paths[K]) for K in sorted(paths))}
+    costs: dict[int, float] = {}
+    rounds = 0
+    while rounds < max_rounds:
+        rounds += 1
+        res = student_dp(denoiser, noise, grid, solver, max(paths), teacher_states, progress=progress,
+                         bands=corridor_bands(n, list(paths.values()), width))
+        new = {K: res.paths[K] for K in paths}
+        costs = {K: res.costs[K] for K in paths}
+        inside = all(abs(a - b) < width for K in paths for a, b in zip(new[K], paths[K]))
+        key = tuple(tuple(new[K]) for K in sorted(new))
+        paths = new
+        if inside or key in seen:
+            break
+        seen.add(key)
+    return CorridorResult(paths, costs, rounds)
 
 
 @torch.no_grad()
@@ -546,7 +623,8 @@ def _first_step(lo: int, hi: int) -> int:
 @torch.no_grad()
 def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int], noise: torch.Tensor,
                        target: torch.Tensor, *, candidates: int = 12, max_sweeps: int = 4, free_start: bool = False,
-                       progress: bool = False, score=None, moves: str = "candidates") -> tuple[list[int], float, int]:
+                       progress: bool = False, score=None, moves: str = "candidates",
+                       start: tuple[float, list] | None = None) -> tuple[list[int], float, int]:
     """Coordinate descent of the interior nodes of ``path`` on the final error against ``target``.
 
     Every trial rolls the solver out from the cached state before the node it moves (K − m + 1 calls).
@@ -565,7 +643,9 @@ def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int]
     Sweeps run until no node moves (or ``max_sweeps``). With ``free_start`` the first node moves too
     (the noise is then taken as the state at a later node, like diffusers' 'leading' spacing).
     ``score(final samples) -> float`` replaces the mse against ``target``
-    (:mod:`schedules.search.objectives`). Returns (path, error, sweeps).
+    (:mod:`schedules.search.objectives`). ``start`` = (score, node states) of ``path`` from an earlier
+    ``rollout(..., keep=True)`` saves its rollout. A later sweep skips a node when no other node moved since
+    its last search of the same kind (that search would end the same: exact). Returns (path, error, sweeps).
     """
     if moves not in REFINE_MOVES:
         raise StepsmithError(f"unknown refinement `moves` {moves!r}; use one of {', '.join(REFINE_MOVES)}",
@@ -576,11 +656,15 @@ def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int]
     path = list(path)
     K = len(path) - 1
 
-    x_fin, states = rollout(denoiser, solver, [grid[i] for i in path], x=noise, keep=True)
-    best = score(x_fin)
+    if start is None:
+        x_fin, states = rollout(denoiser, solver, [grid[i] for i in path], x=noise, keep=True)
+        best = score(x_fin)
+    else:
+        best, states = float(start[0]), list(start[1])
     sweeps, clock = 0, 0
     visited = [-1] * (K + 1)  # clock of each node's last search
     moved_at = [0] * (K + 1)  # clock of each node's last move (0: the start counts as a move)
+    kind = [None] * (K + 1)  # whether each node's last search was local (±δ) or over spread candidates
     for sweep in tqdm(range(max_sweeps), desc="refine", disable=not progress, leave=False):
         sweeps += 1
         moved = False
@@ -591,8 +675,11 @@ def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int]
             local = moves == "pattern" or (moves == "coarse-fine" and sweep > 0)
             if local and sweep > 0 and max(moved_at[max(m - 1, 0):m + 2]) <= visited[m]:
                 continue
+            # exact skip: no other node moved since node m's last search, of the same kind, so it would end the same
+            if sweep > 0 and kind[m] == local and max(moved_at[:m] + moved_at[m + 1:], default=0) <= visited[m]:
+                continue
             clock += 1
-            visited[m] = clock
+            visited[m], kind[m] = clock, local
 
             # bound now: searching node m changes neither the nodes around it nor the states before it
             def trial_error(c: int, m=m, path=path, states=states) -> tuple[float, list[int], list]:

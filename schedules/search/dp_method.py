@@ -6,7 +6,8 @@ Modes (option ``mode``):
 * ``"student"`` — OSS student-state DP (cost = error of the student's own states).
 * ``"refined"`` (default) — the product default. Candidates: the teacher-DP table, the
   student-DP table (option ``student_start``, default on; never for Heun: its corrections would
-  cost n² calls per level) and every diffusers spacing (:data:`START_SPACINGS`) snapped to the grid;
+  cost n² calls per level; option ``student_corridor``, default 2: an iterated corridor student DP
+  around the teacher-DP path, see below) and every diffusers spacing (:data:`START_SPACINGS`) snapped to the grid;
   the one with the lowest final-sample error against the teacher on the search samples seeds a
   coordinate descent (:func:`~schedules.search.dp.refine_final_error`, option ``moves``, default ``auto``: a
   pattern search below 8 steps), so the table is never worse on the search objective than any of those spacings.
@@ -50,6 +51,43 @@ digits-flow Euler      189.8 → 172.5        126.4 → 123.8        103.5 (kept
   ``student_start=False`` is the cheap setting (held-out FID at NFE 4 was still better than the old
   default everywhere: 254.3 / 69.08 / 179.0).
 
+Corridor student DP (option ``student_corridor``, default 2; measured, issue 12). The full student DP
+evaluates the model at every reached node of every level (≈ K·n calls, and O(n²) jumps and errors per
+level); :func:`~schedules.search.dp.student_dp_corridor` keeps level k to the nodes within 2 of the k-th
+node of the teacher-DP path and re-centres on its answer until no node moves by 2 or more (≈ K·5 calls a
+round, 1–6 rounds measured). ``student_corridor=0`` (or None) runs the full DP. A single corridor round
+(no re-centring) lost at 8 steps: digits-flow Euler NFE 8 FID 106.5 vs 103.5 (its student start, feature-mse
+0.716 vs the full DP's 0.531; half-width 4: 0.638; 8: another table again); re-centred, half-width 2 reaches the
+full DP's student path there. Same measurement as above (bench dp options, search seed 0, 32 samples; FID
+seed 10000, N = 500; ``stepsmith eval --model builtin:digits-ddpm --solver ddim --methods dp --nfe 4,6,8
+--num 500 --seed 10000 --search-samples 32 --no-teacher --grid 0 --option grid=60 --option candidates=6
+--option max_sweeps=2``, and ``--option student_corridor=0`` for the full DP). FID full → corridor, model
+calls full → corridor, and search ÷ reference pass full → corridor in CPU seconds (the P3 ratio in
+process time, both run interleaved in one single-threaded process: the machine was shared and its load
+varied, which moved wall-clock ratios by up to 1.8× — the ``stepsmith eval`` run gave the corridor 1.85 / 2.72 / 8.2
+and 2.14 / 3.34 / 10.8 — while the wall ratios of the interleaved run were within 0.7 of these, most within 0.1):
+
+=====================  ==================================  ==================================  ==================================
+config                 NFE 4                               NFE 6                               NFE 8
+=====================  ==================================  ==================================  ==================================
+digits-ddpm DDIM       254.31 (same path); 520 → 361;      129.84 (same path); 699 → 439;      88.72 (same path); 1046 → 725;
+                       3.19 → 2.00×                        4.70 → 2.61×                        7.36 → 4.98×
+digits-flow Euler      172.50 → 172.02; 528 → 381;         123.77 (same path); 709 → 501;      103.48 (same path); 1074 → 897;
+                       3.30 → 2.22×                        4.89 → 3.17×                        7.16 → 5.96×
+=====================  ==================================  ==================================  ==================================
+
+sharp-ddpm DDIM (search only): the same tables at NFE 4 / 6 / 8 (so the same FID), 585 / 763 / 1106 →
+506 / 555 / 1001 calls, 4.02 / 6.21 / 8.47 → 3.58 / 3.75 / 8.26×. Corridor rounds: digits-ddpm 1 / 1 / 2,
+digits-flow 3 / 3 / 6 (at most :data:`~schedules.search.dp.CORRIDOR_ROUNDS`). Half-width 4 costs more almost everywhere
+(373 / 459 / 717 and 465 / 515 / 872 calls) for the same tables, except digits-flow NFE 4, where it finds
+the full DP's student path (feature-mse 2.317; half-width 2: 2.506) and its table (FID 172.50): half-width 2's
+table there scores 172.02, a noise-level difference. Both columns include the refinement's exact savings:
+the chosen start's rollout is reused (K calls), and a later sweep skips a node when no other node moved
+since its last search (same argmin; the code before them spent 524 / 707 / 1054 and 532 / 717 / 1082 calls for the same tables). The
+refinement is now the largest item at 8 steps (``candidates``, 2 sweeps, ≈ 400 calls): one sweep would save
+≈ 180 calls, but its tables score worse on the search objective (digits-flow 0.397 vs 0.384,
+digits-ddpm 0.854 vs 0.813), so the issue-12 target (≤ 2.5×) is met at NFE 4 only.
+
 Published variants (option ``variant``), each run as its authors define it (:data:`VARIANTS`):
 ``boss``, ``gits``, ``gits-sd`` and ``oss``. Several budgets come out of one pass with
 :func:`dp_tables` (one reference pass, one Bellman pass; only the refinement runs per budget).
@@ -68,13 +106,14 @@ import torch
 
 from schedules.baselines import BASELINES, steps_for
 from schedules.io import StepsmithError
-from schedules.search.common import final_mse_kind, make_grid, snap_path
+from schedules.search.common import final_mse_kind, make_grid, rollout, snap_path
 from schedules.search.dp import (
     REFINE_MOVES,
     aggregate_paths,
     final_error,
     refine_final_error,
     student_dp,
+    student_dp_corridor,
     student_dp_per_sample,
     teacher_dp,
     teacher_reference,
@@ -212,6 +251,7 @@ def variant_tables(adapter, nfes: list[int], solver: str, v: DPVariant, *, sampl
 
 
 PATTERN_BELOW_STEPS = 8
+STUDENT_CORRIDOR: int | None = 2  # the student DP's default corridor half-width in grid nodes (module docstring)
 
 
 def auto_moves(K: int) -> str:
@@ -230,10 +270,11 @@ class _Shared:
     st: object
     seconds: float
     calls: int
+    corridor: int | None = None  # the student DP's corridor half-width (None: the full DP, or none ran)
 
 
 def _shared_pass(adapter, Ks: list[int], solver: str, *, samples, seed, progress, mode, grid, grid_kind,
-                 micro_batch, late_weight, substeps, student_start) -> _Shared:
+                 micro_batch, late_weight, substeps, student_start, student_corridor=None) -> _Shared:
     n = int(grid or (100 if solver != "heun" else 50))
     g = make_grid(adapter.convention, n, grid_kind)
     n = len(g) - 1
@@ -249,8 +290,13 @@ def _shared_pass(adapter, Ks: list[int], solver: str, *, samples, seed, progress
     for k in Ks:
         if k not in dps.result.paths:
             raise StepsmithError(f"no {k}-step path on the grid; raise `grid`", param="grid")
-    st = student_dp(adapter, noise, g, solver, K, dps.extra["states"], progress=progress) if need_states else None
-    return _Shared(g, noise, dps, st, time.perf_counter() - t0, getattr(adapter, "calls", 0) - calls0)
+    corridor = int(student_corridor) if student_corridor and mode == "refined" and need_states else None
+    if corridor:  # only nodes near the teacher-DP paths of the budgets asked for, re-centred (module docstring)
+        st = student_dp_corridor(adapter, noise, g, solver, {k: dps.result.paths[k] for k in Ks}, dps.extra["states"],
+                                 corridor, progress=progress)
+    else:
+        st = student_dp(adapter, noise, g, solver, K, dps.extra["states"], progress=progress) if need_states else None
+    return _Shared(g, noise, dps, st, time.perf_counter() - t0, getattr(adapter, "calls", 0) - calls0, corridor)
 
 
 def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_kind, micro_batch, late_weight,
@@ -273,14 +319,17 @@ def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_k
         dp_paths = {"dp-teacher": dps.result.paths[K]} | ({"dp-student": sh.st.paths[K]} if sh.st is not None else {})
         starts = refinement_starts(adapter, nfe, solver, g, dp_paths, free_start)
         score, oprov = make_scorer(objective_name, target, model_name=adapter.name, features=features)
-        errs = {name: final_error(adapter, solver, [g[i] for i in p], noise, target, score)
-                for name, p in starts.items()}
+        errs, rolled = {}, {}
+        for name, p in starts.items():  # one rollout each; the chosen one's states seed the refinement
+            x, states = rollout(adapter, solver, [g[i] for i in p], x=noise, keep=True)
+            errs[name], rolled[name] = score(x), states
         start = min(errs, key=errs.get)
         path, objective_value, sweeps = refine_final_error(adapter, solver, g, starts[start], noise, target,
                                                            candidates=candidates, max_sweeps=max_sweeps,
                                                            free_start=free_start, progress=progress, score=score,
-                                                           moves=moves)
+                                                           moves=moves, start=(errs[start], rolled[start]))
         prov.update(start=start, free_start=free_start, moves=moves, student_start=sh.st is not None,
+                    student_corridor=sh.corridor, corridor_rounds=getattr(sh.st, "rounds", None),
                     start_final_errors={k: float(v) for k, v in errs.items()},
                     sweeps=sweeps, objective_kind=objective_kind(objective_name, oprov["features"], dps.teacher.name),
                     **oprov)
@@ -315,7 +364,8 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
               micro_batch: int = 16, late_weight: float | None = None, substeps: int = 1, candidates: int = 6,
               max_sweeps: int = 2, free_start: bool = True, variant: str | None = None,
               reduce: str | None = None, objective: str = DEFAULT_OBJECTIVE,
-              features=None, moves: str = "auto", student_start: bool = True) -> dict[int, TimestepTable]:
+              features=None, moves: str = "auto", student_start: bool = True,
+              student_corridor: int | None = STUDENT_CORRIDOR) -> dict[int, TimestepTable]:
     """The ``dp`` tables of every budget in ``nfes`` from ONE reference pass and ONE Bellman pass.
 
     Only the refinement runs per budget. With several budgets each table's ``model_calls`` are its
@@ -324,8 +374,9 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
     (an embedded feature network's name or a callable) is the feature space of the feature objectives;
     ``auto`` is feature-mse for a model with a feature network, else teacher-mse (:func:`resolve_objective`).
     ``moves`` is the refinement's node search (``auto``: :func:`auto_moves`; or one of
-    :data:`~schedules.search.dp.REFINE_MOVES`), ``student_start`` whether the student DP (K·n model calls)
-    runs to seed it (module docstring: the measured trade-off).
+    :data:`~schedules.search.dp.REFINE_MOVES`), ``student_start`` whether the student DP runs to seed it
+    (module docstring: the measured trade-off), ``student_corridor`` the half-width in grid nodes of its
+    re-centred corridor around the teacher-DP paths (None or 0: the full student DP, ≈ K·n model calls).
     """
     from schedules.search.objectives import feature_name
 
@@ -343,11 +394,15 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
                               grid_kind=None if grid_kind == "auto" else grid_kind)
     if reduce is not None:
         raise StepsmithError("`reduce` is an option of the per-sample dp variant (variant=oss)", param="reduce")
+    if student_corridor is not None and (isinstance(student_corridor, bool) or not isinstance(student_corridor, int)
+                                         or student_corridor < 0):
+        raise StepsmithError(f"`student_corridor` must be a half-width in grid nodes (an integer ≥ 0; 0 or None: "
+                             f"the full student DP), got {student_corridor!r}", param="student_corridor")
     w = 1.0 if late_weight is None else float(late_weight)
     Ks = {nfe: steps_for(adapter, nfe, solver) for nfe in nfes}
     sh = _shared_pass(adapter, sorted(set(Ks.values())), solver, samples=samples, seed=seed, progress=progress,
                       mode=mode, grid=grid, grid_kind=grid_kind, micro_batch=micro_batch, late_weight=w,
-                      substeps=substeps, student_start=student_start)
+                      substeps=substeps, student_start=student_start, student_corridor=student_corridor)
     out = {}
     for nfe, K in Ks.items():
         calls0 = getattr(adapter, "calls", 0)
@@ -366,10 +421,10 @@ def dp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, see
              late_weight: float | None = None, substeps: int = 1, candidates: int = 6, max_sweeps: int = 2,
              free_start: bool = True, variant: str | None = None, reduce: str | None = None,
              objective: str = DEFAULT_OBJECTIVE, features=None, moves: str = "auto",
-             student_start: bool = True) -> TimestepTable:
+             student_start: bool = True, student_corridor: int | None = STUDENT_CORRIDOR) -> TimestepTable:
     """The ``dp`` table of ``mode`` (or of a published ``variant``) for ``nfe`` evaluations (module docstring)."""
     return dp_tables(adapter, [nfe], solver, samples=samples, seed=seed, progress=progress, mode=mode, grid=grid,
                      grid_kind=grid_kind, micro_batch=micro_batch, late_weight=late_weight, substeps=substeps,
                      candidates=candidates, max_sweeps=max_sweeps, free_start=free_start, variant=variant,
                      reduce=reduce, objective=objective, features=features, moves=moves,
-                     student_start=student_start)[nfe]
+                     student_start=student_start, student_corridor=student_corridor)[nfe]
