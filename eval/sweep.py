@@ -536,7 +536,8 @@ class Scorer:
         if "fid-teacher" in names:
             if self.teacher_features is None:
                 raise StepsmithError("fid-teacher: no teacher samples scored yet (the teacher row comes first)")
-            out["fid-teacher"] = fid_from_features(self.teacher_features, self._features(x_shard)[1])
+            # max: the teacher against itself comes out at ±1e-9 from the matrix square root, not below 0
+            out["fid-teacher"] = max(0.0, fid_from_features(self.teacher_features, self._features(x_shard)[1]))
         if any(n in names for n in ("precision", "recall", "density", "coverage")):
             out.update(manifold_values(self._real_features(), self._features(x_shard)[1], names))
         if "is" in names:
