@@ -20,9 +20,7 @@ import torch
 
 from eval.features import FeatureNetwork
 from eval.metrics import FeatureStats, extract_features
-from schedules.io import SAMPLE_KEYS, StepsmithError, load_safetensors, load_samples, save_safetensors
-
-TENSOR_KEYS = SAMPLE_KEYS  # the tensor names a multi-tensor real-data file may use (schedules.io)
+from schedules.io import StepsmithError, load_safetensors, load_samples, save_safetensors
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:

@@ -15,16 +15,19 @@ torch.set_num_threads(1)
 
 
 class _Recording:
-    """Wraps an adapter; counts its batched model calls and records the σ of each."""
+    """Wraps an adapter; records the σ of each batched model call (``calls``: how many)."""
 
     def __init__(self, ad):
-        self.ad, self.calls, self.sigmas = ad, 0, []
+        self.ad, self.sigmas = ad, []
 
     def __getattr__(self, name):
         return getattr(self.ad, name)
 
+    @property
+    def calls(self) -> int:
+        return len(self.sigmas)
+
     def denoise(self, x, s):
-        self.calls += 1
         self.sigmas.append(float(s.flatten()[0]))
         return self.ad.denoise(x, s)
 

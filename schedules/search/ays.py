@@ -79,12 +79,11 @@ from schedules.baselines import loglinear_interp, steps_for, table_from_nodes
 from schedules.conditioning import bind
 from schedules.conventions import karras_sigmas
 from schedules.embedded import embedded_data
-from schedules.io import SAMPLE_KEYS, StepsmithError, check_sample_tensor, load_samples
+from schedules.io import StepsmithError, check_sample_tensor, load_samples
 from schedules.search.common import check_finite, rollout
 from schedules.search.objectives import make_scorer, objective_kind, resolve_objective
 from schedules.teacher import Teacher, teacher_sample
 
-DATA_KEYS = SAMPLE_KEYS  # the tensor names a multi-tensor data file may use (schedules.io)
 KLUB_TOY2D_POINTS = 8192  # fresh two-moons points the KLUB pairs of toy2d are drawn from (seed 0)
 
 
