@@ -279,3 +279,46 @@ def test_refined_dp_seeds_from_every_spacing_and_is_never_worse_than_them():
     with pytest.raises(StepsmithError, match="moves") as e:
         make_table(ad, "dp", 4, "ddim", samples=8, grid=30, moves="random")
     assert e.value.param == "moves"
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_refinement_call_budget_stops_early_and_keeps_best(solver):
+    ad = gaussian_adapter("vp", 0.5, dim=4)
+    grid = make_grid(ad.convention, 30)
+    noise = ad.noise(8, 3)
+    target = ad.module.den.exact_solution(noise, ad.convention.sigma_max)
+    start = [0, 10, 20, 25, 30]
+    e0 = float(((rollout(ad, solver, [grid[i] for i in start], x=noise) - target) ** 2).mean())
+    full_calls0 = ad.calls
+    _, e_full, _ = refine_final_error(ad, solver, grid, start, noise, target, candidates=8, max_sweeps=3)
+    full = ad.calls - full_calls0
+    ceiling = ad.calls + full // 3
+    stats = {}
+    path, e, _ = refine_final_error(ad, solver, grid, start, noise, target, candidates=8, max_sweeps=3,
+                                    max_calls=ceiling, stats=stats)
+    assert stats.get("out_of_calls") is True
+    assert ad.calls <= ceiling
+    assert e_full <= e <= e0
+    x = sample(ad, noise, [grid[i] for i in path], solver)
+    assert e == pytest.approx(float(((x - target) ** 2).mean()), rel=1e-6)
+
+
+def test_dp_max_cost_bounds_the_search_and_is_recorded():
+    ad = gaussian_adapter("vp", 0.5, dim=4)
+    c0 = ad.calls
+    free = make_table(ad, "dp", 6, "euler", samples=8, grid=30)
+    ref_per_sample = free.provenance["reference_calls"]  # 8 samples fit one micro-batch
+    cost = (ad.calls - c0) / ref_per_sample
+    # halfway between one reference pass and what the unbounded search cost: the refinement must stop early
+    budget = 0.5 * (cost + 1)
+    c0 = ad.calls
+    t = make_table(ad, "dp", 6, "euler", samples=8, grid=30, max_cost=budget)
+    assert ad.calls - c0 <= budget * ref_per_sample
+    assert t.provenance["max_cost"] == budget and t.provenance["out_of_calls"] is True
+    assert free.provenance["out_of_calls"] is False
+    assert free.objective <= t.objective <= t.provenance["start_final_errors"][t.provenance["start"]]
+    for bad in (0.5, True, "x"):
+        with pytest.raises(StepsmithError, match="max_cost"):
+            make_table(ad, "dp", 6, "euler", samples=8, grid=30, max_cost=bad)
+    with pytest.raises(StepsmithError, match="max_cost"):
+        make_table(ad, "dp", 6, "euler", samples=8, grid=30, max_cost=2.0, variant="boss")

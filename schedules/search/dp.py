@@ -615,6 +615,10 @@ def _trial_final(denoiser, solver: str, grid: list[float], trial: list[int], m: 
     return xf, states[:m - 1] + tail
 
 
+class _OutOfCalls(Exception):
+    """Raised inside :func:`refine_final_error` when the next trial would pass ``max_calls``."""
+
+
 def _first_step(lo: int, hi: int) -> int:
     """The pattern search's coarse step between bounds ``lo`` and ``hi``: a quarter of the free range, at least 1."""
     return max(1, (hi - lo) // 4)
@@ -624,7 +628,8 @@ def _first_step(lo: int, hi: int) -> int:
 def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int], noise: torch.Tensor,
                        target: torch.Tensor, *, candidates: int = 12, max_sweeps: int = 4, free_start: bool = False,
                        progress: bool = False, score=None, moves: str = "candidates",
-                       start: tuple[float, list] | None = None) -> tuple[list[int], float, int]:
+                       start: tuple[float, list] | None = None,
+                       max_calls: int | None = None, stats: dict | None = None) -> tuple[list[int], float, int]:
     """Coordinate descent of the interior nodes of ``path`` on the final error against ``target``.
 
     Every trial rolls the solver out from the cached state before the node it moves (K − m + 1 calls).
@@ -645,7 +650,11 @@ def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int]
     ``score(final samples) -> float`` replaces the mse against ``target``
     (:mod:`schedules.search.objectives`). ``start`` = (score, node states) of ``path`` from an earlier
     ``rollout(..., keep=True)`` saves its rollout. A later sweep skips a node when no other node moved since
-    its last search of the same kind (that search would end the same: exact). Returns (path, error, sweeps).
+    its last search of the same kind (that search would end the same: exact). ``max_calls`` caps the
+    denoiser's call counter: a trial that would pass it is not run and the search returns the best path so
+    far (every accepted move lowered the error, so stopping early never returns a worse path than the start),
+    setting ``stats["out_of_calls"]`` when ``stats`` is a dict.
+    Returns (path, error, sweeps).
     """
     if moves not in REFINE_MOVES:
         raise StepsmithError(f"unknown refinement `moves` {moves!r}; use one of {', '.join(REFINE_MOVES)}",
@@ -661,59 +670,66 @@ def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int]
         best = score(x_fin)
     else:
         best, states = float(start[0]), list(start[1])
+    per_step = get_solver(solver).evals_per_step
     sweeps, clock = 0, 0
     visited = [-1] * (K + 1)  # clock of each node's last search
     moved_at = [0] * (K + 1)  # clock of each node's last move (0: the start counts as a move)
     kind = [None] * (K + 1)  # whether each node's last search was local (±δ) or over spread candidates
-    for sweep in tqdm(range(max_sweeps), desc="refine", disable=not progress, leave=False):
-        sweeps += 1
-        moved = False
-        for m in range(0 if free_start else 1, K):
-            lo, hi = (path[m - 1] + 1 if m > 0 else 0), path[m + 1] - 1
-            if hi <= lo:
-                continue
-            local = moves == "pattern" or (moves == "coarse-fine" and sweep > 0)
-            if local and sweep > 0 and max(moved_at[max(m - 1, 0):m + 2]) <= visited[m]:
-                continue
-            # exact skip: no other node moved since node m's last search, of the same kind, so it would end the same
-            if sweep > 0 and kind[m] == local and max(moved_at[:m] + moved_at[m + 1:], default=0) <= visited[m]:
-                continue
-            clock += 1
-            visited[m], kind[m] = clock, local
-
-            # bound now: searching node m changes neither the nodes around it nor the states before it
-            def trial_error(c: int, m=m, path=path, states=states) -> tuple[float, list[int], list]:
-                trial = path[:m] + [c] + path[m + 1:]
-                xf, st = _trial_final(denoiser, solver, grid, trial, m, noise, states)
-                return score(xf), trial, st
-
-            node_moved = False
-            if local:
-                step = _first_step(lo, hi) if sweep == 0 else 1
-                while step >= 1:
-                    for c in (path[m] + step, path[m] - step):
-                        if lo <= c <= hi:
-                            e, trial, st = trial_error(c)
-                            if e < best - 1e-12 * max(1.0, abs(best)):
-                                best, path, states, node_moved = e, trial, st, True
-                                break
-                    else:
-                        step //= 2
-            else:
-                opts = sorted(set(torch.linspace(lo, hi, min(candidates, hi - lo + 1)).round().long().tolist())
-                              | {path[m]})
-                for c in opts:
-                    if c == path[m]:
-                        continue
-                    e, trial, st = trial_error(c)
-                    if e < best - 1e-12 * max(1.0, abs(best)):
-                        best, path, node_moved, new_states = e, trial, True, st
-            if node_moved:
-                moved = True
+    try:
+        for sweep in tqdm(range(max_sweeps), desc="refine", disable=not progress, leave=False):
+            sweeps += 1
+            moved = False
+            for m in range(0 if free_start else 1, K):
+                lo, hi = (path[m - 1] + 1 if m > 0 else 0), path[m + 1] - 1
+                if hi <= lo:
+                    continue
+                local = moves == "pattern" or (moves == "coarse-fine" and sweep > 0)
+                if local and sweep > 0 and max(moved_at[max(m - 1, 0):m + 2]) <= visited[m]:
+                    continue
+                # exact skip: no other node moved since node m's last search, of the same kind, so it would end the same
+                if sweep > 0 and kind[m] == local and max(moved_at[:m] + moved_at[m + 1:], default=0) <= visited[m]:
+                    continue
                 clock += 1
-                moved_at[m] = clock
-                if not local:
-                    states = new_states
-        if not moved:
-            break
+                visited[m], kind[m] = clock, local
+
+                # bound now: searching node m changes neither the nodes around it nor the states before it
+                def trial_error(c: int, m=m, path=path, states=states) -> tuple[float, list[int], list]:
+                    if max_calls is not None and getattr(denoiser, "calls", 0) + (K - m + 1) * per_step > max_calls:
+                        raise _OutOfCalls
+                    trial = path[:m] + [c] + path[m + 1:]
+                    xf, st = _trial_final(denoiser, solver, grid, trial, m, noise, states)
+                    return score(xf), trial, st
+
+                node_moved = False
+                if local:
+                    step = _first_step(lo, hi) if sweep == 0 else 1
+                    while step >= 1:
+                        for c in (path[m] + step, path[m] - step):
+                            if lo <= c <= hi:
+                                e, trial, st = trial_error(c)
+                                if e < best - 1e-12 * max(1.0, abs(best)):
+                                    best, path, states, node_moved = e, trial, st, True
+                                    break
+                        else:
+                            step //= 2
+                else:
+                    opts = sorted(set(torch.linspace(lo, hi, min(candidates, hi - lo + 1)).round().long().tolist())
+                                  | {path[m]})
+                    for c in opts:
+                        if c == path[m]:
+                            continue
+                        e, trial, st = trial_error(c)
+                        if e < best - 1e-12 * max(1.0, abs(best)):
+                            best, path, node_moved, new_states = e, trial, True, st
+                if node_moved:
+                    moved = True
+                    clock += 1
+                    moved_at[m] = clock
+                    if not local:
+                        states = new_states
+            if not moved:
+                break
+    except _OutOfCalls:  # path and best already hold the last accepted trial
+        if stats is not None:
+            stats["out_of_calls"] = True
     return path, best, sweeps

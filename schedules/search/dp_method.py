@@ -88,6 +88,29 @@ refinement is now the largest item at 8 steps (``candidates``, 2 sweeps, ≈ 400
 ≈ 180 calls, but its tables score worse on the search objective (digits-flow 0.397 vs 0.384,
 digits-ddpm 0.854 vs 0.813), so the issue-12 target (≤ 2.5×) is met at NFE 4 only.
 
+Search budget (option ``max_cost``, default None: unbounded; measured, issue 12). ``max_cost=2.5`` stops the
+refinement once the whole search has spent 2.5 reference passes, counted in model evaluations per search sample
+(the reference pass's per-sample evaluations × max_cost; the starts' rollouts and the student DP run first and
+are not cut, so a search whose student DP alone passes the budget runs no refinement). Stopping keeps the best
+path so far, never worse on the objective than the chosen start. Same measurement as the corridor table (bench
+dp options; CPU ratio of one single-threaded process; FID seed 10000, N = 500), NFE 4 / 6 / 8 / 10, default →
+``max_cost=2.5``:
+
+=====================  ==========================================  ==========================================
+config                 search ÷ reference pass (CPU)               held-out FID
+=====================  ==========================================  ==========================================
+digits-ddpm DDIM       2.0 / 2.58 / 5.38 / 6.64 → 2.01 / 2.35 /    254.31 / 129.84 / 88.72 / 76.64 →
+                       2.51 / 2.55                                 254.31 / 129.84 / 104.54 / 83.03
+digits-flow Euler      2.2 / 3.07 / 8.01 / 5.53 → 2.1 / 2.37 /     172.02 / 123.77 / 103.48 / 96.56 →
+                       3.24 / 2.42                                 172.02 / 126.0 / 108.72 / 96.65
+=====================  ==========================================  ==========================================
+
+So the budget costs held-out quality at 8–10 steps (digits-ddpm DDIM NFE 8 +18 %), and the default stays
+unbounded. digits-flow NFE 8 passes 2.5 because its corridor student DP took 6 rounds before the refinement.
+One refinement sweep (``max_sweeps=1``) found the default's tables at NFE 6 (its second sweep only confirms)
+but lost at 8 (DDIM 95.02, flow 104.57); no refinement (``max_sweeps=0``) lost everywhere (DDIM 147.5 / 100.3 /
+83.0, flow 135.1 / 108.7 / 96.9 at NFE 6 / 8 / 10).
+
 Published variants (option ``variant``), each run as its authors define it (:data:`VARIANTS`):
 ``boss``, ``gits``, ``gits-sd`` and ``oss``. Several budgets come out of one pass with
 :func:`dp_tables` (one reference pass, one Bellman pass; only the refinement runs per budget).
@@ -301,7 +324,7 @@ def _shared_pass(adapter, Ks: list[int], solver: str, *, samples, seed, progress
 
 def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_kind, micro_batch, late_weight,
             candidates, max_sweeps, free_start, progress, objective_name="teacher-mse", features=None,
-            moves="auto") -> TimestepTable:
+            moves="auto", max_cost: float | None = None) -> TimestepTable:
     """One budget's table from the shared pass (the refinement, in the default mode)."""
     moves = auto_moves(K) if moves == "auto" else moves
     g, dps, noise = sh.g, sh.dps, sh.noise
@@ -319,6 +342,10 @@ def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_k
         dp_paths = {"dp-teacher": dps.result.paths[K]} | ({"dp-student": sh.st.paths[K]} if sh.st is not None else {})
         starts = refinement_starts(adapter, nfe, solver, g, dp_paths, free_start)
         score, oprov = make_scorer(objective_name, target, model_name=adapter.name, features=features)
+        ceiling = None
+        if max_cost is not None:  # in model evaluations per search sample (module docstring)
+            ref_ps = reference_evals_per_sample(dps, noise.shape[0], micro_batch)
+            ceiling = getattr(adapter, "calls", 0) + int(max_cost * ref_ps - ref_ps - (sh.calls - dps.model_calls))
         errs, rolled = {}, {}
         for name, p in starts.items():  # one rollout each; the chosen one's states seed the refinement
             x, states = rollout(adapter, solver, [g[i] for i in p], x=noise, keep=True)
@@ -327,11 +354,13 @@ def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_k
         path, objective_value, sweeps = refine_final_error(adapter, solver, g, starts[start], noise, target,
                                                            candidates=candidates, max_sweeps=max_sweeps,
                                                            free_start=free_start, progress=progress, score=score,
-                                                           moves=moves, start=(errs[start], rolled[start]))
+                                                           moves=moves, start=(errs[start], rolled[start]),
+                                                           max_calls=ceiling, stats=(stats := {}))
         prov.update(start=start, free_start=free_start, moves=moves, student_start=sh.st is not None,
                     student_corridor=sh.corridor, corridor_rounds=getattr(sh.st, "rounds", None),
                     start_final_errors={k: float(v) for k, v in errs.items()},
-                    sweeps=sweeps, objective_kind=objective_kind(objective_name, oprov["features"], dps.teacher.name),
+                    sweeps=sweeps, max_cost=max_cost, out_of_calls=bool(stats.get("out_of_calls")),
+                    objective_kind=objective_kind(objective_name, oprov["features"], dps.teacher.name),
                     **oprov)
         if objective_name != "teacher-mse":
             prov["teacher_mse"] = final_error(adapter, solver, [g[i] for i in path], noise, target)
@@ -346,8 +375,22 @@ def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_k
                                      objective=objective, provenance=prov)
 
 
+def reference_evals_per_sample(dps, samples: int, micro_batch: int) -> float:
+    """Model evaluations the reference pass spent per search sample (its calls ran per micro-batch, on every rank)."""
+    from schedules.conditioning import micro_batches
+
+    return dps.model_calls / len(micro_batches(samples, micro_batch))
+
+
 def _check_options(mode: str, late_weight: float | None, variant: str | None,
-                   objective: str | None = DEFAULT_OBJECTIVE) -> None:
+                   objective: str | None = DEFAULT_OBJECTIVE, max_cost: float | None = None) -> None:
+    if max_cost is not None and (isinstance(max_cost, bool) or not isinstance(max_cost, (int, float))
+                                 or not max_cost >= 1):
+        raise StepsmithError(f"`max_cost` is the search's budget in reference passes (a number ≥ 1, e.g. 2.5), "
+                             f"got {max_cost!r}", param="max_cost")
+    if max_cost is not None and (variant is not None or mode != "refined"):
+        raise StepsmithError("`max_cost` bounds the refinement: it needs mode=refined and no published `variant`",
+                             param="max_cost")
     if variant is not None and variant not in VARIANTS:
         raise StepsmithError(f"unknown dp `variant` {variant!r}; use one of {', '.join(VARIANTS)}", param="variant")
     if mode not in MODES:
@@ -365,7 +408,8 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
               max_sweeps: int = 2, free_start: bool = True, variant: str | None = None,
               reduce: str | None = None, objective: str = DEFAULT_OBJECTIVE,
               features=None, moves: str = "auto", student_start: bool = True,
-              student_corridor: int | None = STUDENT_CORRIDOR) -> dict[int, TimestepTable]:
+              student_corridor: int | None = STUDENT_CORRIDOR,
+              max_cost: float | None = None) -> dict[int, TimestepTable]:
     """The ``dp`` tables of every budget in ``nfes`` from ONE reference pass and ONE Bellman pass.
 
     Only the refinement runs per budget. With several budgets each table's ``model_calls`` are its
@@ -377,10 +421,12 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
     :data:`~schedules.search.dp.REFINE_MOVES`), ``student_start`` whether the student DP runs to seed it
     (module docstring: the measured trade-off), ``student_corridor`` the half-width in grid nodes of its
     re-centred corridor around the teacher-DP paths (None or 0: the full student DP, ≈ K·n model calls).
+    ``max_cost`` (None: unbounded) caps each budget's search at that many reference passes, counted in model
+    evaluations per search sample: the refinement stops at the budget with its best path so far (module docstring).
     """
     from schedules.search.objectives import feature_name
 
-    _check_options(mode, late_weight, variant, objective)
+    _check_options(mode, late_weight, variant, objective, max_cost)
     if moves != "auto" and moves not in REFINE_MOVES:
         raise StepsmithError(f"unknown refinement `moves` {moves!r}; use auto or one of {', '.join(REFINE_MOVES)}",
                              param="moves")
@@ -408,7 +454,8 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
         calls0 = getattr(adapter, "calls", 0)
         out[nfe] = _finish(adapter, nfe, K, solver, sh, mode=mode, grid_kind=grid_kind, micro_batch=micro_batch,
                            late_weight=w, candidates=candidates, max_sweeps=max_sweeps, free_start=free_start,
-                           progress=progress, objective_name=objective, features=features, moves=moves)
+                           progress=progress, objective_name=objective, features=features, moves=moves,
+                           max_cost=max_cost)
         if len(nfes) > 1:
             out[nfe].provenance.update(model_calls=getattr(adapter, "calls", 0) - calls0, shared_pass={
                 "shared": True, "nfe": nfes, "model_calls": sh.calls, "seconds": round(sh.seconds, 3),
@@ -421,10 +468,11 @@ def dp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, see
              late_weight: float | None = None, substeps: int = 1, candidates: int = 6, max_sweeps: int = 2,
              free_start: bool = True, variant: str | None = None, reduce: str | None = None,
              objective: str = DEFAULT_OBJECTIVE, features=None, moves: str = "auto",
-             student_start: bool = True, student_corridor: int | None = STUDENT_CORRIDOR) -> TimestepTable:
+             student_start: bool = True, student_corridor: int | None = STUDENT_CORRIDOR,
+             max_cost: float | None = None) -> TimestepTable:
     """The ``dp`` table of ``mode`` (or of a published ``variant``) for ``nfe`` evaluations (module docstring)."""
     return dp_tables(adapter, [nfe], solver, samples=samples, seed=seed, progress=progress, mode=mode, grid=grid,
                      grid_kind=grid_kind, micro_batch=micro_batch, late_weight=late_weight, substeps=substeps,
                      candidates=candidates, max_sweeps=max_sweeps, free_start=free_start, variant=variant,
                      reduce=reduce, objective=objective, features=features, moves=moves,
-                     student_start=student_start, student_corridor=student_corridor)[nfe]
+                     student_start=student_start, student_corridor=student_corridor, max_cost=max_cost)[nfe]
