@@ -107,3 +107,18 @@ def flux_folder(flux_pipe, tmp_path_factory):
 def dit_folder(dit_pipe, tmp_path_factory):
     """The tiny class-conditional DiT pipeline saved with safetensors."""
     return _saved(dit_pipe, tmp_path_factory, "tiny-dit")
+
+
+@pytest.fixture
+def vp_gaussian_problem():
+    """``make(nodes)`` → (adapter, grid, noise, target): a VP Gaussian model whose exact ODE solution of 8
+    noises (seed 3) is the refinement target, on a grid of ``nodes`` intervals."""
+    from schedules.search.common import make_grid
+    from schedules.search.toys import gaussian_adapter
+
+    def make(nodes: int):
+        ad = gaussian_adapter("vp", 0.5, dim=4)
+        noise = ad.noise(8, 3)
+        return ad, make_grid(ad.convention, nodes), noise, ad.module.den.exact_solution(noise, ad.convention.sigma_max)
+
+    return make

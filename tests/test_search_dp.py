@@ -18,6 +18,7 @@ from schedules.search.dp import (
     _costs_heun,
     bellman_all,
     bellman_all_augmented,
+    final_error,
     refine_final_error,
     teacher_dp,
 )
@@ -136,11 +137,8 @@ def test_straight_flow_costs_zero(solver):
         assert abs(t.objective) < 1e-10
 
 
-def test_refinement_never_worse_and_exact_final_error():
-    ad = gaussian_adapter("vp", 0.5, dim=4)
-    grid = make_grid(ad.convention, 30)
-    noise = ad.noise(8, 3)
-    target = ad.module.den.exact_solution(noise, ad.convention.sigma_max)
+def test_refinement_never_worse_and_exact_final_error(vp_gaussian_problem):
+    ad, grid, noise, target = vp_gaussian_problem(30)
     start = [0, 10, 20, 25, 30]
     e0 = float(((rollout(ad, "euler", [grid[i] for i in start], x=noise) - target) ** 2).mean())
     path, e, _ = refine_final_error(ad, "euler", grid, start, noise, target)
@@ -227,11 +225,8 @@ def test_cli_search_writes_table_and_rejects_bad_input(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("solver", ["euler", "dpmpp-2m"])
-def test_pattern_refinement_exact_error_local_optimum_and_cheaper(solver):
-    ad = gaussian_adapter("vp", 0.5, dim=4)
-    grid = make_grid(ad.convention, 40)
-    noise = ad.noise(8, 3)
-    target = ad.module.den.exact_solution(noise, ad.convention.sigma_max)
+def test_pattern_refinement_exact_error_local_optimum_and_cheaper(solver, vp_gaussian_problem):
+    ad, grid, noise, target = vp_gaussian_problem(40)
     start = [3, 12, 20, 33, 40]
 
     def err(p):
@@ -282,13 +277,10 @@ def test_refined_dp_seeds_from_every_spacing_and_is_never_worse_than_them():
 
 
 @pytest.mark.parametrize("solver", ["euler", "heun"])
-def test_refinement_call_budget_stops_early_and_keeps_best(solver):
-    ad = gaussian_adapter("vp", 0.5, dim=4)
-    grid = make_grid(ad.convention, 30)
-    noise = ad.noise(8, 3)
-    target = ad.module.den.exact_solution(noise, ad.convention.sigma_max)
+def test_refinement_call_budget_stops_early_and_keeps_best(solver, vp_gaussian_problem):
+    ad, grid, noise, target = vp_gaussian_problem(30)
     start = [0, 10, 20, 25, 30]
-    e0 = float(((rollout(ad, solver, [grid[i] for i in start], x=noise) - target) ** 2).mean())
+    e0 = final_error(ad, solver, [grid[i] for i in start], noise, target)
     full_calls0 = ad.calls
     _, e_full, _ = refine_final_error(ad, solver, grid, start, noise, target, candidates=8, max_sweeps=3)
     full = ad.calls - full_calls0
@@ -299,8 +291,7 @@ def test_refinement_call_budget_stops_early_and_keeps_best(solver):
     assert stats.get("out_of_calls") is True
     assert ad.calls <= ceiling
     assert e_full <= e <= e0
-    x = sample(ad, noise, [grid[i] for i in path], solver)
-    assert e == pytest.approx(float(((x - target) ** 2).mean()), rel=1e-6)
+    assert e == pytest.approx(final_error(ad, solver, [grid[i] for i in path], noise, target), rel=1e-6)
 
 
 def test_dp_max_cost_bounds_the_search_and_is_recorded():

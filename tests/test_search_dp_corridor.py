@@ -115,11 +115,8 @@ def test_iterated_corridor_walks_to_a_path_inside_its_band(setup):
 
 
 @pytest.mark.parametrize("moves", ["candidates", "pattern"])
-def test_refinement_skips_nodes_nothing_moved_around_and_keeps_its_answer(moves):
-    ad = gaussian_adapter("vp", 0.5, dim=4)
-    grid = make_grid(ad.convention, 40)
-    noise = ad.noise(8, 3)
-    target = ad.module.den.exact_solution(noise, ad.convention.sigma_max)
+def test_refinement_skips_nodes_nothing_moved_around_and_keeps_its_answer(moves, vp_gaussian_problem):
+    ad, grid, noise, target = vp_gaussian_problem(40)
     start = [3, 12, 20, 33, 40]
     K = len(start) - 1
     rec = _Recording(ad)

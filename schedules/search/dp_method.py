@@ -128,6 +128,7 @@ from dataclasses import dataclass
 import torch
 
 from schedules.baselines import BASELINES, steps_for
+from schedules.conditioning import micro_batches
 from schedules.io import StepsmithError
 from schedules.search.common import final_mse_kind, make_grid, rollout, snap_path
 from schedules.search.dp import (
@@ -377,8 +378,6 @@ def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_k
 
 def reference_evals_per_sample(dps, samples: int, micro_batch: int) -> float:
     """Model evaluations the reference pass spent per search sample (its calls ran per micro-batch, on every rank)."""
-    from schedules.conditioning import micro_batches
-
     return dps.model_calls / len(micro_batches(samples, micro_batch))
 
 
