@@ -313,3 +313,32 @@ def test_dp_max_cost_bounds_the_search_and_is_recorded():
             make_table(ad, "dp", 6, "euler", samples=8, grid=30, max_cost=bad)
     with pytest.raises(StepsmithError, match="max_cost"):
         make_table(ad, "dp", 6, "euler", samples=8, grid=30, max_cost=2.0, variant="boss")
+
+
+def test_dp_refines_a_second_start_at_another_start_level_below_8_steps(monkeypatch):
+    import schedules.search.dp_method as dp_method
+
+    ad = gaussian_adapter("vp", 0.5, dim=4)
+    # every other start here is 3.8x worse than the best, past SECOND_START_WITHIN: one refinement
+    t = make_table(ad, "dp", 4, "ddim", samples=8, grid=30)
+    errs = t.provenance["start_final_errors"]
+    assert list(t.provenance["refined_starts"]) == [min(errs, key=errs.get)]
+    monkeypatch.setattr(dp_method, "SECOND_START_WITHIN", 100.0)
+    t = make_table(ad, "dp", 4, "ddim", samples=8, grid=30)
+    p = t.provenance
+    refined, first = p["refined_starts"], p["start_first_nodes"]
+    assert len(refined) == 2 and min(errs, key=errs.get) in refined  # the best start, and one more
+    a, b = refined
+    assert first[a] != first[b]  # ...at another start level
+    assert errs[b] == min(v for k, v in errs.items() if first[k] != first[a])
+    assert t.objective == min(refined.values()) and p["start"] == min(refined, key=refined.get)
+    assert len(make_table(ad, "dp", 4, "ddim", samples=8, grid=30, second_start=False)
+               .provenance["refined_starts"]) == 1
+    # with the first node fixed every start has the same start level: nothing to add
+    assert len(make_table(ad, "dp", 4, "ddim", samples=8, grid=30, free_start=False).provenance["refined_starts"]) == 1
+    # from 8 steps on (candidate moves, a refinement costs several times more) only when asked
+    assert len(make_table(ad, "dp", 8, "ddim", samples=4, grid=30).provenance["refined_starts"]) == 1
+    assert len(make_table(ad, "dp", 8, "ddim", samples=4, grid=30, second_start=True).provenance["refined_starts"]) == 2
+    for bad in ("yes", 2, 1):
+        with pytest.raises(StepsmithError, match="second_start"):
+            make_table(ad, "dp", 4, "ddim", samples=8, grid=30, second_start=bad)

@@ -111,6 +111,25 @@ One refinement sweep (``max_sweeps=1``) found the default's tables at NFE 6 (its
 but lost at 8 (DDIM 95.02, flow 104.57); no refinement (``max_sweeps=0``) lost everywhere (DDIM 147.5 / 100.3 /
 83.0, flow 135.1 / 108.7 / 96.9 at NFE 6 / 8 / 10).
 
+Second start (option ``second_start``, default ``auto``: below :data:`PATTERN_BELOW_STEPS` steps; measured,
+issue 12). The refinement is a local search, and the level its first node starts at is the coordinate it moves
+worst: on digits-ddpm DDIM every start refined on its own (same bench options, search seed 0, 32 samples) ends
+at feature-mse 3.50 from the DP paths and 'trailing' but 2.19 from 'leading' (the scheduler default, first node
+18 of 60) at NFE 4, 1.52 vs 1.13 at NFE 6. So the best start at another start level is refined as well, when
+its start error is within :data:`SECOND_START_WITHIN` (1.25) of the best start's, and the better result wins:
+never worse on the objective than refining the best start alone. Held-out FID (seed 10000, N = 500) digits-ddpm
+DDIM NFE 4 / 6: 254.31 / 129.84 → **195.72 / 113.65** (dp-gits 248.6 at NFE 4), for 483 / 623 model calls
+instead of 361 / 439; digits-ddpm DPM++(2M) NFE 2: feature-mse 12.73 → 7.74. Without the 1.25 bound the second
+start also ran on digits-flow Euler, where it ended worse (2.72 vs 1.30 at NFE 4, 0.97 vs 0.64 at NFE 6) for
+117 / 236 extra calls; with it digits-flow Euler and sharp-ddpm DDIM at NFE 4 / 6 keep their tables and cost.
+From 8 steps on the candidate refinement costs 3–4 times more, so ``auto`` leaves it off there (``True``
+turns it on). Tried in the same measurement and left out: refining every start (DDIM NFE 4: 889 calls, 6.6× the
+reference pass); a rescale move that shifts the first node and stretches the path with it (DDIM NFE 4 2.31, but
+digits-flow Euler NFE 4 / 6 ended worse, 1.45 / 0.74); a start from GITS' discounted Bellman pass on the same
+costs (1.15: feature-mse 3.32 but held-out FID 269.2); screening each trial on 8 or 16 of the 32 samples and
+running only the subset's best on all (2.95–3.9× instead of 5.2–5.9× at NFE 8, but FID 100.3 vs 88.72 on
+digits-ddpm DDIM and 107.5 vs 103.5 on digits-flow Euler).
+
 Published variants (option ``variant``), each run as its authors define it (:data:`VARIANTS`):
 ``boss``, ``gits``, ``gits-sd`` and ``oss``. Several budgets come out of one pass with
 :func:`dp_tables` (one reference pass, one Bellman pass; only the refinement runs per budget).
@@ -275,6 +294,7 @@ def variant_tables(adapter, nfes: list[int], solver: str, v: DPVariant, *, sampl
 
 
 PATTERN_BELOW_STEPS = 8
+SECOND_START_WITHIN = 1.25  # a second start is refined only when its error is within this factor of the best's
 STUDENT_CORRIDOR: int | None = 2  # the student DP's default corridor half-width in grid nodes (module docstring)
 
 
@@ -325,7 +345,7 @@ def _shared_pass(adapter, Ks: list[int], solver: str, *, samples, seed, progress
 
 def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_kind, micro_batch, late_weight,
             candidates, max_sweeps, free_start, progress, objective_name="teacher-mse", features=None,
-            moves="auto", max_cost: float | None = None) -> TimestepTable:
+            moves="auto", max_cost: float | None = None, second_start: bool | str = "auto") -> TimestepTable:
     """One budget's table from the shared pass (the refinement, in the default mode)."""
     moves = auto_moves(K) if moves == "auto" else moves
     g, dps, noise = sh.g, sh.dps, sh.noise
@@ -351,16 +371,28 @@ def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_k
         for name, p in starts.items():  # one rollout each; the chosen one's states seed the refinement
             x, states = rollout(adapter, solver, [g[i] for i in p], x=noise, keep=True)
             errs[name], rolled[name] = score(x), states
-        start = min(errs, key=errs.get)
-        path, objective_value, sweeps = refine_final_error(adapter, solver, g, starts[start], noise, target,
-                                                           candidates=candidates, max_sweeps=max_sweeps,
-                                                           free_start=free_start, progress=progress, score=score,
-                                                           moves=moves, start=(errs[start], rolled[start]),
-                                                           max_calls=ceiling, stats=(stats := {}))
+        ranked = sorted(errs, key=errs.get)
+        refined = ranked[:1]
+        if second_start == "auto" and K < PATTERN_BELOW_STEPS or second_start is True:
+            # the best start at another start level: coordinate moves rarely carry the first node across basins
+            refined += [k for k in ranked if starts[k][0] != starts[ranked[0]][0]
+                        and errs[k] <= SECOND_START_WITHIN * errs[ranked[0]]][:1]
+        results, stats = {}, {}
+        for name in refined:  # the best result of the refined starts wins
+            results[name] = refine_final_error(adapter, solver, g, starts[name], noise, target,
+                                               candidates=candidates, max_sweeps=max_sweeps, free_start=free_start,
+                                               progress=progress, score=score, moves=moves,
+                                               start=(errs[name], rolled[name]), max_calls=ceiling, stats=stats)
+            if stats.get("out_of_calls"):
+                break
+        start = min(results, key=lambda k: results[k][1])
+        path, objective_value, sweeps = results[start]
         prov.update(start=start, free_start=free_start, moves=moves, student_start=sh.st is not None,
                     student_corridor=sh.corridor, corridor_rounds=getattr(sh.st, "rounds", None),
                     start_final_errors={k: float(v) for k, v in errs.items()},
+                    start_first_nodes={k: p[0] for k, p in starts.items()},
                     sweeps=sweeps, max_cost=max_cost, out_of_calls=bool(stats.get("out_of_calls")),
+                    refined_starts={k: float(v[1]) for k, v in results.items()},
                     objective_kind=objective_kind(objective_name, oprov["features"], dps.teacher.name),
                     **oprov)
         if objective_name != "teacher-mse":
@@ -408,7 +440,8 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
               reduce: str | None = None, objective: str = DEFAULT_OBJECTIVE,
               features=None, moves: str = "auto", student_start: bool = True,
               student_corridor: int | None = STUDENT_CORRIDOR,
-              max_cost: float | None = None) -> dict[int, TimestepTable]:
+              max_cost: float | None = None,
+              second_start: bool | str = "auto") -> dict[int, TimestepTable]:
     """The ``dp`` tables of every budget in ``nfes`` from ONE reference pass and ONE Bellman pass.
 
     Only the refinement runs per budget. With several budgets each table's ``model_calls`` are its
@@ -422,6 +455,8 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
     re-centred corridor around the teacher-DP paths (None or 0: the full student DP, ≈ K·n model calls).
     ``max_cost`` (None: unbounded) caps each budget's search at that many reference passes, counted in model
     evaluations per search sample: the refinement stops at the budget with its best path so far (module docstring).
+    ``second_start`` (``auto``: below 8 steps; True; False) also refines the best start at another start level
+    when it is nearly as good, and keeps the better result (module docstring).
     """
     from schedules.search.objectives import feature_name
 
@@ -443,6 +478,8 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
                                          or student_corridor < 0):
         raise StepsmithError(f"`student_corridor` must be a half-width in grid nodes (an integer ≥ 0; 0 or None: "
                              f"the full student DP), got {student_corridor!r}", param="student_corridor")
+    if second_start not in ("auto", True, False) or isinstance(second_start, int) and not isinstance(second_start, bool):
+        raise StepsmithError(f"`second_start` is auto, true or false, got {second_start!r}", param="second_start")
     w = 1.0 if late_weight is None else float(late_weight)
     Ks = {nfe: steps_for(adapter, nfe, solver) for nfe in nfes}
     sh = _shared_pass(adapter, sorted(set(Ks.values())), solver, samples=samples, seed=seed, progress=progress,
@@ -454,7 +491,7 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
         out[nfe] = _finish(adapter, nfe, K, solver, sh, mode=mode, grid_kind=grid_kind, micro_batch=micro_batch,
                            late_weight=w, candidates=candidates, max_sweeps=max_sweeps, free_start=free_start,
                            progress=progress, objective_name=objective, features=features, moves=moves,
-                           max_cost=max_cost)
+                           max_cost=max_cost, second_start=second_start)
         if len(nfes) > 1:
             out[nfe].provenance.update(model_calls=getattr(adapter, "calls", 0) - calls0, shared_pass={
                 "shared": True, "nfe": nfes, "model_calls": sh.calls, "seconds": round(sh.seconds, 3),
@@ -468,10 +505,12 @@ def dp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, see
              free_start: bool = True, variant: str | None = None, reduce: str | None = None,
              objective: str = DEFAULT_OBJECTIVE, features=None, moves: str = "auto",
              student_start: bool = True, student_corridor: int | None = STUDENT_CORRIDOR,
-             max_cost: float | None = None) -> TimestepTable:
+             max_cost: float | None = None,
+             second_start: bool | str = "auto") -> TimestepTable:
     """The ``dp`` table of ``mode`` (or of a published ``variant``) for ``nfe`` evaluations (module docstring)."""
     return dp_tables(adapter, [nfe], solver, samples=samples, seed=seed, progress=progress, mode=mode, grid=grid,
                      grid_kind=grid_kind, micro_batch=micro_batch, late_weight=late_weight, substeps=substeps,
                      candidates=candidates, max_sweeps=max_sweeps, free_start=free_start, variant=variant,
                      reduce=reduce, objective=objective, features=features, moves=moves,
-                     student_start=student_start, student_corridor=student_corridor, max_cost=max_cost)[nfe]
+                     student_start=student_start, student_corridor=student_corridor, max_cost=max_cost,
+                     second_start=second_start)[nfe]
