@@ -7,10 +7,11 @@ Modes (option ``mode``):
 * ``"refined"`` (default) — the product default. Candidates: the teacher-DP table, the
   student-DP table (option ``student_start``, default on; never for Heun: its corrections would
   cost n² calls per level; option ``student_corridor``, default 2: an iterated corridor student DP
-  around the teacher-DP path, see below) and every diffusers spacing (:data:`START_SPACINGS`) snapped to the grid;
+  around the teacher-DP path, see below) and every baseline (:data:`START_BASELINES`) snapped to the grid;
   the one with the lowest final-sample error against the teacher on the search samples seeds a
   coordinate descent (:func:`~schedules.search.dp.refine_final_error`, option ``moves``, default ``auto``: a
-  pattern search below 8 steps), so the table is never worse on the search objective than any of those spacings.
+  pattern search below 8 steps), so the table is never worse on the search objective than any of those
+  snapped baselines.
   With ``free_start`` (default) the first node may move as well, and diffusers' 'leading' spacing
   is one of the seeds: starting below σ_max (noise read as a later state) can cut the final error
   of few-step samplers. Plain local DP
@@ -176,19 +177,22 @@ def grid_provenance(grid: list[float], kind: str, conv) -> dict:
     return d
 
 
-START_SPACINGS = ("default", "uniform", "leading", "trailing", "linspace")
+START_BASELINES = tuple(BASELINES)  # every hand-crafted table seeds the refinement (one rollout each)
 
 
 def refinement_starts(adapter, nfe: int, solver: str, g: list[float], paths: dict[str, list[int]],
                       free_start: bool) -> dict[str, list[int]]:
-    """Candidate starting paths of the refinement: the DP paths, and every diffusers spacing
-    (:data:`START_SPACINGS`: the scheduler default, uniform, leading, trailing, linspace) snapped to the
-    grid — with ``free_start`` the first node snaps too, else it stays at the grid's start. A spacing
+    """Candidate starting paths of the refinement: the DP paths, and every baseline that applies to the model
+    (:data:`START_BASELINES`: the diffusers spacings, EDM/Karras, log-SNR, published AYS, ...) snapped to the
+    grid — with ``free_start`` the first node snaps too, else it stays at the grid's start. A baseline
     that snaps to a path already listed is left out (it would cost a rollout for nothing)."""
     n = len(g) - 1
     starts = dict(paths)
-    for b in START_SPACINGS:
-        tb = BASELINES[b](adapter, nfe, solver)
+    for b in START_BASELINES:
+        try:
+            tb = BASELINES[b](adapter, nfe, solver)
+        except StepsmithError:  # not defined for this model (e.g. 'shift' is for flow models)
+            continue
         p = (list(snap_genome(g, tb.sigmas, n, False)) + [n]) if free_start else snap_path(g, tb.sigmas)
         if p not in starts.values():
             starts[b] = p
