@@ -255,14 +255,13 @@ def test_pattern_refinement_exact_error_local_optimum_and_cheaper(solver, vp_gau
     assert counted["coarse-fine"][1] <= e1
 
 
-def test_refined_dp_seeds_from_every_baseline_and_is_never_worse_than_them():
-    from schedules.search.dp_method import START_BASELINES, refinement_starts
+def test_refined_dp_seeds_from_every_spacing_and_is_never_worse_than_them():
+    from schedules.search.dp_method import START_SPACINGS, refinement_starts
 
     ad = gaussian_adapter("vp", 0.5, dim=4)
     g = make_grid(ad.convention, 30)
     starts = refinement_starts(ad, 4, "ddim", g, {"dp-teacher": [0, 5, 10, 20, 30]}, True)
-    assert set(starts) - {"dp-teacher"} <= set(START_BASELINES)
-    assert {"karras", "trailing"} <= set(starts) and "shift" not in starts  # 'shift' is for flow models only
+    assert set(starts) - {"dp-teacher"} <= set(START_SPACINGS)
     assert len({tuple(p) for p in starts.values()}) == len(starts)  # duplicates are left out
     t = make_table(ad, "dp", 4, "ddim", samples=8, grid=30)
     p = t.provenance

@@ -7,11 +7,10 @@ Modes (option ``mode``):
 * ``"refined"`` (default) — the product default. Candidates: the teacher-DP table, the
   student-DP table (option ``student_start``, default on; never for Heun: its corrections would
   cost n² calls per level; option ``student_corridor``, default 2: an iterated corridor student DP
-  around the teacher-DP path, see below) and every baseline (:data:`START_BASELINES`) snapped to the grid;
+  around the teacher-DP path, see below) and every diffusers spacing (:data:`START_SPACINGS`) snapped to the grid;
   the one with the lowest final-sample error against the teacher on the search samples seeds a
   coordinate descent (:func:`~schedules.search.dp.refine_final_error`, option ``moves``, default ``auto``: a
-  pattern search below 8 steps), so the table is never worse on the search objective than any of those
-  snapped baselines.
+  pattern search below 8 steps), so the table is never worse on the search objective than any of those spacings.
   With ``free_start`` (default) the first node may move as well, and diffusers' 'leading' spacing
   is one of the seeds: starting below σ_max (noise read as a later state) can cut the final error
   of few-step samplers. Plain local DP
@@ -129,7 +128,9 @@ reference pass); a rescale move that shifts the first node and stretches the pat
 digits-flow Euler NFE 4 / 6 ended worse, 1.45 / 0.74); a start from GITS' discounted Bellman pass on the same
 costs (1.15: feature-mse 3.32 but held-out FID 269.2); screening each trial on 8 or 16 of the 32 samples and
 running only the subset's best on all (2.95–3.9× instead of 5.2–5.9× at NFE 8, but FID 100.3 vs 88.72 on
-digits-ddpm DDIM and 107.5 vs 103.5 on digits-flow Euler).
+digits-ddpm DDIM and 107.5 vs 103.5 on digits-flow Euler); every other baseline (EDM/Karras, log-SNR, published AYS,
+...) as a further start, one rollout each (bench run: digits-flow Euler kept every table for 28–83 more calls,
+digits-ddpm DPM++(2M) kept NFE 4 at 103.4, where published AYS scores 77.9, and lost NFE 10, 54.88 vs 51.30).
 
 Published variants (option ``variant``), each run as its authors define it (:data:`VARIANTS`):
 ``boss``, ``gits``, ``gits-sd`` and ``oss``. Several budgets come out of one pass with
@@ -177,22 +178,19 @@ def grid_provenance(grid: list[float], kind: str, conv) -> dict:
     return d
 
 
-START_BASELINES = tuple(BASELINES)  # every hand-crafted table seeds the refinement (one rollout each)
+START_SPACINGS = ("default", "uniform", "leading", "trailing", "linspace")
 
 
 def refinement_starts(adapter, nfe: int, solver: str, g: list[float], paths: dict[str, list[int]],
                       free_start: bool) -> dict[str, list[int]]:
-    """Candidate starting paths of the refinement: the DP paths, and every baseline that applies to the model
-    (:data:`START_BASELINES`: the diffusers spacings, EDM/Karras, log-SNR, published AYS, ...) snapped to the
-    grid — with ``free_start`` the first node snaps too, else it stays at the grid's start. A baseline
+    """Candidate starting paths of the refinement: the DP paths, and every diffusers spacing
+    (:data:`START_SPACINGS`: the scheduler default, uniform, leading, trailing, linspace) snapped to the
+    grid — with ``free_start`` the first node snaps too, else it stays at the grid's start. A spacing
     that snaps to a path already listed is left out (it would cost a rollout for nothing)."""
     n = len(g) - 1
     starts = dict(paths)
-    for b in START_BASELINES:
-        try:
-            tb = BASELINES[b](adapter, nfe, solver)
-        except StepsmithError:  # not defined for this model (e.g. 'shift' is for flow models)
-            continue
+    for b in START_SPACINGS:
+        tb = BASELINES[b](adapter, nfe, solver)
         p = (list(snap_genome(g, tb.sigmas, n, False)) + [n]) if free_start else snap_path(g, tb.sigmas)
         if p not in starts.values():
             starts[b] = p
