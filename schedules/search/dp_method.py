@@ -119,7 +119,9 @@ at feature-mse 3.50 from the DP paths and 'trailing' but 2.19 from 'leading' (th
 its start error is within :data:`SECOND_START_WITHIN` (1.25) of the best start's, and the better result wins:
 never worse on the objective than refining the best start alone. Held-out FID (seed 10000, N = 500) digits-ddpm
 DDIM NFE 4 / 6: 254.31 / 129.84 → **195.72 / 113.65** (dp-gits 248.6 at NFE 4), for 483 / 623 model calls
-instead of 361 / 439; digits-ddpm DPM++(2M) NFE 2: feature-mse 12.73 → 7.74. Without the 1.25 bound the second
+instead of 361 / 439; NFE 2 (DDIM, and DPM++(2M), whose two steps are DDIM's there): 722.96 → 500.53, feature-mse
+12.73 → 7.74 (the bench run of this change: the same search on teacher-mse, row dp-teacher-mse, went 221.55 → 193.37 at
+DDIM NFE 4; every other dp cell of the six configurations kept its value). Without the 1.25 bound the second
 start also ran on digits-flow Euler, where it ended worse (2.72 vs 1.30 at NFE 4, 0.97 vs 0.64 at NFE 6) for
 117 / 236 extra calls; with it digits-flow Euler and sharp-ddpm DDIM at NFE 4 / 6 keep their tables and cost.
 From 8 steps on the candidate refinement costs 3–4 times more, so ``auto`` leaves it off there (``True``
