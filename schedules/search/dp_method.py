@@ -123,7 +123,8 @@ instead of 361 / 439; NFE 2 (DDIM, and DPM++(2M), whose two steps are DDIM's the
 12.73 → 7.74 (the bench run of this change: the same search on teacher-mse, row dp-teacher-mse, went 221.55 → 193.37 at
 DDIM NFE 4; every other dp cell of the six configurations kept its value). Without the 1.25 bound the second
 start also ran on digits-flow Euler, where it ended worse (2.72 vs 1.30 at NFE 4, 0.97 vs 0.64 at NFE 6) for
-117 / 236 extra calls; with it digits-flow Euler and sharp-ddpm DDIM at NFE 4 / 6 keep their tables and cost.
+117 / 236 extra calls; with it digits-flow Euler and sharp-ddpm DDIM at NFE 4 / 6 keep their tables and cost
+(digits-flow NFE 2 refines a second start for 77 more calls and keeps its table).
 From 8 steps on the candidate refinement costs 3–4 times more, so ``auto`` leaves it off there (``True``
 turns it on). Tried in the same measurement and left out: refining every start (DDIM NFE 4: 889 calls, 6.6× the
 reference pass); a rescale move that shifts the first node and stretches the path with it (DDIM NFE 4 2.31, but
@@ -377,7 +378,7 @@ def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_k
             errs[name], rolled[name] = score(x), states
         ranked = sorted(errs, key=errs.get)
         refined = ranked[:1]
-        if second_start == "auto" and K < PATTERN_BELOW_STEPS or second_start is True:
+        if second_start is True or (second_start == "auto" and K < PATTERN_BELOW_STEPS):
             # the best start at another start level: coordinate moves rarely carry the first node across basins
             refined += [k for k in ranked if starts[k][0] != starts[ranked[0]][0]
                         and errs[k] <= SECOND_START_WITHIN * errs[ranked[0]]][:1]
@@ -482,7 +483,7 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
                                          or student_corridor < 0):
         raise StepsmithError(f"`student_corridor` must be a half-width in grid nodes (an integer ≥ 0; 0 or None: "
                              f"the full student DP), got {student_corridor!r}", param="student_corridor")
-    if second_start not in ("auto", True, False) or isinstance(second_start, int) and not isinstance(second_start, bool):
+    if not (second_start == "auto" or isinstance(second_start, bool)):
         raise StepsmithError(f"`second_start` is auto, true or false, got {second_start!r}", param="second_start")
     w = 1.0 if late_weight is None else float(late_weight)
     Ks = {nfe: steps_for(adapter, nfe, solver) for nfe in nfes}
