@@ -81,7 +81,8 @@ def test_digits_logits_classify_real_digits(digits):
     x, y, net = digits
     logits = digits_logits(net, x, batch_size=500)
     assert logits.shape == (x.shape[0], 10) and logits.dtype == torch.float64
-    assert torch.equal(logits, digits_logits(net.net, x))  # the wrapper and the bare network agree
+    # the wrapper and the bare network agree (same batch size: conv kernels may round differently per batch size)
+    assert torch.equal(logits, digits_logits(net.net, x, batch_size=500))
     assert class_accuracy(logits, y) > 0.95
     mean, _ = inception_score(probabilities(logits))
     assert 8.0 < mean <= 10.0  # confident and balanced over the ten digits
