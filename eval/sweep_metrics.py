@@ -13,7 +13,8 @@ the plot and the bold of the main table); every listed name is then also a key o
   conditions and guidance, 0 for the teacher itself. For a guided model this, not FID against the data,
   is the distance a schedule can close: guidance moves the sampler's own distribution away from the data
   (builtin:digits-cond teacher FID against the digits 97 / 149 / 330 / 816 at w = 1 / 1.5 / 2 / 3,
-  ``stepsmith eval --model builtin:digits-cond --classes all --guidance W --methods uniform --nfe 8,32``),
+  ``stepsmith eval --model builtin:digits-cond --classes all --guidance 1,1.5,2,3 --methods uniform --nfe 8,32
+  --out DIR``),
   so a row that under-integrates the guided ODE — or leaves residual noise — can score a lower data FID
   than the converged sampler (see BENCHMARKS.md, digits-cond);
 * ``precision``, ``recall`` (k = 3), ``density``, ``coverage`` (k = 5) — of the generated

@@ -106,7 +106,7 @@ ax.set_ylabel("FID (lower is better)")
 ax.set_title(f"digits-flow, Euler, NFE {NFE}, N={len(noise)}")
 plt.tight_layout()
 plt.show()"""),
-    ("md", """Next: `stepsmith eval --model builtin:digits-flow --methods dp,uniform,karras --nfe 4,6,8` sweeps
+    ("md", """Next: `stepsmith eval --model builtin:digits-flow --methods dp,uniform,karras --nfe 4,6,8 --out runs/eval` sweeps
 NFE with plots and image grids; `stepsmith bench` writes `BENCHMARKS.md`."""),
 ]
 
