@@ -107,6 +107,11 @@ digits-flow Euler      2.2 / 3.07 / 8.01 / 5.53 → 2.1 / 2.37 /     172.02 / 12
 
 So the budget costs held-out quality at 8–10 steps (digits-ddpm DDIM NFE 8 +18 %), and the default stays
 unbounded. digits-flow NFE 8 passes 2.5 because its corridor student DP took 6 rounds before the refinement.
+The loss is not one search seed's draw: at NFE 8 on search seeds 1 / 2 (``dp_table(..., seed=s)``, otherwise the
+same), default → capped FID is 97.30 → 105.11 and 91.19 → 114.60 on digits-ddpm DDIM, 105.57 → 107.23 and
+106.03 → 109.15 on digits-flow Euler. Searching the nodes last-first (the short tails first, so the budget covers
+more nodes) did not help: capped, digits-ddpm NFE 8 / 10 100.31 / 83.03 and digits-flow 108.72 / 96.86; uncapped it
+lost (digits-ddpm NFE 8 103.70 vs 88.72, digits-flow 105.79 vs 103.48), so the nodes stay first to last.
 One refinement sweep (``max_sweeps=1``) found the default's tables at NFE 6 (its second sweep only confirms)
 but lost at 8 (DDIM 95.02, flow 104.57); no refinement (``max_sweeps=0``) lost everywhere (DDIM 147.5 / 100.3 /
 83.0, flow 135.1 / 108.7 / 96.9 at NFE 6 / 8 / 10).
