@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from eval.sweep_metrics import agreement, first_best, same_score
+
 SEARCH_METHODS = ("dp", "evolution", "ays", "olss")  # a row made by one of these is a searched row
 PUBLISHED_DP = ("dp-boss", "dp-gits", "dp-oss")  # the published DP algorithms as rows of the suite
 DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace", "default")  # what a diffusers user gets without stepsmith
@@ -29,7 +31,7 @@ def teacher_gap(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
     for n in rep["nfe"]:
         rows = [r for r in rep["results"] if r["nfe"] == n]
         uni = next((r["value"] for r in rows if r["label"] == "uniform"), None)
-        best = min(rows, key=lambda r: r["value"])
+        best = first_best(rows, lambda r: -r["value"])  # one table in two rows (same scores): the first row
         frac = None if uni is None or uni == teacher else (uni - best["value"]) / (uni - teacher)
         gap[n] = {"uniform": uni, "best": best["value"], "best_label": best["label"], "teacher": teacher,
                   "closed": None if frac is None else round(frac, 4)}
@@ -93,7 +95,7 @@ def _cell(v: float | None, kid: float | None, best: float) -> str:
     if v is None:
         return "–"
     s = _fmt(v) + (f" ({kid:.3g})" if kid is not None else "")
-    return f"**{s}**" if v == best else s
+    return f"**{s}**" if same_score(v, best) else s
 
 
 def _ratio_rows(labels: list[str], nfes: list[int], cells: dict[tuple[str, int], float],
@@ -111,7 +113,7 @@ def _ratio_rows(labels: list[str], nfes: list[int], cells: dict[tuple[str, int],
         rows.append(("dp ÷ best diffusers spacing (leading, trailing, linspace, default)", dp, best_of(DIFFUSERS_SPACINGS)))
     if any(lab in labels for lab in PUBLISHED_DP):
         rows.append(("dp ÷ best published DP (boss, gits, oss)", dp, best_of(PUBLISHED_DP)))
-    for other in ("dp-teacher-mse", "dp-data-fid"):
+    for other in ("dp-teacher-mse", "dp-data-fid", "dp-max-cost"):
         if other in labels:
             rows.append((f"dp ÷ {other}", dp, {n: cells.get((other, n)) for n in nfes}))
 
@@ -203,9 +205,11 @@ def _manifold(rep: dict[str, Any], labels: list[str], nfes: list[int], searched:
                 cells.append("–")
                 continue
             c = f"{m['mmhm']:.3f} ({m.get('precision', float('nan')):.2f} / {m.get('recall', float('nan')):.2f})"
-            cells.append(f"**{c}**" if m["mmhm"] == best[n] else c)
+            cells.append(f"**{c}**" if same_score(m["mmhm"], best[n]) else c)
         lines.append(f"| {f'*{lab}*' if lab in searched else lab} | " + " | ".join(cells) + " |")
     agree = info.get("agreement") or []
+    if agree and all("mmhm" in (r.get("metrics") or {}) for r in rep["results"]):
+        agree = agreement(rep["results"], rep["metric"])  # from the rows, as spliced (ties go to the earlier row)
     if agree:
         main = rep["metric"]
         lines += ["", "| ranking | " + " | ".join(f"NFE {a['nfe']}" for a in agree) + " |",
@@ -265,6 +269,7 @@ def _quality(quality: list[dict[str, Any]], out: Path, md_dir: Path) -> list[str
              "(N is small, so FID is biased upward: compare rows, not papers). 2-D: exact Wasserstein-2 (POT) "
              "against true samples. *Italic* rows are searched: `dp` is stepsmith's default (objective auto: "
              "feature-mse on models with a feature network), `dp-teacher-mse` the same search on the final mse, "
+             "`dp-max-cost` the same search stopped at 2.5 reference passes (`--option max_cost=2.5`), "
              "`dp-boss` / `dp-gits` / `dp-oss` the published DP algorithms as their authors define them.", ""]
     for res in quality:
         lines += _quality_config(res, out, md_dir)

@@ -301,6 +301,20 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     return None if va == 0 or vb == 0 else cov / math.sqrt(va * vb)
 
 
+SAME_SCORE_RTOL = 1e-6  # the same table scored by two processes differs in the last digits (float reductions)
+
+
+def same_score(a: float, b: float) -> bool:
+    """Whether two scores are one score measured twice (within :data:`SAME_SCORE_RTOL`): a tie, not a win."""
+    return abs(a - b) <= SAME_SCORE_RTOL * max(abs(a), abs(b), 1e-300)
+
+
+def first_best(rows: Sequence[dict[str, Any]], key) -> dict[str, Any]:
+    """The first of ``rows`` (in their order) whose ``key`` ties the largest: ties go to the earlier row."""
+    top = max(key(r) for r in rows)
+    return next(r for r in rows if same_score(key(r), top))
+
+
 def agreement(rows: list[dict[str, Any]], main: str) -> list[dict[str, Any]]:
     """Per NFE (per (NFE, guidance) cell with a guidance list, which the entry then names): the best row by
     ``main`` and by MMHM, whether they agree, and Spearman's ρ between the two rankings (``main``
@@ -311,8 +325,8 @@ def agreement(rows: list[dict[str, Any]], main: str) -> list[dict[str, Any]]:
         group = [r for r in rows if row_cell(r) == (nfe, w) and _finite(r, (main, "mmhm"))]
         if not group:
             continue
-        by_main = max(group, key=lambda r: sign * r["metrics"][main])["label"]
-        by_mmhm = max(group, key=lambda r: r["metrics"]["mmhm"])["label"]
+        by_main = first_best(group, lambda r: sign * r["metrics"][main])["label"]
+        by_mmhm = first_best(group, lambda r: r["metrics"]["mmhm"])["label"]
         rho = spearman([sign * r["metrics"][main] for r in group], [r["metrics"]["mmhm"] for r in group])
         out.append({"nfe": nfe, **({} if w is None else {"guidance": w}), "best_" + main: by_main,
                     "best_mmhm": by_mmhm, "agree": by_main == by_mmhm, "spearman": rho, "rows": len(group)})

@@ -31,6 +31,27 @@ def test_teacher_gap_fraction_and_best_label():
     assert g[8]["closed"] == pytest.approx((6 - 5) / (6 - 2)) and g[8]["best_label"] == "karras"
 
 
+def test_one_table_in_two_rows_ties_and_the_first_row_is_named(tmp_path):
+    # the same table scored by two processes differs in the last digits: a tie (both bold), not a win for the later row
+    rep = _mmhm_report()
+    twin = {**next(r for r in rep["results"] if r["label"] == "dp" and r["nfe"] == 4), "label": "dp-max-cost"}
+    twin["value"] *= 1 - 1e-9
+    twin["metrics"] = {**twin["metrics"], "fid": twin["value"], "mmhm": 0.9 * (1 + 1e-9)}
+    rep["results"].append(twin)
+    assert teacher_gap({"report": rep})[4]["best_label"] == "dp"
+    res = {"name": "m-euler", "model": "m", "solver": "euler", "report": rep, "costs": [], "skipped_baselines": {}}
+    result = {"out": str(tmp_path), "command": "stepsmith bench", "date": "d", "seconds": 1.0, "reduced": False,
+              "machine": {"platform": "p", "cpus": 2, "threads": 1, "versions": {"torch": "x"}},
+              "config": {"search_samples": 8, "num": 10, "teacher_steps": 5, "parts": ["p1"], "nfe": [4, 8]},
+              "quality": [res]}
+    md = markdown(result, tmp_path)
+    assert "| *dp* | **4** | 6.5 |" in md and "| *dp-max-cost* | **4** | – |" in md
+    assert "| best by fid | dp | karras |" in md  # ranked from the rows: dp ties its twin and comes first
+    assert "| best by MMHM | dp-teacher-mse | karras |" in md  # 0.9 ties 0.9·(1 + 1e-9): the earlier row
+    assert "| *dp-teacher-mse* | **0.900 (0.50 / 0.25)** | – |" in md and "| *dp-max-cost* | **0.900" in md
+    assert "| dp ÷ dp-max-cost | 1 | – |" in md
+
+
 def test_peak_rss_sees_an_allocation():
     import mmap
     import time
