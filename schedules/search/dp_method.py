@@ -112,6 +112,9 @@ same), default → capped FID is 97.30 → 105.11 and 91.19 → 114.60 on digits
 106.03 → 109.15 on digits-flow Euler. Searching the nodes last-first (the short tails first, so the budget covers
 more nodes) did not help: capped, digits-ddpm NFE 8 / 10 100.31 / 83.03 and digits-flow 108.72 / 96.86; uncapped it
 lost (digits-ddpm NFE 8 103.70 vs 88.72, digits-flow 105.79 vs 103.48), so the nodes stay first to last.
+Leaving the student DP's calls to the capped refinement (``student_start=False``) lost too: NFE 4 / 8 / 10 FID
+digits-ddpm 298.53 / 108.14 / 87.22, digits-flow 179.03 / 119.18 / 97.34 (capped with the student start: 254.31 /
+104.54 / 83.03 and 172.02 / 108.72 / 96.65).
 One refinement sweep (``max_sweeps=1``) found the default's tables at NFE 6 (its second sweep only confirms)
 but lost at 8 (DDIM 95.02, flow 104.57); no refinement (``max_sweeps=0``) lost everywhere (DDIM 147.5 / 100.3 /
 83.0, flow 135.1 / 108.7 / 96.9 at NFE 6 / 8 / 10).
