@@ -207,9 +207,8 @@ def _manifold(rep: dict[str, Any], labels: list[str], nfes: list[int], searched:
             c = f"{m['mmhm']:.3f} ({m.get('precision', float('nan')):.2f} / {m.get('recall', float('nan')):.2f})"
             cells.append(f"**{c}**" if same_score(m["mmhm"], best[n]) else c)
         lines.append(f"| {f'*{lab}*' if lab in searched else lab} | " + " | ".join(cells) + " |")
-    agree = info.get("agreement") or []
-    if agree and all("mmhm" in (r.get("metrics") or {}) for r in rep["results"]):
-        agree = agreement(rep["results"], rep["metric"])  # from the rows, as spliced (ties go to the earlier row)
+    # derived from the rows as spliced (ties go to the earlier row), not read from the run that scored them
+    agree = agreement([r for r in rep["results"] if r.get("metrics")], rep["metric"]) if info.get("agreement") else []
     if agree:
         main = rep["metric"]
         lines += ["", "| ranking | " + " | ".join(f"NFE {a['nfe']}" for a in agree) + " |",
