@@ -25,6 +25,15 @@ def _report():
             "model": "m"}
 
 
+def _p1_result(tmp_path, rep) -> dict:
+    """A P1-only suite result of one config ("m-euler") whose sweep report is ``rep``."""
+    res = {"name": "m-euler", "model": "m", "solver": "euler", "report": rep, "costs": [], "skipped_baselines": {}}
+    return {"out": str(tmp_path), "command": "stepsmith bench", "date": "d", "seconds": 1.0, "reduced": False,
+            "machine": {"platform": "p", "cpus": 2, "threads": 1, "versions": {"torch": "x"}},
+            "config": {"search_samples": 8, "num": 10, "teacher_steps": 5, "parts": ["p1"], "nfe": [4, 8]},
+            "quality": [res]}
+
+
 def test_teacher_gap_fraction_and_best_label():
     g = teacher_gap({"report": _report()})
     assert g[4]["closed"] == pytest.approx((10 - 4) / (10 - 2)) and g[4]["best_label"] == "dp"
@@ -39,11 +48,7 @@ def test_one_table_in_two_rows_ties_and_the_first_row_is_named(tmp_path):
     twin["metrics"] = {**twin["metrics"], "fid": twin["value"], "mmhm": 0.9 * (1 + 1e-9)}
     rep["results"].append(twin)
     assert teacher_gap({"report": rep})[4]["best_label"] == "dp"
-    res = {"name": "m-euler", "model": "m", "solver": "euler", "report": rep, "costs": [], "skipped_baselines": {}}
-    result = {"out": str(tmp_path), "command": "stepsmith bench", "date": "d", "seconds": 1.0, "reduced": False,
-              "machine": {"platform": "p", "cpus": 2, "threads": 1, "versions": {"torch": "x"}},
-              "config": {"search_samples": 8, "num": 10, "teacher_steps": 5, "parts": ["p1"], "nfe": [4, 8]},
-              "quality": [res]}
+    result = _p1_result(tmp_path, rep)
     md = markdown(result, tmp_path)
     assert "| *dp* | **4** | 6.5 |" in md and "| *dp-max-cost* | **4** | – |" in md
     assert "| best by fid | dp | karras |" in md  # ranked from the rows: dp ties its twin and comes first
@@ -150,11 +155,7 @@ def test_markdown_fid_to_teacher_table_where_measured(tmp_path):
     ft = {("uniform", 4): 30.0, ("dp", 4): 6.0, ("karras", 4): 40.0, ("uniform", 8): 9.0, ("dp", 8): 3.0, ("karras", 8): 12.0}
     for r in rep["results"]:
         r["metrics"] = {"fid": r["value"], "fid-teacher": ft[(r["label"], r["nfe"])]}
-    res = {"name": "m-euler", "model": "m", "solver": "euler", "report": rep, "costs": [], "skipped_baselines": {}}
-    result = {"out": str(tmp_path), "command": "stepsmith bench", "date": "d", "seconds": 1.0, "reduced": False,
-              "machine": {"platform": "p", "cpus": 2, "threads": 1, "versions": {"torch": "x"}},
-              "config": {"search_samples": 8, "num": 10, "teacher_steps": 5, "parts": ["p1"], "nfe": [4, 8]},
-              "quality": [res]}
+    result = _p1_result(tmp_path, rep)
     md = markdown(result, tmp_path)
     assert "FID to the teacher" in md and "| *dp* | **6** | **3** |" in md and "| uniform | 30 | 9 |" in md
     assert "| best searched ÷ best baseline | 0.2 | 0.333 |" in md  # 6 / 30, 3 / 9
@@ -164,12 +165,7 @@ def test_markdown_fid_to_teacher_table_where_measured(tmp_path):
 
 
 def test_markdown_mmhm_table_ratio_rows_and_final_jumps(tmp_path):
-    res = {"name": "m-euler", "model": "m", "solver": "euler", "report": _mmhm_report(), "costs": [],
-           "skipped_baselines": {}}
-    result = {"out": str(tmp_path), "command": "stepsmith bench", "date": "d", "seconds": 1.0, "reduced": False,
-              "machine": {"platform": "p", "cpus": 2, "threads": 1, "versions": {"torch": "x"}},
-              "config": {"search_samples": 8, "num": 10, "teacher_steps": 5, "parts": ["p1"], "nfe": [4, 8]},
-              "quality": [res]}
+    result = _p1_result(tmp_path, _mmhm_report())
     md = markdown(result, tmp_path)
     assert "| *dp-teacher-mse* | **0.900 (0.50 / 0.25)** | – |" in md  # a searched row (method dp), best MMHM
     assert "| karras | 0.100 (0.50 / 0.25) | **0.800 (0.50 / 0.25)** |" in md
