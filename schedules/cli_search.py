@@ -105,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--method ays: data samples x0 of the KLUB (.safetensors tensor [N, ...] or a folder of PNG/JPEG images; "
                         "embedded models default to their own data); --objective data-*: the real data compared with "
                         "(.safetensors tensor [N, ...] in the model's range, or a folder of PNG/JPEG images, scaled to "
-                        "[-1, 1] and resized to the model's size)")
+                        "[-1, 1] and resized to the model's size; at least --samples of them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="JSON table to write (several budgets: the folder to write)")
     p.set_defaults(func=run)
@@ -147,9 +147,12 @@ def run(args: argparse.Namespace) -> None:
     real = None
     if data_objective:  # a file is read and checked now; a folder of images once the model's size is known (resized to it)
         from schedules.io import check_sample_tensor, load_samples
+        from schedules.search import DEFAULT_SAMPLES
 
+        # a distance between distributions needs at least as many real samples as the search compares with them
+        need, asked_by = max(2, args.samples or DEFAULT_SAMPLES), "a data objective on the search samples"
         if not (args.data.strip() and Path(args.data).is_dir()):
-            real = load_samples(args.data, min_count=2, param="data", asked_by="a data objective")
+            real = load_samples(args.data, min_count=need, param="data", asked_by=asked_by)
     if "objective" in options:
         from schedules.search.objectives import feature_name, resolve_objective
 
@@ -165,8 +168,9 @@ def run(args: argparse.Namespace) -> None:
         from schedules.search.objectives import register_data
 
         shape = tuple(model.sample_shape)
-        real = (load_samples(args.data, shape=shape, min_count=2, param="data", asked_by="a data objective") if real is None
-                else check_sample_tensor(real, shape=shape, min_count=2, param="data", source=args.data))
+        real = (load_samples(args.data, shape=shape, min_count=need, param="data", asked_by=asked_by) if real is None
+                else check_sample_tensor(real, shape=shape, min_count=need, param="data", source=args.data,
+                                         asked_by=asked_by))
         for name in {args.model, model.name}:
             register_data(name, real)
     t0 = time.perf_counter()

@@ -296,6 +296,11 @@ def test_cli_data_objective_with_given_data(tmp_path, capsys, monkeypatch):
                "--out", str(out)])
     assert rc == 2 and "or --objective data-kid" in capsys.readouterr().err and not out.exists()
     rc = main(["search", "--model", "builtin:toy2d-flow", "--nfe", "3", "--objective", "data-wasserstein", "--data",
+               str(data), "--samples", "301", "--no-progress", "--out", str(out)])  # fewer real samples than search samples
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds 300 samples but a data objective on the search samples asks for 301" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    rc = main(["search", "--model", "builtin:toy2d-flow", "--nfe", "3", "--objective", "data-wasserstein", "--data",
                str(data), "--samples", "8", "--grid", "12", "--no-progress", "--out", str(out)])
     assert rc == 0
     capsys.readouterr()
