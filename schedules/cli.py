@@ -14,7 +14,9 @@ import argparse
 import re
 import shlex
 import sys
+import warnings
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from schedules.io import StepsmithError
 
@@ -202,6 +204,32 @@ def boundary_message(exc: BaseException, sub: argparse.ArgumentParser) -> str | 
     return None
 
 
+OUR_PACKAGES = ("schedules", "eval", "distill")  # the distribution's top-level packages, side by side
+
+
+def _ours(filename: str) -> bool:
+    """Whether a warning was issued from this distribution's code (not torch's, diffusers', ...)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rel = Path(filename).resolve().relative_to(root)
+    except (ValueError, OSError):
+        return False
+    return rel.parts[:1] in {(p,) for p in OUR_PACKAGES}
+
+
+def _warning_printer(command: str):
+    """``warnings.showwarning`` for a CLI run: stepsmith's own UserWarnings as one ``stepsmith CMD: warning:``
+    line (what the errors look like), every other warning as Python prints it."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and _ours(filename):
+            print(f"stepsmith {command}: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -212,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sub = _subparser(parser, args.command)
     try:
-        if getattr(args, "device", None) is not None:
-            check_device(args.device)
-        args.func(args)
+        with warnings.catch_warnings():  # restores showwarning afterwards (main is also called from tests)
+            warnings.showwarning = _warning_printer(args.command)
+            if getattr(args, "device", None) is not None:
+                check_device(args.device)
+            args.func(args)
     except KeyboardInterrupt:
         print(f"stepsmith {args.command}: interrupted (outputs are written atomically; nothing half-written)",
               file=sys.stderr)

@@ -59,3 +59,20 @@ def test_help_lists_subcommands():
     r = subprocess.run([sys.executable, "-m", "schedules.cli", "--help"], capture_output=True, text=True)
     for cmd in ("search", "sample", "eval", "distill"):
         assert cmd in r.stdout
+
+
+def test_warning_printer_formats_only_stepsmith_user_warnings(capsys, monkeypatch):
+    import warnings
+
+    import torch
+
+    import schedules.cli as cli
+
+    passed = []
+    monkeypatch.setattr(warnings, "showwarning", lambda *a: passed.append(a))
+    show = cli._warning_printer("eval")
+    show(UserWarning("few samples"), UserWarning, cli.__file__, 1)
+    show(UserWarning("from torch"), UserWarning, torch.__file__, 1)
+    show(DeprecationWarning("ours, not a UserWarning"), DeprecationWarning, cli.__file__, 1)
+    assert capsys.readouterr().err == "stepsmith eval: warning: few samples\n"
+    assert [str(a[0]) for a in passed] == ["from torch", "ours, not a UserWarning"]

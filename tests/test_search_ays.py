@@ -4,6 +4,7 @@ data handling (data samples, not teacher samples) and the final point replaced b
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -177,10 +178,15 @@ def test_ays_tables_valid_deterministic_and_every_evaluation_counts(conv, solver
 def test_data_changes_the_klub_and_teacher_is_a_labelled_fallback():
     ad = gaussian_adapter("vp", C, mean=0.2, dim=4)
     kw = dict(samples=8, draws=1, candidates=5, max_sweeps=2, teacher_steps=20)
-    fb = make_table(ad, "ays", 4, "ddim", **kw)  # a toy has no data: the teacher fallback, labelled
+    with pytest.warns(UserWarning, match="no data samples for the KLUB: it used the teacher's own outputs"):
+        fb = make_table(ad, "ays", 4, "ddim", **kw)  # a toy has no data: the teacher fallback, labelled and warned
     assert "teacher outputs" in fb.provenance["x0_source"] and "fallback" in fb.provenance["x0_source"]
     far = make_table(ad, "ays", 4, "ddim", data=_data(20, mean=3.0), **kw)
     assert far.provenance["klub"] != pytest.approx(fb.provenance["klub"], rel=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for explicitly: no warning
+        asked = make_table(ad, "ays", 4, "ddim", x0="teacher", **kw)
+    assert asked.sigmas == fb.sigmas
     with pytest.raises(StepsmithError, match="x0=teacher ignores"):
         make_table(ad, "ays", 4, "ddim", x0="teacher", data=_data(20), **kw)
     with pytest.raises(StepsmithError, match="needs data samples"):
@@ -244,3 +250,18 @@ def test_flow_interpolation_does_not_pin_the_second_node():
     assert out == pytest.approx([hi, 0.75 * hi, 0.5 * hi, 0.25 * hi, lo], rel=1e-5)
     pinned = conv.from_edm(torch.tensor(_to_count(init_nodes(fl, 41), 5), dtype=torch.float64)).tolist()
     assert pinned[1] > 0.95  # what the EDM-space rule would do
+
+
+def test_cli_prints_the_fallback_warning_as_one_stepsmith_line(tmp_path, capsys):
+    f = tmp_path / "m.py"  # a user's model file: no data is known for it
+    f.write_text("import torch\nfrom torch import nn\n\nclass Net(nn.Module):\n    def forward(self, x, t):\n"
+                 "        return 0.5 * x\n\nnet = Net()\n")
+    out = tmp_path / "t.json"
+    rc = main(["search", "--model", f"{f}:net", "--prediction", "flow", "--shape", "2", "--method", "ays", "--nfe", "3",
+               "--samples", "4", "--option", "draws=1", "--option", "candidates=3", "--option", "max_sweeps=1",
+               "--option", "teacher_steps=8", "--option", "levels=1", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0 and out.exists()
+    warned = [ln for ln in err.splitlines() if "warning:" in ln]
+    assert warned == [ln for ln in warned if ln.startswith("stepsmith search: warning: no data samples for the KLUB")]
+    assert len(warned) == 1 and "UserWarning" not in err

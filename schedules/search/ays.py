@@ -70,6 +70,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -374,6 +375,10 @@ def ays_table(adapter, nfe: int, solver: str = "euler", **options):
     return ays_tables(adapter, [nfe], solver, **options)[0]
 
 
+AYS_FALLBACK_WARNING = ("no data samples for the KLUB: it used the teacher's own outputs as x0 (recorded as x0_source); "
+                        "give data (--data FILE.safetensors|IMAGE_DIR) for Align Your Steps as published")
+
+
 def ays_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int = 64, seed: int = 0, progress: bool = False,
                draws: int = 2, candidates: int = 11, max_sweeps: int = 6, base: int = 11, last: str = "zero",
                early_stop: bool = True, teacher_steps: int = 100, c: float = 0.5, x0: str = "auto",
@@ -415,6 +420,8 @@ def ays_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int 
     score, oprov = make_scorer(objective_name, target, model_name=getattr(adapter, "name", None), features=features)
     if x_data is None:
         x_data, data_src = target.to(noise.dtype), f"teacher outputs ({teacher.name}) on the search noises (fallback)"
+        if x0 != "teacher":  # asked for data (x0="auto") and none is known: say so, the table is not the published AYS
+            warnings.warn(f"{AYS_FALLBACK_WARNING} (model {getattr(adapter, 'name', '?')})", UserWarning, stacklevel=2)
     klub = KLUB(adapter, x_data.to(noise.dtype), draws=draws, seed=seed, c=c)
 
     def to_sigmas(ts: list[float]) -> list[float]:
