@@ -60,7 +60,8 @@ def _read_prompts(path: str) -> tuple[str, ...]:
 
     f = Path(path)
     if not f.is_file():
-        raise StepsmithError(f"`prompts` file {path} does not exist", param="prompts")
+        raise StepsmithError(f"`prompts` file {path} does not exist; it takes a text file of prompts, one a line, "
+                             f"not the prompt itself (e.g. write {path!r} into prompts.txt)", param="prompts")
     prompts = tuple(line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
     if not prompts:
         raise StepsmithError(f"`prompts` file {path} holds no prompts (one a line)", param="prompts")

@@ -230,7 +230,7 @@ def test_cli_conditional_errors_exit_2_nothing_written(cond_folder, tmp_path, ca
     (["--classes", "0"], "unconditional"),
     (["--guidance", "2"], "unconditional"),
     (["--prompts", "PROMPTS"], "unconditional"),
-    (["--prompts", "MISSING"], "does not exist"),
+    (["--prompts", "MISSING"], "does not exist; it takes a text file of prompts, one a line, not the prompt itself"),
 ])
 def test_cli_unconditional_refuses_conditions(flow_folder_cond_free, tmp_path, capsys, extra, match):
     from schedules.cli import main

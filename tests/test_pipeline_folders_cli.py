@@ -70,3 +70,12 @@ def test_search_then_eval_on_a_saved_folder(request, which, prompts_file, tmp_pa
     assert "dp" in (out / "report.md").read_text()
     with Image.open(out / row["grid"]) as grid:  # VAE-decoded 16×16 RGB images (Flux: unpacked first), not latents
         assert grid.mode == "RGB" and min(grid.size) >= 16
+
+
+def test_flux_true_cfg_without_a_negative_prompt_names_the_flag(flux_folder, prompts_file, tmp_path, capsys):
+    out = tmp_path / "dp.json"
+    rc = main(["search", "--model", str(flux_folder), "--prompts", str(prompts_file), "--guidance", "3", *TEXT,
+               "--nfe", "2", "--samples", "2", "--grid", "6", "--no-progress", "--out", str(out)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("stepsmith")]  # not the loading bars
+    assert rc == 2 and not out.exists() and len(err) == 1
+    assert "true CFG (--guidance 3) needs a negative prompt (--negative-prompt;" in err[0]

@@ -90,9 +90,10 @@ def guidance_plan(pipe, conditioning: Conditioning, name: str, true_cfg_scale: A
     else:
         cfg_scale = 1.0 if true_cfg_scale is None else _scale(true_cfg_scale, "true_cfg_scale")
     if cfg_scale > 1.0 and conditioning.negative is None:
-        what = "--guidance" if not distilled else "true_cfg_scale"
-        raise StepsmithError(f"{name}: true CFG ({what} {cfg_scale:g}) needs a negative prompt (--negative); FluxPipeline "
-                             "has no default one" + ("" if distilled else " — or use guidance 1"), param="negative")
+        what = "`guidance`" if not distilled else "true_cfg_scale"  # backticked names become CLI flags there
+        raise StepsmithError(f"{name}: true CFG ({what} {cfg_scale:g}) needs a negative prompt (`negative_prompt`; "
+                             "Python: Conditioning(negative=...)); FluxPipeline has no default one"
+                             + ("" if distilled else " — or use guidance 1"), param="negative_prompt")
     return cfg_scale, (conditioning.guidance if distilled else None)
 
 
