@@ -11,6 +11,7 @@ the command line: every subcommand that writes a file takes it from there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shlex
 import sys
@@ -105,13 +106,37 @@ def _refuse_guidance_only(model, args: argparse.Namespace) -> None:
                          "(drop it)", param="guidance")
 
 
+@contextlib.contextmanager
+def _loading_bars(show: bool):
+    """diffusers' and transformers' loading progress bars off while a pipeline loads under ``--no-progress``
+    (each library's own switch, restored afterwards)."""
+    if show:
+        yield
+        return
+    import importlib
+    import importlib.util
+
+    mods = [importlib.import_module(f"{lib}.utils.logging") for lib in ("diffusers", "transformers")
+            if importlib.util.find_spec(lib) is not None]  # transformers is optional (text-to-image pipelines)
+    was = [(m, m.is_progress_bar_enabled()) for m in mods]
+    for m, _ in was:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, on in was:
+            if on:
+                m.enable_progress_bar()
+
+
 def model_from_args(args: argparse.Namespace):
     from schedules.adapters import load_model
 
     cond = conditioning_from_args(args)
-    model = load_model(args.model, prediction=args.prediction, shape=args.shape,
-                       scheduler_config=args.scheduler_config, weights=args.weights, device=args.device,
-                       conditioning=cond, null_class=getattr(args, "null_class", None))
+    with _loading_bars(not getattr(args, "no_progress", False)):
+        model = load_model(args.model, prediction=args.prediction, shape=args.shape,
+                           scheduler_config=args.scheduler_config, weights=args.weights, device=args.device,
+                           conditioning=cond, null_class=getattr(args, "null_class", None))
     _refuse_guidance_only(model, args)
     return model
 
