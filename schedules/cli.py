@@ -113,7 +113,6 @@ def _loading_bars(show: bool):
     if show:
         yield
         return
-    import importlib
     import importlib.util
 
     mods = [importlib.import_module(f"{lib}.utils.logging") for lib in ("diffusers", "transformers")
@@ -240,7 +239,7 @@ def _ours(filename: str) -> bool:
         rel = Path(filename).resolve().relative_to(root)
     except (ValueError, OSError):
         return False
-    return rel.parts[:1] in {(p,) for p in OUR_PACKAGES}
+    return bool(rel.parts) and rel.parts[0] in OUR_PACKAGES
 
 
 def _warning_printer(command: str):
