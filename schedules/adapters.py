@@ -316,7 +316,7 @@ def registered_pipeline(folder: Path) -> str | None:
 
 
 def _load_pipeline(folder: Path, cls: str, name: str, conditioning, null_class: int | None, prediction: str | None,
-                   shape, scheduler_config) -> ModelAdapter:
+                   shape, scheduler_config, pipeline_options: dict[str, Any]) -> ModelAdapter:
     """A registered pipeline folder → ``DiffusionPipeline.from_pretrained`` → its pipeline adapter."""
     if shape is not None:
         raise StepsmithError(f"{folder} is a {cls} folder: its latent shape follows from the image size — drop "
@@ -344,7 +344,7 @@ def _load_pipeline(folder: Path, cls: str, name: str, conditioning, null_class: 
     except ImportError as exc:
         raise StepsmithError(f"cannot load the {cls} pipeline from {folder}: {exc} (pip install 'stepsmith[t2i]')") from None
     pipe.set_progress_bar_config(disable=True)
-    options = {} if null_class is None else {"null_class": null_class}
+    options = {**pipeline_options, **({} if null_class is None else {"null_class": null_class})}
     adapter = adapter_from_pipeline(pipe, conditioning, name=name, **options)
     if prediction is not None and prediction != adapter.prediction:
         raise StepsmithError(f"{folder}/scheduler says prediction {adapter.prediction!r} but `prediction` "
@@ -502,13 +502,16 @@ def _spec_text(spec: Any) -> str:
 def load_model(spec: str | os.PathLike, *, prediction: str | None = None, shape: str | tuple[int, ...] | None = None,
                scheduler_config: str | Path | None = None, weights: str | Path | None = None,
                device: str | torch.device = "cpu", probe: bool = True, conditioning=None,
-               null_class: int | None = None) -> ModelAdapter:
+               null_class: int | None = None, pipeline_options: dict[str, Any] | None = None) -> ModelAdapter:
     """Resolve a model spec (``builtin:NAME``, diffusers folder, ``file.py:attr``) to an adapter.
 
     A class-conditional network (a ``UNet2DModel`` with ``num_class_embeds``) needs a
     :class:`~schedules.conditioning.Conditioning` (class labels, guidance; the null label is the
     last embedding unless ``null_class`` says otherwise) and comes back as a
     :class:`~schedules.conditioning.ConditionalAdapter`; an unconditional one refuses a conditioning.
+
+    ``pipeline_options`` go to the pipeline adapter of a pipeline folder (SD3 / Flux ``max_sequence_length``,
+    Flux ``true_cfg_scale``: :mod:`schedules.pipeline_adapters`); other models refuse them.
 
     With ``probe`` the model is run once on two samples, so a wrong ``shape`` or time
     convention fails here with a clear message instead of deep inside a search.
@@ -531,7 +534,7 @@ def load_model(spec: str | os.PathLike, *, prediction: str | None = None, shape:
         pipeline_cls = registered_pipeline(Path(spec))
         if pipeline_cls is not None:
             adapter = _load_pipeline(Path(spec), pipeline_cls, spec, conditioning, null_class, prediction, shape,
-                                     scheduler_config)
+                                     scheduler_config, pipeline_options or {})
             built_from_pipeline = True
         else:
             adapter = _load_diffusers(Path(spec), spec, prediction, shape, scheduler_config)
@@ -544,6 +547,10 @@ def load_model(spec: str | os.PathLike, *, prediction: str | None = None, shape:
         )
     from schedules.conditioning import conditional_from
 
+    if pipeline_options and not built_from_pipeline:
+        first = sorted(pipeline_options)[0]
+        raise StepsmithError(f"`{first}` is an option of SD3 / Flux pipeline folders; {spec} is not one (drop it)",
+                             param=first)
     if not built_from_pipeline:  # a pipeline adapter is conditioned when it is built
         adapter = conditional_from(adapter, conditioning, null_class)
     adapter.module.to(device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import re
 import shlex
 import sys
@@ -54,6 +55,12 @@ def add_conditioning_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--height", type=int, default=None, help="image height in pixels (text-to-image pipelines; "
                                                             "default: the pipeline's)")
     g.add_argument("--width", type=int, default=None, help="image width in pixels (default: the pipeline's)")
+    g.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                   help="T5 prompt tokens of SD3 / Flux pipelines (default: the pipeline's, 256 / 512; Flux schnell "
+                        "is run at 256) — the table records it: pass the same max_sequence_length to the pipeline")
+    g.add_argument("--true-cfg-scale", type=float, default=None, metavar="W",
+                   help="Flux with a guidance embedding (dev): true CFG on top of the embedded --guidance, as the "
+                        "pipeline's true_cfg_scale (needs --negative-prompt)")
 
 
 def _read_prompts(path: str) -> tuple[str, ...]:
@@ -106,6 +113,27 @@ def _refuse_guidance_only(model, args: argparse.Namespace) -> None:
                          "(drop it)", param="guidance")
 
 
+class _ImageProcessorFallback(logging.Filter):
+    """Drops transformers' notice that a pipeline's ``CLIPImageProcessor`` falls back to its PIL twin without
+    torchvision. stepsmith never calls that processor (it feeds the safety checker, which stepsmith does not run),
+    the fallback is correct, and its advice to install torchvision is wrong beside a CPU torch: the torchvision
+    wheels an index resolves for it can break ``import diffusers``. Every other transformers message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_image_processor_fallback():
+    logger = logging.getLogger("transformers.utils.import_utils")
+    f = _ImageProcessorFallback()
+    logger.addFilter(f)
+    try:
+        yield
+    finally:
+        logger.removeFilter(f)
+
+
 @contextlib.contextmanager
 def _loading_bars(show: bool):
     """diffusers' and transformers' loading progress bars off while a pipeline loads under ``--no-progress``
@@ -128,14 +156,19 @@ def _loading_bars(show: bool):
                 m.enable_progress_bar()
 
 
+PIPELINE_OPTIONS = ("max_sequence_length", "true_cfg_scale")  # CLI flags passed to the pipeline adapter as they are
+
+
 def model_from_args(args: argparse.Namespace):
     from schedules.adapters import load_model
 
     cond = conditioning_from_args(args)
-    with _loading_bars(not getattr(args, "no_progress", False)):
+    options = {k: getattr(args, k) for k in PIPELINE_OPTIONS if getattr(args, k, None) is not None}
+    with _loading_bars(not getattr(args, "no_progress", False)), _quiet_image_processor_fallback():
         model = load_model(args.model, prediction=args.prediction, shape=args.shape,
                            scheduler_config=args.scheduler_config, weights=args.weights, device=args.device,
-                           conditioning=cond, null_class=getattr(args, "null_class", None))
+                           conditioning=cond, null_class=getattr(args, "null_class", None),
+                           pipeline_options=options)
     _refuse_guidance_only(model, args)
     return model
 

@@ -98,8 +98,9 @@ def _check_guidance(w: Any) -> float:
 
 # ``extra`` entries a table's conditioning block and fingerprint record: Flux's embedded (distilled) guidance, the
 # dynamic-shift μ and image sequence length of the resolution (SD3/Flux schedules depend on them), and SDXL's
-# negative branch of zeros (no negative prompt under force_zeros_for_empty_prompt: not the encoded "")
-RECORDED_EXTRA = ("distilled_guidance", "mu", "image_seq_len", "negative_embeds")
+# negative branch of zeros (no negative prompt under force_zeros_for_empty_prompt: not the encoded ""); SD3 / Flux's
+# T5 prompt length (the padding tokens are attended, so it changes the network call)
+RECORDED_EXTRA = ("distilled_guidance", "mu", "image_seq_len", "negative_embeds", "max_sequence_length")
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,21 @@ def test_help_lists_subcommands():
         assert cmd in r.stdout
 
 
+def test_only_the_image_processor_fallback_notice_of_transformers_is_dropped(caplog):
+    import logging
+
+    from schedules.cli import _quiet_image_processor_fallback
+
+    log = logging.getLogger("transformers.utils.import_utils")
+    notice = ("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` for "
+              "backward compatibility. Install torchvision to use the default backend")
+    with caplog.at_level(logging.WARNING), _quiet_image_processor_fallback():
+        log.warning(notice)
+        log.warning("Could not import module 'X'")
+    log.warning(notice)  # the filter is gone after the pipeline loaded
+    assert [r.getMessage() for r in caplog.records] == ["Could not import module 'X'", notice]
+
+
 def test_warning_printer_formats_only_stepsmith_user_warnings(capsys, monkeypatch):
     import warnings
 

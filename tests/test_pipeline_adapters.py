@@ -161,7 +161,7 @@ def test_micro_batches_give_the_same_samples(sd_pipe):
     ("sd", None, {}, "--prompts"),
     ("sd", Conditioning(labels=(1,)), {}, "not class labels"),
     ("sd", Conditioning(prompts=PROMPTS, height=12, width=16), {}, "multiple of 8"),
-    ("sd", Conditioning(prompts=PROMPTS), {"null_class": 3}, "takes no null_class"),
+    ("sd", Conditioning(prompts=PROMPTS), {"null_class": 3}, "takes no `null_class`"),
     ("sdxl", Conditioning(prompts=PROMPTS, height=16, width=20), {}, "multiple of 8"),
     ("dit", Conditioning(prompts=PROMPTS), {}, "not prompts"),
     ("dit", None, {}, "--classes"),

@@ -193,9 +193,10 @@ def test_default_sizes_are_the_pipelines(sd3_pipe, flux_pipe):
     ("sd3", Conditioning(prompts=PROMPTS, height=17, width=16), {}, "multiple of 2"),
     ("flux", Conditioning(prompts=PROMPTS, height=16, width=18), {}, "multiple of 4"),
     ("flux", Conditioning(prompts=PROMPTS, guidance=4.0), {}, "negative prompt"),
-    ("flux", Conditioning(prompts=PROMPTS, guidance=4.0, negative="dog"), {"true_cfg_scale": 4.0}, "--guidance"),
+    ("flux", Conditioning(prompts=PROMPTS, guidance=4.0, negative="dog"), {"true_cfg_scale": 4.0},
+     "as `guidance`, not `true_cfg_scale`"),
     ("flux_dev", Conditioning(prompts=PROMPTS, guidance=3.5), {"true_cfg_scale": 2.0}, "negative prompt"),
-    ("sd3", Conditioning(prompts=PROMPTS), {"null_class": 3}, "takes no null_class"),
+    ("sd3", Conditioning(prompts=PROMPTS), {"null_class": 3}, "takes no `null_class`"),
     ("flux", Conditioning(prompts=PROMPTS), {"max_sequence_length": 0}, "max_sequence_length"),
 ])
 def test_bad_input_is_refused(request, which, cond, options, match):

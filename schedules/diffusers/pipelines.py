@@ -169,16 +169,17 @@ def _table_key(table: TimestepTable) -> str:
 
 
 def _setting_mismatch(table: TimestepTable, settings: dict[str, Any]) -> list[str]:
-    """The call's guidance / height / width that differ from those the table was searched for."""
+    """The call's guidance / height / width / T5 length that differ from those the table was searched for."""
     block = table.conditioning or {}
-    names = {"guidance_scale": "guidance", "height": "height", "width": "width"}
+    names = {"guidance_scale": "guidance", "height": "height", "width": "width",
+             "max_sequence_length": "max_sequence_length"}
     return [f"{k} {v:g} (table: {block[names[k]]:g})" for k, v in settings.items()
             if v is not None and block.get(names[k]) is not None and float(v) != float(block[names[k]])]
 
 
 def pipeline_kwargs(table: TimestepTable | str | Path | dict, pipe, *, swap: bool = True,
                     allow_other_model: bool = False, guidance_scale: float | None = None, height: int | None = None,
-                    width: int | None = None) -> dict[str, Any]:
+                    width: int | None = None, max_sequence_length: int | None = None) -> dict[str, Any]:
     """Keyword arguments that make ``pipe(..., **kwargs)`` run exactly ``table``.
 
     * Pipelines taking ``sigmas=``/``timesteps=`` (SD, SDXL, SD3, Flux, stepsmith's
@@ -195,13 +196,14 @@ def pipeline_kwargs(table: TimestepTable | str | Path | dict, pipe, *, swap: boo
     calling this before every generation costs well under a millisecond. ``table`` may also be
     the path of a table JSON file or a table dict.
 
-    ``guidance_scale`` / ``height`` / ``width``, when given, are returned among the kwargs and
-    compared with the setting the table was searched for (its ``conditioning`` block): a
-    different one gets a ``UserWarning`` — the steps stay valid, but were not optimised for it
-    (for SD3/Flux the resolution also changes the dynamic shift μ).
+    ``guidance_scale`` / ``height`` / ``width`` / ``max_sequence_length`` (SD3 / Flux), when given, are
+    returned among the kwargs and compared with the setting the table was searched for (its
+    ``conditioning`` block): a different one gets a ``UserWarning`` — the steps stay valid, but were not
+    optimised for it (for SD3/Flux the resolution also changes the dynamic shift μ).
     """
     table = as_table(table)
-    settings = {"guidance_scale": guidance_scale, "height": height, "width": width}
+    settings = {"guidance_scale": guidance_scale, "height": height, "width": width,
+                "max_sequence_length": max_sequence_length}
     mismatch = _setting_mismatch(table, settings)
     if mismatch:
         warnings.warn(f"{table.method} table searched for another setting: {', '.join(mismatch)}; search one for "

@@ -84,13 +84,13 @@ def guidance_plan(pipe, conditioning: Conditioning, name: str, true_cfg_scale: A
     distilled = bool(pipe.transformer.config.get("guidance_embeds", False))
     if not distilled:
         if true_cfg_scale is not None:
-            raise StepsmithError(f"{name} has no guidance embedding: its guidance IS true CFG — give it as --guidance, "
-                                 "not true_cfg_scale", param="true_cfg_scale")
+            raise StepsmithError(f"{name} has no guidance embedding: its guidance IS true CFG — give it as `guidance`, "
+                                 "not `true_cfg_scale`", param="true_cfg_scale")
         cfg_scale = conditioning.guidance
     else:
         cfg_scale = 1.0 if true_cfg_scale is None else _scale(true_cfg_scale, "true_cfg_scale")
     if cfg_scale > 1.0 and conditioning.negative is None:
-        what = "`guidance`" if not distilled else "true_cfg_scale"  # backticked names become CLI flags there
+        what = "`guidance`" if not distilled else "`true_cfg_scale`"  # backticked names become CLI flags there
         raise StepsmithError(f"{name}: true CFG ({what} {cfg_scale:g}) needs a negative prompt (`negative_prompt`; "
                              "Python: Conditioning(negative=...)); FluxPipeline has no default one"
                              + ("" if distilled else " — or use guidance 1"), param="negative_prompt")
@@ -139,7 +139,7 @@ def build(pipe, conditioning: Conditioning | None, *, name: str, max_sequence_le
     img_ids = pipe._prepare_latent_image_ids(1, height // (2 * f), width // (2 * f), pipe._execution_device,
                                              text_ids.dtype)
     conv, pred, sched = flow_convention(pipe, name, "Flux")
-    extra = {**conditioning.extra, **dynamic_mu(sched, shape[0])}
+    extra = {**conditioning.extra, **dynamic_mu(sched, shape[0]), "max_sequence_length": max_len}  # T5 padding is attended
     if embedded is not None:
         extra["distilled_guidance"] = embedded
     cond = Conditioning(prompts=conditioning.prompts, negative=conditioning.negative, guidance=cfg_scale,

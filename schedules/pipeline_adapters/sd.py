@@ -43,11 +43,18 @@ def prompt_conditioning(conditioning: Conditioning | None, name: str) -> Conditi
     return conditioning
 
 
+# who takes the options a prompt pipeline refuses (the error says where they belong)
+OPTION_OWNERS = {"null_class": " (it is conditioned on prompts, not class labels)",
+                 "max_sequence_length": " (only SD3 and Flux pipelines encode prompts with T5)",
+                 "true_cfg_scale": " (only Flux with a guidance embedding has a true CFG apart from its guidance)"}
+
+
 def refuse_options(options: dict[str, Any], name: str) -> None:
     """Options a prompt pipeline does not take (e.g. ``null_class``) are refused, not ignored."""
     bad = sorted(k for k, v in options.items() if v is not None)
     if bad:
-        raise StepsmithError(f"{name} takes no {', '.join(bad)} (it is conditioned on prompts)", param=bad[0])
+        why = OPTION_OWNERS.get(bad[0], "")
+        raise StepsmithError(f"{name} takes no `{bad[0]}`{why}", param=bad[0])
 
 
 def vae_scale_factor(pipe) -> int:

@@ -75,7 +75,7 @@ def build(pipe, conditioning: Conditioning | None, *, name: str, max_sequence_le
     shape = (int(pipe.transformer.config.in_channels), height // f, width // f)
     encoded = encode(pipe, conditioning, max_len)
     conv, pred, cfg = flow_convention(pipe, name, "SD3")
-    extra = dict(conditioning.extra)
+    extra = {**conditioning.extra, "max_sequence_length": max_len}  # T5 padding is attended: part of the call
     if cfg.get("use_dynamic_shifting"):
         extra.update(dynamic_mu(cfg, (shape[1] // p) * (shape[2] // p)))
     cond = Conditioning(prompts=conditioning.prompts,
