@@ -56,7 +56,7 @@ def _str_list(text: str) -> list[str]:
 
 
 def register(sub) -> None:
-    from schedules.cli import add_model_args
+    from schedules.cli import add_model_args, add_progress_arg
 
     p = sub.add_parser(
         "eval", help="score tables or methods across NFE: FID/KID/Wasserstein/teacher MSE, plots, grids",
@@ -107,6 +107,7 @@ def register(sub) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute real statistics")
     p.add_argument("--allow-other-model", action="store_true",
                    help="score --tables searched for another model (e.g. the same model copied elsewhere)")
+    add_progress_arg(p)
     p.set_defaults(func=run)
 
 
@@ -139,6 +140,7 @@ def sweep_config(args: argparse.Namespace):
         search_seed=args.search_seed, search_samples=args.search_samples, command=args.invocation,
         search_options=dict(args.option) or None, bounds=args.bounds, save_bounds=args.save_bounds,
         allow_other_model=args.allow_other_model, guidance=args.guidance, clip_model=args.clip_model,
+        progress=not args.no_progress,
     )
 
 

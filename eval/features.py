@@ -31,7 +31,8 @@ INCEPTION_HELP = (
     "Inception FID needs (1) the optional extra `pip install 'stepsmith[inception]'` (torch-fidelity plus a "
     "torchvision wheel built for your torch) and (2) the weights file on disk: pass --inception-weights "
     f"PATH/{INCEPTION_FILE} or copy it into $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints). "
-    "stepsmith never downloads weights. Offline, use --features digits-features or your own nn.Module"
+    "stepsmith never downloads weights. Offline, use --features digits-features (embedded models) or your own "
+    "nn.Module as --features path/to/file.py:attr"
 )
 
 

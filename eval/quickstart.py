@@ -114,6 +114,8 @@ def fid_table(report: dict[str, Any]) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from schedules.cli import add_progress_arg
+
     p = sub.add_parser("quickstart", help="the main job on the embedded default: search → diffusers pipeline → FID table",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin:digits-flow", help="a builtin flow model or a FlowMatch pipeline folder")
@@ -122,6 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=int, default=512, help="evaluation samples per cell")
     p.add_argument("--search-samples", type=int, default=32)
     p.add_argument("--out", default="runs/quickstart")
+    add_progress_arg(p)
     p.set_defaults(func=_run)
 
 
@@ -131,7 +134,8 @@ def _run(args: argparse.Namespace) -> None:
     except ValueError:
         raise StepsmithError(f"--nfe {args.nfe!r}: give comma-separated integers, e.g. 4,6,8") from None
     report = run_quickstart(args.out, model=args.model, nfe=nfe, methods=tuple(args.methods.split(",")), num=args.num,
-                            search_samples=args.search_samples, command=args.invocation)
+                            search_samples=args.search_samples, progress=not args.no_progress,
+                            command=args.invocation)
     q = report["quickstart"]
     print(f"\nFID (digits-features, N={args.num}, held-out seed {report['eval_seed']}) — samples drawn by "
           f"{q['pipeline']} with the plugged tables; lower is better\n")

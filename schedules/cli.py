@@ -41,6 +41,12 @@ def add_model_args(p: argparse.ArgumentParser, conditional: bool = False) -> Non
         add_conditioning_args(p)
 
 
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    """``--no-progress``, the same flag on every command: no progress bars (a pipeline's loading bars included)."""
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (also none of diffusers' / transformers' while a pipeline loads)")
+
+
 def add_conditioning_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("conditioning (conditional models)")
     g.add_argument("--classes", default=None,

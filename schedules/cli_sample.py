@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from schedules.cli import add_model_args, model_from_args
+from schedules.cli import add_model_args, add_progress_arg, model_from_args
 from schedules.io import StepsmithError, check_output_path
 
 
@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-tensor", default=None, help="also save the samples as safetensors")
     p.add_argument("--allow-other-model", action="store_true",
                    help="use a --table searched for another model (e.g. the same model copied elsewhere)")
+    add_progress_arg(p)
     p.set_defaults(func=run)
 
 
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> None:
     noise = model.noise(args.num, args.seed)
     t0 = time.perf_counter()
     if args.reference:
-        x = reference_sample(model, noise, progress=True)
+        x = reference_sample(model, noise, progress=not args.no_progress)
         label = "reference"
     else:
         if table is not None:
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> None:
         else:
             solver = args.solver or "euler"
             table = uniform(model, 16 if args.nfe is None else args.nfe, solver)
-        x = sample_table(model, noise, table, solver, progress=True)  # olss tables replay their coefficients
+        x = sample_table(model, noise, table, solver, progress=not args.no_progress)  # olss tables replay their coefficients
         label = f"{table.method} {solver} NFE {get_solver(solver).nfe(table.steps)}"
     seconds = time.perf_counter() - t0
     ref = None

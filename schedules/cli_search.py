@@ -70,7 +70,7 @@ def _check_folder(out: str, overwrite: bool) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from schedules.cli import add_model_args
+    from schedules.cli import add_model_args, add_progress_arg
 
     p = sub.add_parser("search", help="search (or generate) a timestep table",
                        description="Search a timestep table for a model, solver and NFE budget, or generate a "
@@ -106,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "embedded models default to their own data); --objective data-*: the real data compared with "
                         "(.safetensors tensor [N, ...] in the model's range, or a folder of PNG/JPEG images, scaled to "
                         "[-1, 1] and resized to the model's size; at least --samples of them)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_arg(p)
     p.add_argument("--out", required=True, help="JSON table to write (several budgets: the folder to write)")
     p.set_defaults(func=run)
 

@@ -91,3 +91,26 @@ def test_warning_printer_formats_only_stepsmith_user_warnings(capsys, monkeypatc
     show(DeprecationWarning("ours, not a UserWarning"), DeprecationWarning, cli.__file__, 1)
     assert capsys.readouterr().err == "stepsmith eval: warning: few samples\n"
     assert [str(a[0]) for a in passed] == ["from torch", "ours, not a UserWarning"]
+
+
+def test_every_long_running_command_takes_no_progress(tmp_path, capsys):
+    from schedules.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name in ("quickstart", "search", "sample", "eval", "distill"):
+        assert "--no-progress" in commands[name].format_help(), name
+
+    def stderr_of(argv):
+        capsys.readouterr()
+        assert main(argv) == 0
+        return capsys.readouterr().err
+
+    sample = ["sample", "--model", "builtin:toy2d-flow", "--nfe", "2", "--num", "8", "--out", str(tmp_path / "s.png")]
+    bar = stderr_of(sample)
+    assert "it/s" in bar or "s/it" in bar  # the bar is there by default
+    assert stderr_of([*sample, "--no-progress"]) == ""
+    ev = ["eval", "--model", "builtin:toy2d-flow", "--methods", "uniform", "--nfe", "2", "--num", "16",
+          "--metric", "wasserstein", "--no-teacher", "--grid", "0", "--no-cache"]
+    assert "eval sweep" in stderr_of([*ev, "--out", str(tmp_path / "e1")])
+    assert stderr_of([*ev, "--no-progress", "--out", str(tmp_path / "e2")]) == ""
