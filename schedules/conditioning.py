@@ -222,6 +222,10 @@ def parse_classes(text: str) -> tuple[int, ...] | str:
 # --------------------------------------------------------------------------- table validity
 
 
+def _setting(v: Any) -> str:
+    return repr(v) if isinstance(v, str) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def conditioning_mismatch(block: dict | None, cond: Conditioning | None) -> str | None:
     """Why a table's ``conditioning`` block does not fit ``cond`` (None when it fits or says nothing)."""
     if block is None:
@@ -232,7 +236,13 @@ def conditioning_mismatch(block: dict | None, cond: Conditioning | None) -> str 
     if block.get("guidance") is not None and float(block["guidance"]) != cond.guidance:
         why.append(f"guidance {block['guidance']:g} (this run: {cond.guidance:g})")
     if block.get("fingerprint") is not None and block["fingerprint"] != cond.fingerprint() and not why:
-        why.append(f"another condition set (fingerprint {block['fingerprint']} vs {cond.fingerprint()})")
+        now = cond.describe()  # the recorded settings that differ, by name; else the condition set itself
+        named = [k for k in sorted(set(block) & set(now))
+                 if k not in ("fingerprint", "guidance", "conditions") and block[k] != now[k]]
+        why = [f"{k} {_setting(block[k])} (this run: {_setting(now[k])})" for k in named]
+        # prompts are recorded by fingerprint only: a fingerprint the named settings may not explain
+        if "classes" not in named and (not named or block.get("conditions", now["conditions"]) != now["conditions"]):
+            why.append(f"another condition set (fingerprint {block['fingerprint']} vs {cond.fingerprint()})")
     return ("the table was searched for " + "; ".join(why)) if why else None
 
 

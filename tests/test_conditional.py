@@ -299,3 +299,26 @@ def test_dit_and_text_pipelines_get_a_clear_not_supported_error(tmp_path):
     with pytest.raises(StepsmithError, match="PixArtAlphaPipeline pipeline with a DiTTransformer2DModel is not supported"
                                              ".*UNet2DModel.*DiTPipeline.*register_pipeline"):
         load_model(str(tmp_path), conditioning=Conditioning(labels=(0,), guidance=4))
+
+
+def test_a_mismatch_names_the_recorded_settings_that_differ():
+    from schedules.conditioning import conditioning_mismatch
+
+    searched = Conditioning(prompts=("a cat",), negative="dog", guidance=3.0, height=16, width=16,
+                            extra={"max_sequence_length": 256})
+    block = searched.describe()
+    assert conditioning_mismatch(block, searched) is None
+    msg = conditioning_mismatch(block, Conditioning(prompts=("a cat",), negative="dog", guidance=3.0, height=16,
+                                                     width=32, extra={"max_sequence_length": 512}))
+    assert msg == "the table was searched for max_sequence_length 256 (this run: 512); width 16 (this run: 32)"
+    msg = conditioning_mismatch(block, Conditioning(prompts=("a cat",), negative="bird", guidance=3.0, height=16,
+                                                     width=16, extra={"max_sequence_length": 256}))
+    assert msg == "the table was searched for negative 'dog' (this run: 'bird')"
+    other = Conditioning(prompts=("a cat", "a dog"), negative="bird", guidance=3.0, height=16, width=16,
+                         extra={"max_sequence_length": 256})  # the prompts differ too: only the fingerprint says so
+    assert conditioning_mismatch(block, other) == ("the table was searched for negative 'dog' (this run: 'bird'); "
+                                                   f"another condition set (fingerprint {block['fingerprint']} vs "
+                                                   f"{other.fingerprint()})")
+    msg = conditioning_mismatch(Conditioning(labels=(0, 1), guidance=2.0).describe(),
+                                Conditioning(labels=(0, 1, 2), guidance=2.0))
+    assert msg == "the table was searched for classes [0, 1] (this run: [0, 1, 2])"
