@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -76,6 +77,31 @@ def test_resume_after_kill_gives_same_result(tmp_path):
     # a checkpoint from another search is refused
     with pytest.raises(StepsmithError, match="another search"):
         make_table(ad, "evolution", 5, "ddim", checkpoint=str(ck), **opts)
+
+
+def test_a_checkpoint_holds_only_for_its_conditioning_and_data(tmp_path, monkeypatch):
+    """Its fitness values were measured under one guidance (and, for a data objective, one data set): a search
+    at another guidance or on other data refuses the checkpoint instead of resuming from stale fitness values."""
+    from schedules import load_model
+    from schedules.conditioning import Conditioning
+    from schedules.search import objectives
+
+    opts = dict(samples=4, grid=20, population=4, generations=1, elite=2)
+    ck = tmp_path / "cond.json"
+    at = {w: load_model("builtin:digits-cond", conditioning=Conditioning(labels="all", guidance=w)) for w in (2.0, 3.0)}
+    first = make_table(at[2.0], "evolution", 4, "euler", checkpoint=str(ck), **opts)
+    assert make_table(at[2.0], "evolution", 4, "euler", checkpoint=str(ck), **opts).objective == first.objective
+    with pytest.raises(StepsmithError, match="another search"):
+        make_table(at[3.0], "evolution", 4, "euler", checkpoint=str(ck), **opts)
+
+    monkeypatch.setattr(objectives, "_USER_DATA", {})
+    ad = gaussian_adapter("flow", 0.3, dim=2)
+    ck = tmp_path / "data.json"
+    objectives.register_data(ad.name, torch.randn(64, 2, generator=torch.Generator().manual_seed(1)))
+    make_table(ad, "evolution", 4, "euler", objective="data-wasserstein", checkpoint=str(ck), **opts)
+    objectives.register_data(ad.name, torch.randn(64, 2, generator=torch.Generator().manual_seed(2)) + 1)
+    with pytest.raises(StepsmithError, match="another search"):
+        make_table(ad, "evolution", 4, "euler", objective="data-wasserstein", checkpoint=str(ck), **opts)
 
 
 def test_evolution_table_deterministic_and_valid():

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from schedules.baselines import BASELINES, steps_for
@@ -143,8 +144,8 @@ def read_checkpoint(ckpt: Path, config_key: str) -> dict | None:
         raise StepsmithError(f"checkpoint {ckpt} is corrupt or not an evolution checkpoint; delete it to start "
                              "over", param="checkpoint")
     if state.get("config_key") != config_key:
-        raise StepsmithError(f"checkpoint {ckpt} belongs to another search (model/nfe/solver/seed/options); "
-                             "delete it or choose another checkpoint path", param="checkpoint")
+        raise StepsmithError(f"checkpoint {ckpt} belongs to another search (model, conditioning, nfe, solver, seed, "
+                             "options or data); delete it or choose another checkpoint path", param="checkpoint")
     return state
 
 
@@ -331,9 +332,20 @@ def _resumed_cost(spent: Callable[[], dict], earlier: dict) -> dict:
 
 
 def _config_key(adapter, nfe: int, solver: str, **options) -> str:
-    """What a checkpoint must match to be resumed: the model, the budget and every search option."""
-    src = json.dumps({"model": adapter.name, "nfe": nfe, "solver": solver, **options}, sort_keys=True)
+    """What a checkpoint must match to be resumed: the model, its conditioning (condition set, guidance, size, ...:
+    the fitness values in a checkpoint hold only for them), the budget and every search option."""
+    cond = getattr(adapter, "conditioning", None)
+    extra = {} if cond is None else {"conditioning": cond.describe()}
+    src = json.dumps({"model": adapter.name, "nfe": nfe, "solver": solver, **extra, **options}, sort_keys=True)
     return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def _data_key(model_name: str) -> str:
+    """A data objective's real data, by content (its fitness values hold for that data only)."""
+    from schedules.search.objectives import model_data
+
+    x = model_data(model_name)[0].detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha256(json.dumps(list(x.shape)).encode() + x.numpy().tobytes()).hexdigest()[:16]
 
 
 def evolution_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, seed: int = 0,
@@ -367,7 +379,8 @@ def evolution_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 
     key = _config_key(adapter, nfe, solver, seed=seed, samples=samples, grid=n, kind=grid_kind, population=population,
                       generations=generations, elite=elite, pm=p_mutation, pc=p_crossover, fix_start=fix_start,
                       custom_fitness=fitness is not None,
-                      **({} if objective == "teacher-mse" else {"objective": objective, "features": fname}))
+                      **({} if objective == "teacher-mse" else {"objective": objective, "features": fname}),
+                      **({"data": _data_key(adapter.name)} if objective.startswith("data-") else {}))
     earlier = _earlier_cost(checkpoint, key)
     spent = _cost_counter(adapter, earlier)
     t0 = time.perf_counter()
