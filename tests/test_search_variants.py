@@ -177,6 +177,27 @@ def test_cli_interp_refuses_another_model(tmp_path, capsys):
     assert rc == 2 and not bad.exists() and "toy2d-flow" in capsys.readouterr().err
 
 
+def test_interp_keeps_the_conditioning_and_seed_of_its_source():
+    """An interpolated table was searched where its source was: it keeps the source's conditioning block, seed
+    and samples (not this run's), warns when this run's guidance differs, and a baseline source stays unconditioned."""
+    import warnings
+
+    from schedules import load_model
+    from schedules.conditioning import Conditioning
+
+    at = {w: load_model("builtin:digits-cond", conditioning=Conditioning(labels="all", guidance=w)) for w in (3.0, 5.0)}
+    src = make_table(at[3.0], "dp", 4, "euler", samples=4, seed=7, grid=12, candidates=2, max_sweeps=1)
+    with pytest.warns(UserWarning, match=r"guidance 3 \(this run: 5\)"):
+        t = make_table(at[5.0], "interp", 6, "euler", source=src)
+    assert t.conditioning == src.conditioning and t.conditioning["guidance"] == 3.0
+    assert (t.provenance["seed"], t.provenance["samples"]) == (7, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert make_table(at[3.0], "interp", 6, "euler", source=src).conditioning == src.conditioning
+        base = make_table(at[5.0], "interp", 6, "euler", source=make_table(at[5.0], "karras", 4, "euler"))
+    assert base.conditioning is None  # a baseline holds for any guidance, and so does its interpolation
+
+
 # --------------------------------------------------------------------------- iPNDM
 
 

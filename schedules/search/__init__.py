@@ -135,6 +135,9 @@ def make_table(adapter, method: str, nfe: int, solver: str = "euler", *, samples
                             model_calls=getattr(adapter, "calls", 0) - calls0)
 
 
+CARRY_SOURCE_CONDITIONING = ("interp",)  # methods whose steps come from a source table, valid for what it is valid for
+
+
 def _finish_searched(table: TimestepTable, adapter, *, seed: int, samples: int, solver: str, t0: float,
                      model_calls: int | None = None) -> TimestepTable:
     """What every searched table records: seed, samples, solver, seconds, its final jump, and the
@@ -148,7 +151,7 @@ def _finish_searched(table: TimestepTable, adapter, *, seed: int, samples: int, 
     prov.setdefault("seconds", round(time.perf_counter() - t0, 3))
     prov.setdefault("final_jump", table.final_jump())
     cond = getattr(adapter, "conditioning", None)
-    if cond is not None:
+    if cond is not None and table.method not in CARRY_SOURCE_CONDITIONING:
         table.conditioning = cond.describe()
     table.validate()
     return table

@@ -32,7 +32,8 @@ def interp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 0, 
     """``source`` (a table, its dict or a JSON path) interpolated to ``nfe`` evaluations with ``solver``.
 
     Refused if ``source`` was made for another model: another convention, noise schedule or prediction
-    (:meth:`TimestepTable.check_compatible`), or another model name.
+    (:meth:`TimestepTable.check_compatible`), or another model name. The table keeps the source's
+    ``conditioning`` block, seed and samples (a ``UserWarning`` when the model's conditioning differs).
     """
     if source is None:
         raise StepsmithError("method 'interp' needs a source table (--from TABLE, or source=...)", param="source")
@@ -49,9 +50,15 @@ def interp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 0, 
     sigmas = adapter.convention.snap_nodes(nodes)
     if len(sigmas) != K + 1:
         raise StepsmithError(f"{K} distinct steps do not fit the model's timesteps", param="nfe")
+    # the steps come from the source's search: its seed and samples (eval's seed check), and its conditioning —
+    # an interpolated guidance-3 table is not a table searched at this run's guidance (warned when they differ)
+    src.check_conditioning(getattr(adapter, "conditioning", None))
     prov = {"source": {"method": src.method, "nfe": src.nfe, "solver": src.solver, "steps": src.steps,
                        "sigmas": src.sigmas},
-            "interpolation": "log-linear in σ over the normalised step index (AYS)", "model_calls": 0}
-    return TimestepTable.from_sigmas(sigmas, convention=adapter.convention, prediction=adapter.prediction,
-                                     solver=solver, method="interp", model=adapter.name, objective=None,
-                                     provenance=prov)
+            "interpolation": "log-linear in σ over the normalised step index (AYS)", "model_calls": 0,
+            "seed": src.provenance.get("seed"), "samples": src.provenance.get("samples")}
+    table = TimestepTable.from_sigmas(sigmas, convention=adapter.convention, prediction=adapter.prediction,
+                                      solver=solver, method="interp", model=adapter.name, objective=None,
+                                      provenance=prov)
+    table.conditioning = None if src.conditioning is None else dict(src.conditioning)
+    return table
