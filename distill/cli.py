@@ -2,8 +2,8 @@
 
 Conditional models take the conditioning flags of ``stepsmith search`` (``--classes all --guidance 3``
 for a class-conditional model, ``--prompts FILE --guidance 7.5`` for a text-to-image pipeline): the
-teacher trajectories and the student are both guided at that scale, and the student is sampled
-with it afterwards.
+teacher trajectories and the student are both guided at that scale, and the output folder loads
+(``--model DIR``) under that conditioning; its ``table.json`` records it.
 
 Runs the same as plain ``stepsmith distill ...``, ``python -m distill ...`` and under
 ``accelerate launch --multi_gpu --num_processes N -m distill ...`` (data parallel; the global

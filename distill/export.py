@@ -29,6 +29,7 @@ is only replaced with ``overwrite=True``. :func:`load_distilled` reads any of th
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -41,7 +42,7 @@ import torch
 
 from distill.student import LoraWeights
 from schedules.adapters import ModelAdapter, load_model
-from schedules.conditioning import Conditioning, conditioning_of
+from schedules.conditioning import Conditioning, conditioning_from_record, conditioning_of, conditioning_record
 from schedules.embedded import embedded_path
 from schedules.io import StepsmithError, atomic_write_json, save_safetensors
 from schedules.table import TimestepTable
@@ -140,26 +141,16 @@ def requested_conditioning(adapter: ModelAdapter) -> Conditioning | None:
     return asked if asked is not None and asked.kind == "prompt" else conditioning_of(adapter)
 
 
-def conditioning_record(cond: Conditioning | None) -> dict[str, Any] | None:
-    """What :func:`load_distilled` needs to rebuild the conditioning the student was trained under (give it the
-    conditioning as requested, :func:`requested_conditioning`)."""
-    if cond is None:
-        return None
-    rec: dict[str, Any] = {"guidance": cond.guidance, "height": cond.height, "width": cond.width}
-    if cond.kind == "class":
-        rec.update(classes=list(cond.items), null_class=cond.null_label)
-    else:
-        rec.update(prompts=list(cond.items), negative=cond.negative)
-    return rec
-
-
-def conditioning_from_record(rec: dict[str, Any] | None) -> Conditioning | None:
-    if rec is None:
-        return None
-    common = dict(guidance=rec["guidance"], height=rec.get("height"), width=rec.get("width"))
-    if "classes" in rec:
-        return Conditioning(labels=tuple(rec["classes"]), null_label=rec.get("null_class"), **common)
-    return Conditioning(prompts=tuple(rec["prompts"]), negative=rec.get("negative"), **common)
+def student_table(table: TimestepTable, adapter: ModelAdapter) -> TimestepTable:
+    """``table`` as the student's: valid for the conditioning the student was trained under (a table searched at
+    guidance 3 and distilled at 5 makes a guidance-5 student), the table's own kept as ``searched_conditioning``."""
+    cond = conditioning_of(adapter)
+    if cond is None or table.conditioning == cond.describe():
+        return table
+    prov = dict(table.provenance)
+    if table.conditioning is not None:
+        prov["searched_conditioning"] = table.conditioning
+    return dataclasses.replace(table, conditioning=cond.describe(), provenance=prov)
 
 
 def export_model(adapter: ModelAdapter, module: torch.nn.Module, tables: Sequence[TimestepTable], out: Path,
@@ -174,7 +165,10 @@ def export_model(adapter: ModelAdapter, module: torch.nn.Module, tables: Sequenc
     shutil.rmtree(tmp, ignore_errors=True)
     module = module.to("cpu")
     load: dict[str, Any] = {"teacher": adapter.name, "prediction": adapter.prediction,
-                            "shape": list(adapter.sample_shape), "conditioning": conditioning_record(requested_conditioning(adapter))}
+                            "shape": list(adapter.sample_shape),
+                            "conditioning": conditioning_record(requested_conditioning(adapter))}
+    if getattr(adapter, "pipeline_options", None):  # e.g. the T5 length the student's prompt embeddings had
+        load["pipeline_options"] = dict(adapter.pipeline_options)
     try:
         src = _source_folder(adapter)
         if _is_diffusers(module) and src is not None and (src / "model_index.json").is_file():
@@ -213,6 +207,7 @@ def export_model(adapter: ModelAdapter, module: torch.nn.Module, tables: Sequenc
                 kw[f"{comp}_lora_adapter_metadata"] = lora.config  # the rank and alpha load_lora_weights rebuilds
             save(str(tmp / LORA_DIR), **kw, safe_serialization=True)
             load["lora"] = LORA_DIR
+        tables = [student_table(t, adapter) for t in tables]
         tables[0].save(tmp / "table.json")
         for t in tables[1:]:
             t.save(tmp / f"table-{t.steps}.json")
@@ -245,7 +240,7 @@ def load_distilled(out: str | Path, device: str = "cpu", conditioning: Condition
     fmt = load.get("format")
     cond = conditioning if conditioning is not None else conditioning_from_record(load.get("conditioning"))
     if fmt in ("diffusers-pipeline", "diffusers-model"):
-        return load_model(str(out), device=device, conditioning=cond)
+        return load_model(str(out), device=device, conditioning=cond, pipeline_options=load.get("pipeline_options"))
     teacher = load["teacher"]
     weights = out / "model.safetensors"
     if teacher.startswith("builtin:"):

@@ -433,12 +433,19 @@ def local_model_path(spec: str | None) -> Path | None:
     return p.resolve() if p.is_dir() else None
 
 
-def _distilled_teacher(folder: Path) -> str | None:
-    """The teacher a stepsmith distill output folder was distilled from (its tables name the teacher)."""
+def _distilled_record(folder: Path) -> dict | None:
+    """The ``load`` record of a stepsmith distill output folder (None: not one, or unreadable)."""
     try:
-        return json.loads((folder / "distill.json").read_text())["load"]["teacher"]
+        rec = json.loads((folder / "distill.json").read_text())["load"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _distilled_teacher(folder: Path) -> str | None:
+    """The teacher a stepsmith distill output folder was distilled from (its tables name the teacher)."""
+    teacher = (_distilled_record(folder) or {}).get("teacher")
+    return teacher if isinstance(teacher, str) else None
 
 
 def check_table_model(table_model: str | None, model: str, *, allow_other_model: bool = False) -> None:
@@ -511,7 +518,8 @@ def load_model(spec: str | os.PathLike, *, prediction: str | None = None, shape:
     :class:`~schedules.conditioning.ConditionalAdapter`; an unconditional one refuses a conditioning.
 
     ``pipeline_options`` go to the pipeline adapter of a pipeline folder (SD3 / Flux ``max_sequence_length``,
-    Flux ``true_cfg_scale``: :mod:`schedules.pipeline_adapters`); other models refuse them.
+    Flux ``true_cfg_scale``: :mod:`schedules.pipeline_adapters`); other models refuse them. A folder written by
+    ``stepsmith distill`` comes back, without a ``conditioning``, under the one its student was trained under.
 
     With ``probe`` the model is run once on two samples, so a wrong ``shape`` or time
     convention fails here with a clear message instead of deep inside a search.
@@ -528,6 +536,14 @@ def load_model(spec: str | os.PathLike, *, prediction: str | None = None, shape:
     elif (m := _CALLABLE_RE.match(spec)) is not None:
         adapter = _load_callable(Path(m["file"]), m["attr"], spec, prediction, shape, scheduler_config, weights)
     elif Path(spec).is_dir():
+        distilled = _distilled_record(Path(spec)) or {}
+        if conditioning is None and distilled.get("conditioning") is not None:
+            # a distilled student is guided as it was trained (its classes or prompts and guidance scale)
+            from schedules.conditioning import conditioning_from_record
+
+            conditioning = conditioning_from_record(distilled["conditioning"])
+        if not pipeline_options and isinstance(distilled.get("pipeline_options"), dict):
+            pipeline_options = distilled["pipeline_options"]  # e.g. the T5 length its prompt embeddings had
         if weights is not None:
             raise StepsmithError(f"`weights` is for file.py:attr models; {spec} loads its own weights from the folder "
                                  "(put the weights there, or drop `weights`)", param="weights")

@@ -112,9 +112,16 @@ def conditioning_from_args(args: argparse.Namespace):
                         width=width)
 
 
-def _refuse_guidance_only(model, args: argparse.Namespace) -> None:
-    if getattr(args, "guidance", None) is None or getattr(model, "conditioning", None) is not None:
-        return
+def _guidance_only(model, args: argparse.Namespace):
+    """``--guidance`` without --classes / --prompts: a model that came with its own conditioning (a distilled
+    student) is guided at that scale; an unconditional one refuses it."""
+    w = getattr(args, "guidance", None)
+    if w is None:
+        return model
+    if getattr(model, "conditioning", None) is not None:
+        from schedules.conditioning import with_guidance
+
+        return model if model.conditioning.guidance == w else with_guidance(model, w)
     raise StepsmithError(f"{model.name} is an unconditional model; `guidance` applies to conditional models only "
                          "(drop it)", param="guidance")
 
@@ -175,7 +182,8 @@ def model_from_args(args: argparse.Namespace):
                            scheduler_config=args.scheduler_config, weights=args.weights, device=args.device,
                            conditioning=cond, null_class=getattr(args, "null_class", None),
                            pipeline_options=options)
-    _refuse_guidance_only(model, args)
+    if cond is None:
+        model = _guidance_only(model, args)
     return model
 
 

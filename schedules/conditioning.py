@@ -397,6 +397,30 @@ def conditioning_of(adapter) -> Conditioning | None:
     return getattr(adapter, "conditioning", None)
 
 
+def conditioning_record(cond: Conditioning | None) -> dict[str, Any] | None:
+    """A JSON record of ``cond`` that :func:`conditioning_from_record` rebuilds it from (a distilled student's
+    ``distill.json`` records the conditioning it was trained under this way; give it the conditioning as
+    requested: ``distill.export.requested_conditioning``)."""
+    if cond is None:
+        return None
+    rec: dict[str, Any] = {"guidance": cond.guidance, "height": cond.height, "width": cond.width}
+    if cond.kind == "class":
+        rec.update(classes=list(cond.items), null_class=cond.null_label)
+    else:
+        rec.update(prompts=list(cond.items), negative=cond.negative)
+    return rec
+
+
+def conditioning_from_record(rec: dict[str, Any] | None) -> Conditioning | None:
+    """The :class:`Conditioning` of a :func:`conditioning_record` (None: unconditional)."""
+    if rec is None:
+        return None
+    common = dict(guidance=rec["guidance"], height=rec.get("height"), width=rec.get("width"))
+    if "classes" in rec:
+        return Conditioning(labels=tuple(rec["classes"]), null_label=rec.get("null_class"), **common)
+    return Conditioning(prompts=tuple(rec["prompts"]), negative=rec.get("negative"), **common)
+
+
 __all__ = ["ConditionalAdapter", "Conditioning", "bind", "bound_indices", "class_label_kwargs", "conditional_from",
-           "conditioning_mismatch", "conditioning_of", "micro_batches", "parse_classes", "resolve_class_conditioning",
-           "warn_if_mismatch", "with_guidance"]
+           "conditioning_from_record", "conditioning_mismatch", "conditioning_of", "conditioning_record",
+           "micro_batches", "parse_classes", "resolve_class_conditioning", "warn_if_mismatch", "with_guidance"]

@@ -141,6 +141,20 @@ def test_cli_distills_a_class_conditional_model_with_guidance(cond3, tmp_path, c
     assert info["conditioning"]["guidance"] == 3.0 and info["load"]["conditioning"]["classes"] == list(LABELS)
     student = load_distilled(tmp_path / "boss")
     assert student.conditioning.guidance == 3.0 and student.module.config.num_class_embeds == 11
+    # the folder loads as a model under the conditioning its student was trained under, and its table says so
+    folder = load_model(str(tmp_path / "boss"))
+    assert folder.conditioning.describe() == student.conditioning.describe()
+    assert json.loads((tmp_path / "boss" / "table.json").read_text())["conditioning"] == folder.conditioning.describe()
+    capsys.readouterr()
+    sample = ["sample", "--model", str(tmp_path / "boss"), "--table", str(tmp_path / "boss" / "table.json"), "--num",
+              "3", "--no-progress", "--out", str(tmp_path / "s.png")]
+    assert cli_main(sample) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["conditioning"]["guidance"] == 3.0 and out.err == ""  # the student's own setting
+    assert cli_main([*sample, "--guidance", "5"]) == 0  # --guidance alone re-guides the student's condition set
+    out = capsys.readouterr()
+    assert json.loads(out.out)["conditioning"]["classes"] == list(LABELS)
+    assert json.loads(out.out)["conditioning"]["guidance"] == 5.0 and "guidance 3 (this run: 5)" in out.err
     assert cli_main([*base, "--method", "reflow", "--coupling", "c2ot", "--out", str(tmp_path / "c2ot")]) == 0
     capsys.readouterr()
     # bad input: a class constraint on an unconditional model — one line, exit 2, nothing written
