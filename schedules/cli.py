@@ -177,7 +177,8 @@ def model_from_args(args: argparse.Namespace):
 
     cond = conditioning_from_args(args)
     options = {k: getattr(args, k) for k in PIPELINE_OPTIONS if getattr(args, k, None) is not None}
-    with _loading_bars(not getattr(args, "no_progress", False)), _quiet_image_processor_fallback():
+    show = not getattr(args, "no_progress", False) and getattr(args, "progress", True)  # distill: dest `progress`
+    with _loading_bars(show), _quiet_image_processor_fallback():
         model = load_model(args.model, prediction=args.prediction, shape=args.shape,
                            scheduler_config=args.scheduler_config, weights=args.weights, device=args.device,
                            conditioning=cond, null_class=getattr(args, "null_class", None),

@@ -175,7 +175,7 @@ def _unet_out(unet, x, t, e):
         return unet(x, t, encoder_hidden_states=e).sample
 
 
-def test_sd_lora_student_loads_into_a_fresh_pipeline(sd_folder, tmp_path):
+def test_sd_lora_student_loads_into_a_fresh_pipeline(sd_folder, tmp_path, capsys):
     """``stepsmith distill --prompts ... --lora-rank``: the LoRA weights load into the original pipeline and give
     the exported (fused) student's UNet."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
@@ -184,10 +184,12 @@ def test_sd_lora_student_loads_into_a_fresh_pipeline(sd_folder, tmp_path):
     uniform(teacher, 2).save(tmp_path / "t.json")
     (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
     out = tmp_path / "sd-lora"
+    capsys.readouterr()
     assert cli_main(["distill", "--model", str(sd_folder), "--prompts", str(tmp_path / "prompts.txt"), "--guidance", "3",
                      "--table", str(tmp_path / "t.json"), "--steps", "4", "--pairs", "8", "--teacher-steps", "6",
                      "--batch-size", "4", "--lora-rank", "2", "--lora-alpha", "4", "--lr", "1e-2", "--ema-decay", "0",
                      "--warmup", "1", "--no-progress", "--out", str(out)]) == 0
+    assert "Loading pipeline components" not in capsys.readouterr().err  # --no-progress: diffusers' bars too
     info = json.loads((out / "distill.json").read_text())
     assert info["trainable_parameters"] < info["parameters"] and info["load"]["lora"] == "lora"
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
