@@ -145,12 +145,13 @@ def student_table(table: TimestepTable, adapter: ModelAdapter) -> TimestepTable:
     """``table`` as the student's: valid for the conditioning the student was trained under (a table searched at
     guidance 3 and distilled at 5 makes a guidance-5 student), the table's own kept as ``searched_conditioning``."""
     cond = conditioning_of(adapter)
-    if cond is None or table.conditioning == cond.describe():
+    trained = None if cond is None else cond.describe()
+    if trained is None or table.conditioning == trained:
         return table
     prov = dict(table.provenance)
     if table.conditioning is not None:
         prov["searched_conditioning"] = table.conditioning
-    return dataclasses.replace(table, conditioning=cond.describe(), provenance=prov)
+    return dataclasses.replace(table, conditioning=trained, provenance=prov)
 
 
 def export_model(adapter: ModelAdapter, module: torch.nn.Module, tables: Sequence[TimestepTable], out: Path,

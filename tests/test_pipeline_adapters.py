@@ -168,6 +168,7 @@ def test_micro_batches_give_the_same_samples(sd_pipe):
     ("dit", Conditioning(labels=(1000,)), {}, "out of range"),
     ("dit", Conditioning(labels=(3, 1001)), {}, "out of range"),
     ("dit", Conditioning(labels=(3,), height=32, width=32), {}, "16×16 images only"),
+    ("dit", Conditioning(labels=(3,)), {"max_sequence_length": 8}, "takes no `max_sequence_length` .only SD3 and Flux"),
 ])
 def test_bad_input_is_refused(request, which, cond, options, match):
     pipe = request.getfixturevalue(f"{which}_pipe")

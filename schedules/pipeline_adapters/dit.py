@@ -32,7 +32,7 @@ import torch
 from schedules.adapters import convention_from_scheduler_config
 from schedules.conditioning import ConditionalAdapter, Conditioning, class_label_kwargs, resolve_class_conditioning
 from schedules.io import StepsmithError
-from schedules.pipeline_adapters.sd import vae_scale_factor
+from schedules.pipeline_adapters.sd import refuse_options, vae_scale_factor
 
 
 def transformer_call(module, x: torch.Tensor, t: torch.Tensor, *, class_labels: torch.Tensor,
@@ -71,9 +71,7 @@ def image_size(pipe, conditioning: Conditioning, name: str) -> tuple[int, int]:
 def build(pipe, conditioning: Conditioning | None, *, name: str, null_class: int | None = None,
           **options: Any) -> ConditionalAdapter:
     """The :class:`ConditionalAdapter` of a ``DiTPipeline`` under ``conditioning`` (class labels)."""
-    bad = sorted(k for k, v in options.items() if v is not None)
-    if bad:
-        raise StepsmithError(f"{name} takes no {', '.join(bad)}", param=bad[0])
+    refuse_options(options, name)
     tr = pipe.transformer
     cond = class_conditioning(conditioning, tr, name, null_class)
     height, width = image_size(pipe, cond, name)

@@ -50,11 +50,11 @@ OPTION_OWNERS = {"null_class": " (it is conditioned on prompts, not class labels
 
 
 def refuse_options(options: dict[str, Any], name: str) -> None:
-    """Options a prompt pipeline does not take (e.g. ``null_class``) are refused, not ignored."""
+    """Options a pipeline adapter does not take (e.g. ``null_class`` for prompts) are refused, not ignored."""
     bad = sorted(k for k, v in options.items() if v is not None)
     if bad:
-        why = OPTION_OWNERS.get(bad[0], "")
-        raise StepsmithError(f"{name} takes no `{bad[0]}`{why}", param=bad[0])
+        listed = ", ".join(f"`{k}`{OPTION_OWNERS.get(k, '')}" for k in bad)
+        raise StepsmithError(f"{name} takes no {listed}", param=bad[0])
 
 
 def vae_scale_factor(pipe) -> int:
