@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
     else:
         if table is not None:
             table.check_compatible(model.convention, model.prediction, what=args.model)
-            warn_conditioning(table, model)
+            table.check_conditioning(getattr(model, "conditioning", None))  # one `warning:` line via the CLI
             solver = args.solver or table.solver
         else:
             solver = args.solver or "euler"
@@ -154,16 +154,3 @@ def run(args: argparse.Namespace) -> None:
     print(json.dumps({"out": args.out, "model": model.name, "schedule": label, "num": args.num,
                       "seed": args.seed, "model_calls": model.calls, "seconds": round(seconds, 2),
                       **({"conditioning": cond.describe()} if cond is not None else {})}))
-
-
-def warn_conditioning(table, model) -> None:
-    """One warning line on stderr when the table was searched for another guidance / condition set."""
-    import sys
-
-    from schedules.conditioning import conditioning_mismatch
-
-    if table.conditioning is None:  # baselines and unconditional tables hold for any setting
-        return
-    msg = conditioning_mismatch(table.conditioning, getattr(model, "conditioning", None))
-    if msg is not None:
-        print(f"stepsmith sample: warning: {msg}; its steps may not be the best for this setting", file=sys.stderr)
