@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -629,7 +630,8 @@ def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int]
                        target: torch.Tensor, *, candidates: int = 12, max_sweeps: int = 4, free_start: bool = False,
                        progress: bool = False, score=None, moves: str = "candidates",
                        start: tuple[float, list] | None = None,
-                       max_calls: int | None = None, stats: dict | None = None) -> tuple[list[int], float, int]:
+                       max_calls: int | None = None, stats: dict | None = None, resume: dict | None = None,
+                       on_node: Callable[[dict], None] | None = None) -> tuple[list[int], float, int]:
     """Coordinate descent of the interior nodes of ``path`` on the final error against ``target``.
 
     Every trial rolls the solver out from the cached state before the node it moves (K − m + 1 calls).
@@ -654,6 +656,9 @@ def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int]
     denoiser's call counter: a trial that would pass it is not run and the search returns the best path so
     far (every accepted move lowered the error, so stopping early never returns a worse path than the start),
     setting ``stats["out_of_calls"]`` when ``stats`` is a dict.
+    ``on_node(state)`` is called after every node search with the search's whole state (JSON-able); passed
+    back as ``resume`` (with ``start`` = the score and node states of ``state["path"]``), the search goes
+    on from the next node exactly as it would have (the resumable dp search, :mod:`schedules.search.dp_resume`).
     Returns (path, error, sweeps).
     """
     if moves not in REFINE_MOVES:
@@ -675,11 +680,22 @@ def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int]
     visited = [-1] * (K + 1)  # clock of each node's last search
     moved_at = [0] * (K + 1)  # clock of each node's last move (0: the start counts as a move)
     kind = [None] * (K + 1)  # whether each node's last search was local (±δ) or over spread candidates
+    first_sweep, done_m, moved = 0, -1, False
+    if resume is not None:
+        if list(resume["path"]) != path or len(resume["visited"]) != K + 1:
+            raise StepsmithError("the refinement state to resume belongs to another path", param="resume")
+        sweeps, clock = int(resume["sweeps"]), int(resume["clock"])
+        visited, moved_at, kind = list(resume["visited"]), list(resume["moved_at"]), list(resume["kind"])
+        first_sweep, done_m, moved = int(resume["sweep"]), int(resume["m"]), bool(resume["moved"])
     try:
-        for sweep in tqdm(range(max_sweeps), desc="refine", disable=not progress, leave=False):
-            sweeps += 1
-            moved = False
+        for sweep in tqdm(range(first_sweep, max_sweeps), desc="refine", disable=not progress, leave=False):
+            resumed = resume is not None and sweep == first_sweep  # the sweep the saved state stopped in
+            if not resumed:
+                sweeps += 1
+                moved = False
             for m in range(0 if free_start else 1, K):
+                if resumed and m <= done_m:
+                    continue
                 lo, hi = (path[m - 1] + 1 if m > 0 else 0), path[m + 1] - 1
                 if hi <= lo:
                     continue
@@ -727,6 +743,10 @@ def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int]
                     moved_at[m] = clock
                     if not local:
                         states = new_states
+                if on_node is not None:
+                    on_node({"path": list(path), "best": best, "sweeps": sweeps, "clock": clock, "sweep": sweep,
+                             "m": m, "moved": moved, "visited": list(visited), "moved_at": list(moved_at),
+                             "kind": list(kind)})
             if not moved:
                 break
     except _OutOfCalls:  # path and best already hold the last accepted trial
