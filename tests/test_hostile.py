@@ -82,7 +82,8 @@ def build_fixtures(root: Path) -> dict[str, str]:
     return {"d": str(root), "ok": str(root / "ok.json"), **tables, **extra, "ddpm": _ddpm_folder(),
             "list": str(root / "list.json"), "vp_bad": str(root / "vp_bad.json"),
             "tabledir": str(root / "tabledir"), "outdir": str(root / "outdir"), "afile": str(root / "afile"),
-            **{k: str(root / f"{k}.py") for k in ("m", "oom", "exit0", "exit3")}, "sched": str(root / "sched")}
+            **{k: str(root / f"{k}.py") for k in ("m", "oom", "exit0", "exit3")}, "sched": str(root / "sched"),
+            **{k: str(root / f"{k}.pt") for k in ("dp_other", "dp_v0", "dp_trunc")}}
 
 
 EXTRA_JSON = ("flow_sched", "noclass_sched", "v_sched", "evo_trunc", "evo_other", "evo_rng")
@@ -107,6 +108,11 @@ def _model_json_fixtures(root: Path) -> None:
             (root / f"{name}.json").write_text(json.dumps(obj))
     (root / "evo_trunc.json").write_text('{"config_key": "abc", "generation": 1, "popul')
     (root / "evo_rng.json").write_text(json.dumps({**files["evo_other"], "population": "0,1,2"}))
+    dp_other = {"format": "stepsmith-dp-checkpoint", "version": 1, "key": "0123456789abcdef", "shared": None,
+                "tables": {}, "finish": {}, "spent": {"model_calls": 1, "seconds": 0.1}}
+    torch.save(dp_other, root / "dp_other.pt")
+    torch.save({**dp_other, "version": 0}, root / "dp_v0.pt")
+    (root / "dp_trunc.pt").write_bytes((root / "dp_other.pt").read_bytes()[:40])
 
 
 def _vp_mismatch(model: str) -> dict:
@@ -217,6 +223,15 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
     ("evo-ckpt-other-search", [*EVO, "--option", "checkpoint={evo_other}", "--out", OUT_JSON], "another search"),
     ("evo-ckpt-dir", [*EVO, "--option", "checkpoint={tabledir}", "--out", OUT_JSON], "existing directory"),
     ("evo-ckpt-number", [*EVO, "--option", "checkpoint=5", "--out", OUT_JSON], "must be a file path"),
+    # dp checkpoints, before any model call
+    ("dp-ckpt-table", [*SEARCH_DP, "--option", "checkpoint={ok}", "--out", OUT_JSON], "not a dp checkpoint"),
+    ("dp-ckpt-truncated", [*SEARCH_DP, "--option", "checkpoint={dp_trunc}", "--out", OUT_JSON], "is corrupt"),
+    ("dp-ckpt-evolution", [*SEARCH_DP, "--option", "checkpoint={evo_other}", "--out", OUT_JSON], "not a dp checkpoint"),
+    ("dp-ckpt-other-search", [*SEARCH_DP, "--option", "checkpoint={dp_other}", "--out", OUT_JSON], "another search"),
+    ("dp-ckpt-old-version", [*SEARCH_DP, "--option", "checkpoint={dp_v0}", "--out", OUT_JSON], "version 0"),
+    ("dp-ckpt-dir", [*SEARCH_DP, "--option", "checkpoint={tabledir}", "--out", OUT_JSON], "existing directory"),
+    ("dp-ckpt-variant", [*SEARCH_DP, "--option", "variant=boss", "--option", "checkpoint={d}/new/c.pt", "--out",
+                         OUT_JSON], "not resumable"),
     # the table's model, checked on every path (same override as pipeline_kwargs)
     ("sample-table-other-model", ["sample", "--model", "builtin:digits-flow", "--table", "{ok}", "--num", "1",
                                   "--out", OUT_PNG], "--allow-other-model"),

@@ -147,6 +147,10 @@ Published variants (option ``variant``), each run as its authors define it (:dat
 ``boss``, ``gits``, ``gits-sd`` and ``oss``. Several budgets come out of one pass with
 :func:`dp_tables` (one reference pass, one Bellman pass; only the refinement runs per budget).
 
+Resumable (option ``checkpoint=PATH``): the search saves its state atomically after the shared pass, the
+start rollouts, every node search of the refinement and every finished budget, and the same search started
+again with the same checkpoint ends with exactly the tables of an uninterrupted run (:mod:`schedules.search.dp_resume`).
+
 Several processes (``accelerate launch``, or any initialised torch.distributed group) split the
 reference trajectories and the cost accumulation and sum-reduce the cost matrix; the student
 DP and the refinement then run identically on every rank.
@@ -162,9 +166,12 @@ import torch
 from schedules.baselines import BASELINES, steps_for
 from schedules.conditioning import micro_batches
 from schedules.io import StepsmithError
-from schedules.search.common import final_mse_kind, make_grid, rollout, snap_path
+from schedules.search.common import final_mse_kind, make_grid, rollout, search_teacher, snap_path
 from schedules.search.dp import (
     REFINE_MOVES,
+    BellmanResult,
+    CorridorResult,
+    DPSearch,
     aggregate_paths,
     final_error,
     refine_final_error,
@@ -174,7 +181,8 @@ from schedules.search.dp import (
     teacher_dp,
     teacher_reference,
 )
-from schedules.search.evolution import snap_genome
+from schedules.search.dp_resume import DPCheckpoint, open_checkpoint, search_key
+from schedules.search.evolution import data_key, snap_genome
 from schedules.search.objectives import DEFAULT_OBJECTIVE, make_scorer, objective_kind, resolve_objective
 from schedules.table import TimestepTable
 from schedules.teacher import Teacher
@@ -358,11 +366,29 @@ def _shared_pass(adapter, Ks: list[int], solver: str, *, samples, seed, progress
 
 def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_kind, micro_batch, late_weight,
             candidates, max_sweeps, free_start, progress, objective_name="teacher-mse", features=None,
-            moves="auto", max_cost: float | None = None, second_start: bool | str = "auto") -> TimestepTable:
-    """One budget's table from the shared pass (the refinement, in the default mode)."""
+            moves="auto", max_cost: float | None = None, second_start: bool | str = "auto",
+            ck: DPCheckpoint | None = None) -> TimestepTable:
+    """One budget's table from the shared pass (the refinement, in the default mode). ``ck`` saves the
+    refinement's progress and resumes it (:mod:`schedules.search.dp_resume`)."""
     moves = auto_moves(K) if moves == "auto" else moves
     g, dps, noise = sh.g, sh.dps, sh.noise
     t0 = time.perf_counter()
+    ck = ck or DPCheckpoint(None, "")
+    rec = ck.budget(nfe)
+    base, prior_calls, prior_rebuild, rebuilt = getattr(adapter, "calls", 0), rec["calls"], rec["rebuild"], 0
+
+    def total() -> int:  # model calls this budget has spent, over every run of a resumed search
+        return prior_calls + getattr(adapter, "calls", 0) - base
+
+    def mark() -> None:
+        rec["calls"], rec["rebuild"] = total(), prior_rebuild + rebuilt
+
+    def rebuild(p: list[int]) -> list:  # node states of path p after a resume (its rollout is deterministic)
+        nonlocal rebuilt
+        c0 = getattr(adapter, "calls", 0)
+        states = rollout(adapter, solver, [g[i] for i in p], x=noise, keep=True)[1]
+        rebuilt += getattr(adapter, "calls", 0) - c0
+        return states
     prov: dict = {"grid": grid_provenance(g, grid_kind, adapter.convention), "mode": mode,
                   "reference_seconds": round(dps.ref_seconds, 3), "dp_seconds": round(dps.dp_seconds, 3),
                   "dp_over_reference": round(dps.dp_seconds / max(dps.ref_seconds, 1e-9), 3),
@@ -376,14 +402,23 @@ def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_k
         dp_paths = {"dp-teacher": dps.result.paths[K]} | ({"dp-student": sh.st.paths[K]} if sh.st is not None else {})
         starts = refinement_starts(adapter, nfe, solver, g, dp_paths, free_start)
         score, oprov = make_scorer(objective_name, target, model_name=adapter.name, features=features)
-        ceiling = None
+        allowance = None
         if max_cost is not None:  # in model evaluations per search sample (module docstring)
             ref_ps = reference_evals_per_sample(dps, noise.shape[0], micro_batch)
-            ceiling = getattr(adapter, "calls", 0) + int(max_cost * ref_ps - ref_ps - (sh.calls - dps.model_calls))
+            allowance = int(max_cost * ref_ps - ref_ps - (sh.calls - dps.model_calls))
         errs, rolled = {}, {}
-        for name, p in starts.items():  # one rollout each; the chosen one's states seed the refinement
-            x, states = rollout(adapter, solver, [g[i] for i in p], x=noise, keep=True)
-            errs[name], rolled[name] = score(x), states
+        if rec["errs"] is None:
+            for name, p in starts.items():  # one rollout each; the chosen one's states seed the refinement
+                x, states = rollout(adapter, solver, [g[i] for i in p], x=noise, keep=True)
+                errs[name], rolled[name] = score(x), states
+            rec["errs"] = dict(errs)
+            mark()
+            ck.save()
+        else:
+            errs = {k: float(v) for k, v in rec["errs"].items()}
+            if set(errs) != set(starts):
+                raise StepsmithError(f"checkpoint {ck.path} holds other refinement starts than this search's; "
+                                     "delete it to start over", param="checkpoint")
         ranked = sorted(errs, key=errs.get)
         refined = ranked[:1]
         if second_start is True or (second_start == "auto" and K < PATTERN_BELOW_STEPS):
@@ -392,10 +427,37 @@ def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_k
                         and errs[k] <= SECOND_START_WITHIN * errs[ranked[0]]][:1]
         results, stats = {}, {}
         for name in refined:  # the best result of the refined starts wins
-            results[name] = refine_final_error(adapter, solver, g, starts[name], noise, target,
+            if name in rec["results"]:  # refined by the run this one resumes
+                p, e, sw = rec["results"][name]
+                results[name] = (list(p), float(e), int(sw))
+                if rec["out_of_calls"]:
+                    stats["out_of_calls"] = True
+                    break
+                continue
+            node = rec["node"].get(name)
+            if node is not None:  # the run this one resumes stopped inside this refinement
+                first, first_err, first_states = list(node["path"]), float(node["best"]), rebuild(node["path"])
+            else:
+                first, first_err = starts[name], errs[name]
+                first_states = rolled[name] if name in rolled else rebuild(first)
+
+            def on_node(state: dict, name=name) -> None:
+                rec["node"][name] = state
+                mark()
+                ck.save()
+
+            ceiling = None if allowance is None else \
+                getattr(adapter, "calls", 0) + allowance - (total() - prior_rebuild - rebuilt)
+            results[name] = refine_final_error(adapter, solver, g, first, noise, target,
                                                candidates=candidates, max_sweeps=max_sweeps, free_start=free_start,
                                                progress=progress, score=score, moves=moves,
-                                               start=(errs[name], rolled[name]), max_calls=ceiling, stats=stats)
+                                               start=(first_err, first_states), max_calls=ceiling, stats=stats,
+                                               resume=node, on_node=on_node if ck.path is not None else None)
+            rec["results"][name] = list(results[name])
+            rec["node"].pop(name, None)
+            rec["out_of_calls"] = bool(stats.get("out_of_calls"))
+            mark()
+            ck.save()
             if stats.get("out_of_calls"):
                 break
         start = min(results, key=lambda k: results[k][1])
@@ -416,6 +478,7 @@ def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_k
             if mode == "teacher" else final_mse_kind(dps.teacher)
     prov["search_seconds"] = round(sh.seconds + time.perf_counter() - t0, 3)
     prov["path"] = path
+    mark()
     return TimestepTable.from_sigmas([g[i] for i in path], convention=adapter.convention,
                                      prediction=adapter.prediction, solver=solver, method="dp", model=adapter.name,
                                      objective=objective, provenance=prov)
@@ -454,7 +517,7 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
               features=None, moves: str = "auto", student_start: bool = True,
               student_corridor: int | None = STUDENT_CORRIDOR,
               max_cost: float | None = None,
-              second_start: bool | str = "auto") -> dict[int, TimestepTable]:
+              second_start: bool | str = "auto", checkpoint: str | None = None) -> dict[int, TimestepTable]:
     """The ``dp`` tables of every budget in ``nfes`` from ONE reference pass and ONE Bellman pass.
 
     Only the refinement runs per budget. With several budgets each table's ``model_calls`` are its
@@ -470,6 +533,8 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
     evaluations per search sample: the refinement stops at the budget with its best path so far (module docstring).
     ``second_start`` (``auto``: below 8 steps; True; False) also refines the best start at another start level
     when it is nearly as good, and keeps the better result (module docstring).
+    ``checkpoint`` (a file path; None: none) saves the search as it goes and resumes it from there
+    (:mod:`schedules.search.dp_resume`).
     """
     from schedules.search.objectives import feature_name
 
@@ -482,6 +547,9 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
     feature_name(objective, adapter.name, features)  # refuse before any model call
     nfes = list(dict.fromkeys(int(v) for v in nfes))
     if variant is not None:
+        if checkpoint is not None:
+            raise StepsmithError(f"`checkpoint` resumes stepsmith's own dp search; the published variant {variant} "
+                                 "is one pass and is not resumable: leave `checkpoint` out", param="checkpoint")
         return variant_tables(adapter, nfes, solver, VARIANTS[variant], samples=samples, seed=seed, grid=grid,
                               late_weight=late_weight, micro_batch=micro_batch, reduce=reduce,
                               grid_kind=None if grid_kind == "auto" else grid_kind)
@@ -495,21 +563,70 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
         raise StepsmithError(f"`second_start` is auto, true or false, got {second_start!r}", param="second_start")
     w = 1.0 if late_weight is None else float(late_weight)
     Ks = {nfe: steps_for(adapter, nfe, solver) for nfe in nfes}
-    sh = _shared_pass(adapter, sorted(set(Ks.values())), solver, samples=samples, seed=seed, progress=progress,
-                      mode=mode, grid=grid, grid_kind=grid_kind, micro_batch=micro_batch, late_weight=w,
-                      substeps=substeps, student_start=student_start, student_corridor=student_corridor)
+    opts = dict(samples=samples, seed=seed, mode=mode, grid=grid, grid_kind=grid_kind, micro_batch=micro_batch,
+                late_weight=w, substeps=substeps, candidates=candidates, max_sweeps=max_sweeps, free_start=free_start,
+                objective=objective, features=feature_name(objective, adapter.name, features), moves=moves,
+                student_start=student_start, student_corridor=student_corridor, max_cost=max_cost,
+                second_start=second_start)
+    if objective.startswith("data-"):  # a data objective's errors hold for that data only
+        opts["data"] = data_key(adapter.name)
+    ck = open_checkpoint(checkpoint, search_key(adapter, nfes, solver, **opts), adapter)
+    if ck.shared is not None:
+        sh = _shared_from_state(adapter, ck.shared, samples=samples, seed=seed, substeps=substeps)
+    else:
+        sh = _shared_pass(adapter, sorted(set(Ks.values())), solver, samples=samples, seed=seed, progress=progress,
+                          mode=mode, grid=grid, grid_kind=grid_kind, micro_batch=micro_batch, late_weight=w,
+                          substeps=substeps, student_start=student_start, student_corridor=student_corridor)
+        ck.shared = _shared_state(sh)
+        ck.save()
     out = {}
     for nfe, K in Ks.items():
-        calls0 = getattr(adapter, "calls", 0)
+        if nfe in ck.tables:  # finished by the run this one resumes
+            out[nfe] = TimestepTable.from_dict(ck.tables[nfe])
+            if len(nfes) == 1:  # the search's cost, not this run's (which loaded it)
+                out[nfe].provenance.update(ck.spent())
+            continue
         out[nfe] = _finish(adapter, nfe, K, solver, sh, mode=mode, grid_kind=grid_kind, micro_batch=micro_batch,
                            late_weight=w, candidates=candidates, max_sweeps=max_sweeps, free_start=free_start,
                            progress=progress, objective_name=objective, features=features, moves=moves,
-                           max_cost=max_cost, second_start=second_start)
+                           max_cost=max_cost, second_start=second_start, ck=ck)
+        prov = out[nfe].provenance
         if len(nfes) > 1:
-            out[nfe].provenance.update(model_calls=getattr(adapter, "calls", 0) - calls0, shared_pass={
+            prov.update(model_calls=ck.budget(nfe)["calls"], shared_pass={
                 "shared": True, "nfe": nfes, "model_calls": sh.calls, "seconds": round(sh.seconds, 3),
                 "note": "one reference and Bellman pass for every budget; model_calls excludes it"})
+        if ck.path is not None:
+            prov["checkpoint"] = str(ck.path)
+        if ck.resumed:  # the whole search's cost, this run and the runs it resumed (make_table keeps these)
+            prov["resumed"] = dict(ck.earlier)
+            if len(nfes) == 1:
+                prov.update(ck.spent())
+        ck.tables[nfe] = out[nfe].to_dict()
+        ck.save()
     return out
+
+
+def _shared_state(sh: _Shared) -> dict:
+    """What a checkpoint keeps of the shared pass: every answer the budgets' tables read, not the cost
+    matrices or teacher states (nothing after the pass reads them)."""
+    dps, st = sh.dps, sh.st
+    return {"grid": list(sh.g), "teacher_paths": dps.result.paths, "teacher_costs": dps.result.costs,
+            "teacher_final": dps.teacher_final, "ref_seconds": dps.ref_seconds, "dp_seconds": dps.dp_seconds,
+            "reference_calls": dps.model_calls, "world": dps.extra["world"], "seconds": sh.seconds, "calls": sh.calls,
+            "corridor": sh.corridor, "student": None if st is None else
+            {"paths": st.paths, "costs": st.costs, "rounds": getattr(st, "rounds", None)}}
+
+
+def _shared_from_state(adapter, d: dict, *, samples: int, seed: int, substeps: int) -> _Shared:
+    """The shared pass of a resumed search, from :func:`_shared_state` (the noise is drawn again from its seed)."""
+    g = [float(v) for v in d["grid"]]
+    dps = DPSearch(g, BellmanResult(d["teacher_paths"], d["teacher_costs"]), adapter.noise(samples, seed),
+                   d["teacher_final"], d["ref_seconds"], d["dp_seconds"], d["reference_calls"],
+                   {"cost": None, "states": None, "world": d["world"]}, search_teacher(g, substeps))
+    s = d["student"]
+    st = None if s is None else (BellmanResult(s["paths"], s["costs"]) if s["rounds"] is None
+                                 else CorridorResult(s["paths"], s["costs"], s["rounds"]))
+    return _Shared(g, dps.noise, dps, st, d["seconds"], d["calls"], d["corridor"])
 
 
 def dp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, seed: int = 0, progress: bool = False,
@@ -519,11 +636,11 @@ def dp_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, see
              objective: str = DEFAULT_OBJECTIVE, features=None, moves: str = "auto",
              student_start: bool = True, student_corridor: int | None = STUDENT_CORRIDOR,
              max_cost: float | None = None,
-             second_start: bool | str = "auto") -> TimestepTable:
+             second_start: bool | str = "auto", checkpoint: str | None = None) -> TimestepTable:
     """The ``dp`` table of ``mode`` (or of a published ``variant``) for ``nfe`` evaluations (module docstring)."""
     return dp_tables(adapter, [nfe], solver, samples=samples, seed=seed, progress=progress, mode=mode, grid=grid,
                      grid_kind=grid_kind, micro_batch=micro_batch, late_weight=late_weight, substeps=substeps,
                      candidates=candidates, max_sweeps=max_sweeps, free_start=free_start, variant=variant,
                      reduce=reduce, objective=objective, features=features, moves=moves,
                      student_start=student_start, student_corridor=student_corridor, max_cost=max_cost,
-                     second_start=second_start)[nfe]
+                     second_start=second_start, checkpoint=checkpoint)[nfe]

@@ -340,7 +340,7 @@ def _config_key(adapter, nfe: int, solver: str, **options) -> str:
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
-def _data_key(model_name: str) -> str:
+def data_key(model_name: str) -> str:
     """A data objective's real data, by content (its fitness values hold for that data only)."""
     from schedules.search.objectives import model_data
 
@@ -380,7 +380,7 @@ def evolution_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 
                       generations=generations, elite=elite, pm=p_mutation, pc=p_crossover, fix_start=fix_start,
                       custom_fitness=fitness is not None,
                       **({} if objective == "teacher-mse" else {"objective": objective, "features": fname}),
-                      **({"data": _data_key(adapter.name)} if objective.startswith("data-") else {}))
+                      **({"data": data_key(adapter.name)} if objective.startswith("data-") else {}))
     earlier = _earlier_cost(checkpoint, key)
     spent = _cost_counter(adapter, earlier)
     t0 = time.perf_counter()
