@@ -108,8 +108,8 @@ def _model_json_fixtures(root: Path) -> None:
             (root / f"{name}.json").write_text(json.dumps(obj))
     (root / "evo_trunc.json").write_text('{"config_key": "abc", "generation": 1, "popul')
     (root / "evo_rng.json").write_text(json.dumps({**files["evo_other"], "population": "0,1,2"}))
-    dp_other = {"format": "stepsmith-dp-checkpoint", "version": 1, "key": "0123456789abcdef", "shared": None,
-                "tables": {}, "finish": {}, "spent": {"model_calls": 1, "seconds": 0.1}}
+    dp_other = {"format": "stepsmith-dp-checkpoint", "version": 1, "key": "0123456789abcdef", "state": {},
+                "spent": {"model_calls": 1, "seconds": 0.1}}
     torch.save(dp_other, root / "dp_other.pt")
     torch.save({**dp_other, "version": 0}, root / "dp_v0.pt")
     (root / "dp_trunc.pt").write_bytes((root / "dp_other.pt").read_bytes()[:40])

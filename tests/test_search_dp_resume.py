@@ -9,7 +9,7 @@ from schedules.adapters import load_model
 from schedules.io import StepsmithError
 from schedules.search import make_table, make_tables
 from schedules.search.dp import refine_final_error
-from schedules.search.dp_resume import FORMAT
+from schedules.search.resume import checkpoint_format
 from tests.test_search_evolution import gaussian_adapter
 
 TOY = "builtin:toy2d-flow"
@@ -80,7 +80,8 @@ def test_a_resumed_search_does_not_redo_saved_work(tmp_path):
     with pytest.raises(Killed):
         make_table(first, "dp", 4, checkpoint=str(ck), **OPTS)
     saved = torch.load(ck, weights_only=True)
-    assert saved["format"] == FORMAT and saved["shared"] is not None and saved["finish"][4]["errs"]
+    assert saved["format"] == checkpoint_format("dp") and saved["state"]["shared"] is not None
+    assert saved["state"]["finish"][4]["errs"]
     second = load_model(TOY)
     resumed = make_table(second, "dp", 4, checkpoint=str(ck), **OPTS)
     assert resumed.sigmas == full.sigmas and resumed.objective == full.objective

@@ -658,7 +658,7 @@ def refine_final_error(denoiser, solver: str, grid: list[float], path: list[int]
     setting ``stats["out_of_calls"]`` when ``stats`` is a dict.
     ``on_node(state)`` is called after every node search with the search's whole state (JSON-able); passed
     back as ``resume`` (with ``start`` = the score and node states of ``state["path"]``), the search goes
-    on from the next node exactly as it would have (the resumable dp search, :mod:`schedules.search.dp_resume`).
+    on from the next node exactly as it would have (the resumable dp search, :mod:`schedules.search.dp_method`).
     Returns (path, error, sweeps).
     """
     if moves not in REFINE_MOVES:

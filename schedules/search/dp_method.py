@@ -147,9 +147,14 @@ Published variants (option ``variant``), each run as its authors define it (:dat
 ``boss``, ``gits``, ``gits-sd`` and ``oss``. Several budgets come out of one pass with
 :func:`dp_tables` (one reference pass, one Bellman pass; only the refinement runs per budget).
 
-Resumable (option ``checkpoint=PATH``): the search saves its state atomically after the shared pass, the
-start rollouts, every node search of the refinement and every finished budget, and the same search started
-again with the same checkpoint ends with exactly the tables of an uninterrupted run (:mod:`schedules.search.dp_resume`).
+Resumable (option ``checkpoint=PATH``, :mod:`schedules.search.resume`): the search saves its state atomically
+after the shared pass (the teacher-DP and student-DP paths and costs of every budget, the teacher's final samples,
+the pass's calls and seconds; not the cost matrices or teacher states, which nothing after the pass reads), after
+the start rollouts of a budget (each start's final error), after every node search of the refinement (the whole
+coordinate-descent state, :func:`~schedules.search.dp.refine_final_error`'s ``on_node``) and after each finished
+budget (its table). Started again with the same checkpoint, the search ends with exactly the tables of an
+uninterrupted run: the node states of the path being refined are rebuilt by one rollout (K model calls, the only
+work done twice), and rollouts are deterministic for the same noise and path.
 
 Several processes (``accelerate launch``, or any initialised torch.distributed group) split the
 reference trajectories and the cost accumulation and sum-reduce the cost matrix; the student
@@ -181,9 +186,9 @@ from schedules.search.dp import (
     teacher_dp,
     teacher_reference,
 )
-from schedules.search.dp_resume import DPCheckpoint, open_checkpoint, search_key
 from schedules.search.evolution import data_key, snap_genome
 from schedules.search.objectives import DEFAULT_OBJECTIVE, make_scorer, objective_kind, resolve_objective
+from schedules.search.resume import SearchCheckpoint, open_checkpoint, search_key
 from schedules.table import TimestepTable
 from schedules.teacher import Teacher
 
@@ -367,14 +372,14 @@ def _shared_pass(adapter, Ks: list[int], solver: str, *, samples, seed, progress
 def _finish(adapter, nfe: int, K: int, solver: str, sh: _Shared, *, mode, grid_kind, micro_batch, late_weight,
             candidates, max_sweeps, free_start, progress, objective_name="teacher-mse", features=None,
             moves="auto", max_cost: float | None = None, second_start: bool | str = "auto",
-            ck: DPCheckpoint | None = None) -> TimestepTable:
+            ck: SearchCheckpoint | None = None) -> TimestepTable:
     """One budget's table from the shared pass (the refinement, in the default mode). ``ck`` saves the
-    refinement's progress and resumes it (:mod:`schedules.search.dp_resume`)."""
+    refinement's progress and resumes it (module docstring)."""
     moves = auto_moves(K) if moves == "auto" else moves
     g, dps, noise = sh.g, sh.dps, sh.noise
     t0 = time.perf_counter()
-    ck = ck or DPCheckpoint(None, "")
-    rec = ck.budget(nfe)
+    ck = ck or SearchCheckpoint(None, "dp", "")
+    rec = _budget_state(ck, nfe)
     base, prior_calls, prior_rebuild, rebuilt = getattr(adapter, "calls", 0), rec["calls"], rec["rebuild"], 0
 
     def total() -> int:  # model calls this budget has spent, over every run of a resumed search
@@ -534,7 +539,7 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
     ``second_start`` (``auto``: below 8 steps; True; False) also refines the best start at another start level
     when it is nearly as good, and keeps the better result (module docstring).
     ``checkpoint`` (a file path; None: none) saves the search as it goes and resumes it from there
-    (:mod:`schedules.search.dp_resume`).
+    (module docstring).
     """
     from schedules.search.objectives import feature_name
 
@@ -570,19 +575,20 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
                 second_start=second_start)
     if objective.startswith("data-"):  # a data objective's errors hold for that data only
         opts["data"] = data_key(adapter.name)
-    ck = open_checkpoint(checkpoint, search_key(adapter, nfes, solver, **opts), adapter)
-    if ck.shared is not None:
-        sh = _shared_from_state(adapter, ck.shared, samples=samples, seed=seed, substeps=substeps)
+    ck = open_checkpoint(checkpoint, "dp", search_key(adapter, "dp", nfes, solver, **opts), adapter)
+    tables = ck.state.setdefault("tables", {})
+    if ck.state.get("shared") is not None:
+        sh = _shared_from_state(adapter, ck.state["shared"], samples=samples, seed=seed, substeps=substeps)
     else:
         sh = _shared_pass(adapter, sorted(set(Ks.values())), solver, samples=samples, seed=seed, progress=progress,
                           mode=mode, grid=grid, grid_kind=grid_kind, micro_batch=micro_batch, late_weight=w,
                           substeps=substeps, student_start=student_start, student_corridor=student_corridor)
-        ck.shared = _shared_state(sh)
+        ck.state["shared"] = _shared_state(sh)
         ck.save()
     out = {}
     for nfe, K in Ks.items():
-        if nfe in ck.tables:  # finished by the run this one resumes
-            out[nfe] = TimestepTable.from_dict(ck.tables[nfe])
+        if nfe in tables:  # finished by the run this one resumes
+            out[nfe] = TimestepTable.from_dict(tables[nfe])
             if len(nfes) == 1:  # the search's cost, not this run's (which loaded it)
                 out[nfe].provenance.update(ck.spent())
             continue
@@ -592,7 +598,7 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
                            max_cost=max_cost, second_start=second_start, ck=ck)
         prov = out[nfe].provenance
         if len(nfes) > 1:
-            prov.update(model_calls=ck.budget(nfe)["calls"], shared_pass={
+            prov.update(model_calls=_budget_state(ck, nfe)["calls"], shared_pass={
                 "shared": True, "nfe": nfes, "model_calls": sh.calls, "seconds": round(sh.seconds, 3),
                 "note": "one reference and Bellman pass for every budget; model_calls excludes it"})
         if ck.path is not None:
@@ -601,9 +607,16 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
             prov["resumed"] = dict(ck.earlier)
             if len(nfes) == 1:
                 prov.update(ck.spent())
-        ck.tables[nfe] = out[nfe].to_dict()
+        tables[nfe] = out[nfe].to_dict()
         ck.save()
     return out
+
+
+def _budget_state(ck: SearchCheckpoint, nfe: int) -> dict:
+    """Budget ``nfe``'s refinement progress in ``ck`` (created empty): start errors, refined starts, the node
+    search being run, calls spent (``rebuild``: of them, rebuilding node states after a resume)."""
+    return ck.state.setdefault("finish", {}).setdefault(nfe, {"errs": None, "results": {}, "node": {}, "calls": 0,
+                                                              "rebuild": 0, "out_of_calls": False})
 
 
 def _shared_state(sh: _Shared) -> dict:

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from schedules.baselines import BASELINES, steps_for
@@ -343,9 +342,9 @@ def _config_key(adapter, nfe: int, solver: str, **options) -> str:
 def data_key(model_name: str) -> str:
     """A data objective's real data, by content (its fitness values hold for that data only)."""
     from schedules.search.objectives import model_data
+    from schedules.search.resume import tensor_key
 
-    x = model_data(model_name)[0].detach().to("cpu", torch.float32).contiguous()
-    return hashlib.sha256(json.dumps(list(x.shape)).encode() + x.numpy().tobytes()).hexdigest()[:16]
+    return tensor_key(model_data(model_name)[0])
 
 
 def evolution_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 64, seed: int = 0,
