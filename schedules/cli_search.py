@@ -92,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed of the search samples (evaluate on others)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, repeatable (dp: mode=refined|teacher|student, late_weight=1.15, checkpoint=PATH; "
-                        "karras: rho=7; shift: shift=3; evolution: generations=10, checkpoint=PATH; ays: ...)")
+                        "karras: rho=7; shift: shift=3; evolution: generations=10, checkpoint=PATH; ays: checkpoint=PATH, ...)")
     p.add_argument("--objective", default=None,
                    help="dp/evolution: what the search minimises on its samples against the teacher's: auto (default: "
                         "feature-mse when the model has a feature network or --features is given, else teacher-mse), "

@@ -224,9 +224,9 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
     ("evo-ckpt-dir", [*EVO, "--option", "checkpoint={tabledir}", "--out", OUT_JSON], "existing directory"),
     ("evo-ckpt-number", [*EVO, "--option", "checkpoint=5", "--out", OUT_JSON], "must be a file path"),
     # dp checkpoints, before any model call
-    ("dp-ckpt-table", [*SEARCH_DP, "--option", "checkpoint={ok}", "--out", OUT_JSON], "not a dp checkpoint"),
+    ("dp-ckpt-table", [*SEARCH_DP, "--option", "checkpoint={ok}", "--out", OUT_JSON], "not a checkpoint of method dp"),
     ("dp-ckpt-truncated", [*SEARCH_DP, "--option", "checkpoint={dp_trunc}", "--out", OUT_JSON], "is corrupt"),
-    ("dp-ckpt-evolution", [*SEARCH_DP, "--option", "checkpoint={evo_other}", "--out", OUT_JSON], "not a dp checkpoint"),
+    ("dp-ckpt-evolution", [*SEARCH_DP, "--option", "checkpoint={evo_other}", "--out", OUT_JSON], "not a checkpoint of method dp"),
     ("dp-ckpt-other-search", [*SEARCH_DP, "--option", "checkpoint={dp_other}", "--out", OUT_JSON], "another search"),
     ("dp-ckpt-old-version", [*SEARCH_DP, "--option", "checkpoint={dp_v0}", "--out", OUT_JSON], "version 0"),
     ("dp-ckpt-dir", [*SEARCH_DP, "--option", "checkpoint={tabledir}", "--out", OUT_JSON], "existing directory"),

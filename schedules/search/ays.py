@@ -82,7 +82,8 @@ from schedules.conventions import karras_sigmas
 from schedules.embedded import embedded_data
 from schedules.io import StepsmithError, check_sample_tensor, load_samples
 from schedules.search.common import check_finite, rollout
-from schedules.search.objectives import make_scorer, objective_kind, resolve_objective
+from schedules.search.objectives import feature_name, make_scorer, objective_kind, resolve_objective
+from schedules.search.resume import open_checkpoint, search_key, tensor_key
 from schedules.teacher import Teacher, teacher_sample
 
 KLUB_TOY2D_POINTS = 8192  # fresh two-moons points the KLUB pairs of toy2d are drawn from (seed 0)
@@ -221,19 +222,35 @@ def _log_candidates(lo: float, hi: float, n: int) -> list[float]:
 
 
 def coordinate_descent(klub: KLUB, ts: list[float], free: list[int], *, candidates: int = 11, max_sweeps: int = 6,
-                       metric=None, progress: bool = False) -> tuple[list[float], dict]:
+                       metric=None, progress: bool = False, resume: dict | None = None,
+                       on_step=None) -> tuple[list[float], dict]:
     """Coordinate-wise KLUB minimisation over the indices ``free`` of the descending EDM schedule ``ts``.
 
     ``metric(ts) -> float`` (lower is better) is measured after every sweep; the search stops when it
     stops improving and returns the best schedule by the metric (early stopping, as in the paper).
+    ``on_step(state)`` is called after every point and every sweep with the search's whole state; passed back
+    as ``resume``, the search goes on exactly from there (the KLUB's estimates are fixed by its seed, so the
+    same candidates get the same values; a state marked ``done`` returns its result at once).
     """
-    ts = list(ts)
-    history = []
-    best_ts, best_m = list(ts), (metric(ts) if metric else None)
-    history.append({"sweep": 0, "metric": best_m, "klub": None})
-    for sweep in tqdm(range(1, max_sweeps + 1), desc="ays", disable=not progress, leave=False):
-        moved = False
-        for i in free:
+    if resume is not None:
+        ts, best_ts, best_m = list(resume["ts"]), list(resume["best_ts"]), resume["best_m"]
+        history, first, pos, moved = list(resume["history"]), int(resume["sweep"]), int(resume["pos"]), resume["moved"]
+        if resume.get("done"):
+            return best_ts, {"history": history, "best_metric": best_m}
+    else:
+        ts = list(ts)
+        best_ts, best_m = list(ts), (metric(ts) if metric else None)
+        history, first, pos, moved = [{"sweep": 0, "metric": best_m, "klub": None}], 1, 0, False
+
+    def state(sweep: int, p: int, moved: bool, done: bool = False) -> dict:
+        return {"ts": list(ts), "best_ts": list(best_ts), "best_m": best_m, "history": list(history), "sweep": sweep,
+                "pos": p, "moved": moved, "done": done}
+
+    for sweep in tqdm(range(first, max_sweeps + 1), desc="ays", disable=not progress, leave=False):
+        if sweep > first or resume is None:
+            moved, pos = False, 0
+        for p in range(pos, len(free)):
+            i = free[p]
             hi, lo = ts[i - 1], ts[i + 1]
             cands = _log_candidates(lo, hi, candidates) + [ts[i]]
             vals = [klub.interval(lo, c) + klub.interval(c, hi) for c in cands]
@@ -241,16 +258,21 @@ def coordinate_descent(klub: KLUB, ts: list[float], free: list[int], *, candidat
             if cands[j] != ts[i] and vals[j] < vals[-1]:
                 ts[i] = cands[j]
                 moved = True
+            if on_step is not None:
+                on_step(state(sweep, p + 1, moved))
         m = metric(ts) if metric else None
         history.append({"sweep": sweep, "metric": m, "moved": moved})
+        stop = not moved
         if metric is not None:
             if m < best_m:
                 best_ts, best_m = list(ts), m
             else:
-                break
+                stop = True
         else:
             best_ts = list(ts)
-        if not moved:
+        if on_step is not None:
+            on_step(state(sweep + 1, 0, False, done=stop or sweep == max_sweeps))  # the next sweep starts unmoved
+        if stop:
             break
     return best_ts, {"history": history, "best_metric": best_m}
 
@@ -282,25 +304,46 @@ def _to_count(ts: list[float], n_pts: int, conv=None) -> list[float]:
 
 
 def _hierarchical(klub: KLUB, init, n_pts: int | None, *, base: int, candidates: int, max_sweeps: int, metric,
-                 progress: bool, levels: int = 2, small: str = "interp") -> tuple[list[float], dict]:
+                 progress: bool, levels: int = 2, small: str = "interp", run: dict | None = None,
+                 save=None) -> tuple[list[float], dict]:
     """``n_pts`` descending EDM points (``init(n)`` gives the starting n), as the paper: optimise ``base`` points
     (10 steps) with early stopping on ``metric``, subdivide ``levels`` times at log-midpoints (10 → 20 → 40)
     optimising only the new points (more levels while fewer than ``n_pts``), and reach ``n_pts`` by log-linear
     interpolation (``n_pts=None``: the finest list itself). ``small="direct"`` optimises a count at most ``base``
-    directly instead (with early stopping)."""
+    directly instead (with early stopping).
+
+    ``run`` (a dict this function fills in) is the search's progress — the stage reached, the schedule it starts
+    from, the running coordinate descent's state — and ``save()`` is called whenever it changes; passed back
+    with a resumed search's ``run``, the search goes on exactly where it stopped."""
     if n_pts is not None and n_pts < 3:  # nothing interior to optimise
         return init(n_pts), {"history": [], "best_metric": None}
+    run = {} if run is None else run
+
+    def on_step(state: dict) -> None:
+        run["cd"] = state
+        save()
+
+    def descend(ts: list[float], free: list[int], metric_fn):
+        return coordinate_descent(klub, ts, free, candidates=candidates, max_sweeps=max_sweeps, metric=metric_fn,
+                                  progress=progress, resume=run.get("cd"), on_step=on_step if save else None)
+
     m0 = n_pts if (n_pts is not None and small == "direct" and n_pts <= base) else base
-    ts, stage = coordinate_descent(klub, init(m0), list(range(1, m0 - 1)), candidates=candidates,
-                                   max_sweeps=max_sweeps, metric=metric, progress=progress)
+    if run.get("stage", 0) == 0:
+        ts, stage = descend(init(m0), list(range(1, m0 - 1)), metric)
+        run.update(stage=1, ts=ts, stage0=stage, cd=None)
+        if save:
+            save()
+    ts, stage = list(run["ts"]), run["stage0"]
     if m0 == n_pts:
         return ts, stage
-    level = 0
+    level = run["stage"] - 1
     while level < levels or len(ts) < (n_pts or 0):
         ts, new = subdivide(ts)
-        ts, _ = coordinate_descent(klub, ts, [i for i in new if 0 < i < len(ts) - 1], candidates=candidates,
-                                   max_sweeps=max_sweeps, metric=None, progress=progress)
+        ts, _ = descend(ts, [i for i in new if 0 < i < len(ts) - 1], None)
         level += 1
+        run.update(stage=level + 1, ts=ts, cd=None)
+        if save:
+            save()
     return (ts if n_pts is None else _to_count(ts, n_pts)), stage
 
 
@@ -383,7 +426,7 @@ def ays_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int 
                draws: int = 2, candidates: int = 11, max_sweeps: int = 6, base: int = 11, last: str = "zero",
                early_stop: bool = True, teacher_steps: int = 100, c: float = 0.5, x0: str = "auto",
                data: torch.Tensor | str | None = None, init: str = "auto", objective: str | None = None, features=None,
-               levels: int = 2, small: str = "interp"):
+               levels: int = 2, small: str = "interp", checkpoint: str | None = None):
     """Align-Your-Steps tables for each budget in ``nfes`` from one optimisation (the 40-step list is shared; only
     ``small="direct"`` counts below ``base`` are optimised on their own).
 
@@ -394,6 +437,11 @@ def ays_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int 
     ``init``: ``auto`` | ``uniform`` | ``rho7`` (:func:`init_nodes`). ``objective`` / ``features``: the early-stopping
     sample metric against the teacher on the search noises (default ``auto``: feature-mse on embedded models).
     ``base`` points (11: the paper's 10 steps) are optimised first, then ``levels`` subdivisions.
+    ``checkpoint`` (a file path; None: none) saves the search as it goes and resumes it: the teacher's samples
+    after the reference pass, the coordinate descent after every point and sweep, each finished stage; a resumed
+    search ends with exactly the uninterrupted tables (the KLUB's estimates are fixed by its seed). Its cached
+    anchor evaluations (one latent per sample and node or candidate: too large to keep) are the only work done
+    twice, at most one per node and candidate of the level it resumes in (:mod:`schedules.search.resume`).
     """
     conv = adapter.convention
     if last not in ("sigma_min", "zero"):
@@ -410,13 +458,26 @@ def ays_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int 
     init_name = init_kind(init)
     objective_name = resolve_objective(objective, getattr(adapter, "name", None), features)
     x_data, data_src = (None, None) if x0 == "teacher" else data_samples(adapter, data, samples, seed, x0 == "data")
+    key = search_key(adapter, "ays", list(nfes), solver, samples=samples, seed=seed, draws=draws, candidates=candidates,
+                     max_sweeps=max_sweeps, base=base, last=last, early_stop=early_stop, teacher_steps=teacher_steps,
+                     c=c, x0=x0, data=None if x_data is None else tensor_key(x_data), init=init_name,
+                     objective=objective_name, features=feature_name(objective_name, getattr(adapter, "name", None),
+                                                                     features, check_data=False),
+                     levels=levels, small=small)
+    ck = open_checkpoint(checkpoint, "ays", key, adapter)
     t0 = time.perf_counter()
     noise = adapter.noise(samples, seed)
     teacher = Teacher("heun", teacher_steps)
-    target = teacher_sample(adapter, noise, teacher, batch_size=16).x
-    check_finite(target, "the reference trajectory")
-    t_ref = time.perf_counter() - t0
-    calls_ref = adapter.calls
+    if "reference" in ck.state:
+        ref = ck.state["reference"]
+        target, t_ref, calls_ref = ref["target"], ref["seconds"], ref["calls"]
+    else:
+        target = teacher_sample(adapter, noise, teacher, batch_size=16).x
+        check_finite(target, "the reference trajectory")
+        t_ref = time.perf_counter() - t0
+        calls_ref = adapter.calls
+        ck.state["reference"] = {"target": target, "seconds": t_ref, "calls": calls_ref}
+        ck.save()
     score, oprov = make_scorer(objective_name, target, model_name=getattr(adapter, "name", None), features=features)
     if x_data is None:
         x_data, data_src = target.to(noise.dtype), f"teacher outputs ({teacher.name}) on the search noises (fallback)"
@@ -431,21 +492,26 @@ def ays_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int 
     def metric(ts: list[float]) -> float:
         return score(rollout(adapter, solver, to_sigmas(ts), x=noise))
 
-    def search(n_pts: int | None):
-        return _hierarchical(klub, lambda n: init_nodes(adapter, n, init_name), n_pts, base=base, candidates=candidates,
-                             max_sweeps=max_sweeps, metric=metric if early_stop else None, progress=progress,
-                             levels=levels, small=small)
+    cache: dict = ck.state.setdefault("searches", {})  # finished searches: n_pts (None: the shared one) → (ts, info)
+    running: dict = ck.state.setdefault("running", {})  # their progress while they run (_hierarchical's run)
 
-    cache: dict = {}
+    def search(n_pts: int | None):
+        out = _hierarchical(klub, lambda n: init_nodes(adapter, n, init_name), n_pts, base=base, candidates=candidates,
+                            max_sweeps=max_sweeps, metric=metric if early_stop else None, progress=progress,
+                            levels=levels, small=small, run=running.setdefault(n_pts, {}),
+                            save=ck.save if ck.path is not None else None)
+        cache[n_pts] = out
+        running.pop(n_pts, None)
+        ck.save()
+        return out
+
     tables = []
     for nfe in nfes:
         K = steps_for(adapter, nfe, solver)
         n_pts = K if last == "sigma_min" else K + 1  # K evaluated nodes (+ the σ_min end point when last == "zero")
         own = n_pts < 3 or (small == "direct" and n_pts <= base)
         key = n_pts if own else None
-        if key not in cache:
-            cache[key] = search(key)
-        ts, info = cache[key]
+        ts, info = cache[key] if key in cache else search(key)
         finest = None if own else [None if math.isinf(v) else v for v in ts]
         ts = ts if own else _to_count(ts, n_pts, conv)
         prov = {"klub_draws": draws, "candidates": candidates, "base": base, "levels": levels, "small": small,
@@ -455,8 +521,14 @@ def ays_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int 
                 "objective_kind": objective_kind(objective_name, oprov["features"], teacher.name),
                 "edm_schedule": [None if math.isinf(v) else v for v in ts], "finest_edm_schedule": finest}
         nodes = conv.from_edm(torch.tensor(ts[:K], dtype=torch.float64)).tolist()
+        if ck.path is not None:
+            prov["checkpoint"] = str(ck.path)
+        if ck.resumed:  # the whole search's cost, this run and the runs it resumed (make_table keeps these)
+            prov["resumed"] = dict(ck.earlier)
         t = table_from_nodes(adapter, nodes, solver, "ays", provenance=prov)
         t.objective = float(metric(ts))
+        if ck.resumed and len(nfes) == 1:
+            t.provenance.update(ck.spent())
         tables.append(t)
     return tables
 

@@ -60,9 +60,9 @@ def read_checkpoint(path: Path, method: str, key: str) -> dict | None:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, foreign or a pickle with objects weights_only refuses
-        raise _refuse(path, f"is corrupt or not a {method} checkpoint ({type(exc).__name__})") from None
+        raise _refuse(path, f"is corrupt or not a checkpoint of method {method} ({type(exc).__name__})") from None
     if not isinstance(saved, dict) or saved.get("format") != checkpoint_format(method):
-        raise _refuse(path, f"is not a {method} checkpoint")
+        raise _refuse(path, f"is not a checkpoint of method {method}")
     if saved.get("version") != VERSION:
         raise _refuse(path, f"has format version {saved.get('version')!r}; this stepsmith reads version {VERSION}")
     if saved.get("key") != key:

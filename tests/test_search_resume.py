@@ -1,6 +1,8 @@
-"""A dp search killed anywhere resumes from its checkpoint and ends with exactly the uninterrupted tables."""
+"""A dp or ays search killed anywhere resumes from its checkpoint and ends with exactly the uninterrupted tables."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -33,13 +35,14 @@ def killed_after(adapter, calls: int):
     return adapter
 
 
-def run_until_done(model: str, nfe: list[int], solver: str, ck, first_kill: int, step: int, **opts):
+def run_until_done(model: str, nfe: list[int], solver: str, ck, first_kill: int, step: int, method: str = "dp",
+                   **opts):
     """Kill the search at ``first_kill`` calls, then every ``step`` calls after each restart, until it ends."""
     kills, limit = 0, first_kill
     while kills < 30:
         ad = killed_after(load_model(model), limit)
         try:
-            return make_tables(ad, "dp", nfe, solver, checkpoint=str(ck), **opts), kills
+            return make_tables(ad, method, nfe, solver, checkpoint=str(ck), **opts), kills
         except Killed:
             kills += 1
             limit = ad.calls + step
@@ -62,7 +65,7 @@ def test_killed_anywhere_resumes_to_the_same_tables(tmp_path, solver, nfe, opts)
     ad = load_model(TOY)
     full = make_tables(ad, "dp", nfe, solver, **o)
     n, shared = ad.calls, full[nfe[0]].provenance["shared_pass"]["model_calls"]
-    for frac in (0.3, 0.55, 0.8, 0.95):  # in the shared pass, the starts, the refinement, between budgets
+    for frac in (0.3, 0.6, 0.9):  # in the shared pass, the starts or the refinement, between budgets
         ck = tmp_path / f"{solver}-{frac}.pt"
         # after a restart, the shared pass again (unless saved) and a sixth of the search before the next kill
         got, kills = run_until_done(TOY, nfe, solver, ck, int(n * frac), shared + n // 6, **o)
@@ -147,9 +150,79 @@ def test_refinement_resumed_from_any_node_ends_the_same(moves):
 
 
 def test_the_resume_benchmark_runs_and_checks_its_tables():
-    from benchmarks.dp_resume import ResumeConfig, run
+    from benchmarks.resume import ResumeConfig, run
 
     res = run(ResumeConfig(model=TOY, solver="euler", nfe=3, samples=8, options={"grid": 20}, kill_at=0.7))
     assert res["resumed"]["same_table"] and res["with_checkpoint"]["same_table"]
     assert res["resumed"]["model_calls"] < res["plain"]["model_calls"]
     assert res["resumed"]["table_model_calls"] == res["resumed"]["saved_model_calls"] + res["resumed"]["model_calls"]
+
+
+# --------------------------------------------------------------------------- ays
+
+AYS = dict(samples=8, draws=1, candidates=4, max_sweeps=3, teacher_steps=12)
+
+
+@pytest.mark.parametrize("opts", [{}, {"small": "direct", "last": "sigma_min", "early_stop": False}])
+def test_ays_killed_anywhere_resumes_to_the_same_tables(tmp_path, opts):
+    o = {**AYS, **opts}
+    ad = load_model(TOY)
+    full = make_tables(ad, "ays", [2, 4, 6], "euler", **o)
+    n = ad.calls
+    ref = 2 * o["teacher_steps"]  # the reference pass (Heun) must fit between two kills
+    for frac in (0.02, 0.45, 0.85):  # in the reference pass, the 10-step stage, the subdivisions, the last budget
+        ck = tmp_path / f"ays-{frac}.pt"
+        got, kills = run_until_done(TOY, [2, 4, 6], "euler", ck, int(n * frac), ref + n // 5, method="ays", **o)
+        assert kills >= 1 and all(got[k].sigmas == full[k].sigmas and got[k].objective == full[k].objective
+                                  and got[k].provenance["history"] == full[k].provenance["history"] for k in got), frac
+
+
+def test_ays_resumed_search_spends_only_what_was_left(tmp_path):
+    ad = load_model(TOY)
+    full = make_table(ad, "ays", 6, **AYS)
+    n = ad.calls
+    ck = tmp_path / "ays.pt"
+    with pytest.raises(Killed):
+        make_table(killed_after(load_model(TOY), int(n * 0.7)), "ays", 6, checkpoint=str(ck), **AYS)
+    saved = torch.load(ck, weights_only=True)
+    assert saved["format"] == checkpoint_format("ays") and "target" in saved["state"]["reference"]
+    second = load_model(TOY)
+    resumed = make_table(second, "ays", 6, checkpoint=str(ck), **AYS)
+    assert resumed.sigmas == full.sigmas
+    # what was left, and again the KLUB's anchor evaluations it had cached (at most one per node and candidate of
+    # the 41-point level), which a checkpoint does not keep
+    left = n - saved["spent"]["model_calls"]
+    assert left <= second.calls <= left + 41 * (AYS["candidates"] + 1) < n
+    assert resumed.provenance["resumed"]["model_calls"] == saved["spent"]["model_calls"]
+    assert resumed.provenance["model_calls"] == saved["spent"]["model_calls"] + second.calls
+
+
+def test_ays_checkpoint_holds_only_for_its_data_and_method(tmp_path):
+    ck = tmp_path / "ays.pt"
+    data = torch.randn(64, 2)
+    make_table(load_model(TOY), "ays", 4, checkpoint=str(ck), data=data, **AYS)
+    ad = load_model(TOY)
+    with pytest.raises(StepsmithError, match="another search"):
+        make_table(ad, "ays", 4, checkpoint=str(ck), data=data + 1, **AYS)
+    with pytest.raises(StepsmithError, match="not a checkpoint of method dp"):
+        make_table(ad, "dp", 4, checkpoint=str(ck), **OPTS)
+    assert ad.calls == 0
+
+
+def test_coordinate_descent_resumed_from_any_step_ends_the_same():
+    from schedules.search.ays import KLUB, coordinate_descent
+
+    ad = load_model(TOY)
+    klub = KLUB(ad, torch.randn(16, 2), draws=1, seed=0)
+    ts = [80.0, 20.0, 5.0, 1.0, 0.2, 0.05, 0.01]
+    free = list(range(1, len(ts) - 1))
+
+    def metric(t: list[float]) -> float:  # a sample metric of the schedule alone, so a resume sees the same values
+        return sum(math.log(a / b) ** 2 for a, b in zip(t, [80.0, 12.0, 3.0, 0.8, 0.3, 0.05, 0.01]))
+
+    states: list[dict] = []
+    full = coordinate_descent(klub, ts, free, candidates=4, max_sweeps=6, metric=metric, on_step=states.append)
+    assert len(states) > len(free) and states[-1]["done"]
+    for st in states:
+        got = coordinate_descent(klub, ts, free, candidates=4, max_sweeps=6, metric=metric, resume=st)
+        assert got == full, st

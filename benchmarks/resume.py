@@ -1,4 +1,4 @@
-"""What a dp checkpoint costs and saves: one search run three ways, side by side in one process.
+"""What a search checkpoint (dp or ays) costs and saves: one search run three ways, side by side in one process.
 
 1. the search without a checkpoint;
 2. the same search writing its checkpoint (``checkpoint=PATH``): the cost of saving;
@@ -6,7 +6,8 @@
    checkpoint: the calls the resumed run spends (what was left, plus one rollout to rebuild the refined path's
    node states), and whether it ends on the first run's table::
 
-    python -m benchmarks.dp_resume --model builtin:digits-ddpm --solver ddim --nfe 8
+    python -m benchmarks.resume --model builtin:digits-ddpm --solver ddim --nfe 8
+    python -m benchmarks.resume --method ays --options '{"draws": 1, "candidates": 9, "max_sweeps": 3, "teacher_steps": 50}'
 
 After an untimed warm-up search (2 samples, no refinement: imports and first calls), prints one JSON line with
 each run's calls and seconds and the ratios; single-threaded unless ``--threads``; exit 1 if a table differs.
@@ -30,6 +31,7 @@ from benchmarks.options import add_config_args, config_from_args
 class ResumeConfig:
     """The search to measure (the bench's dp options by default) and where the kill lands."""
 
+    method: str = field(default="dp", metadata={"help": "dp or ays"})
     model: str = "builtin:digits-ddpm"
     solver: str = "ddim"
     nfe: int = 8
@@ -61,7 +63,7 @@ def _search(cfg: ResumeConfig, checkpoint: str | None = None, kill_after: int | 
         adapter.network = killed
     t0 = time.perf_counter()
     try:
-        table = make_table(adapter, "dp", cfg.nfe, cfg.solver, samples=cfg.samples, seed=cfg.seed,
+        table = make_table(adapter, cfg.method, cfg.nfe, cfg.solver, samples=cfg.samples, seed=cfg.seed,
                            checkpoint=checkpoint, **cfg.options)
     except Killed:
         table = None
@@ -92,7 +94,7 @@ def run(cfg: ResumeConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.dp_resume", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.resume", description=__doc__.split("\n\n")[0])
     add_config_args(p, ResumeConfig)
     res = run(config_from_args(ResumeConfig, p.parse_args(argv)))
     print(json.dumps(res))
