@@ -47,20 +47,27 @@ class Killed(Exception):
     """The simulated kill of the search process."""
 
 
+def killed_after(adapter, calls: int):
+    """``adapter`` whose network raises :class:`Killed` once its call counter reaches ``calls`` (a process killed
+    mid-search)."""
+    network = adapter.network
+
+    def killed(x, t):
+        if adapter.calls >= calls:
+            raise Killed
+        return network(x, t)
+
+    adapter.network = killed
+    return adapter
+
+
 def _search(cfg: ResumeConfig, checkpoint: str | None = None, kill_after: int | None = None):
     from schedules.adapters import load_model
     from schedules.search import make_table
 
     adapter = load_model(cfg.model)
     if kill_after is not None:
-        network = adapter.network
-
-        def killed(x, t):
-            if adapter.calls >= kill_after:
-                raise Killed
-            return network(x, t)
-
-        adapter.network = killed
+        killed_after(adapter, kill_after)
     t0 = time.perf_counter()
     try:
         table = make_table(adapter, cfg.method, cfg.nfe, cfg.solver, samples=cfg.samples, seed=cfg.seed,

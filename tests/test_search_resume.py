@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from benchmarks.resume import Killed, killed_after
 from schedules.adapters import load_model
 from schedules.io import StepsmithError
 from schedules.search import make_table, make_tables
@@ -16,23 +17,6 @@ from tests.test_search_evolution import gaussian_adapter
 
 TOY = "builtin:toy2d-flow"
 OPTS = dict(samples=16, grid=30, candidates=4, max_sweeps=2)
-
-
-class Killed(Exception):
-    pass
-
-
-def killed_after(adapter, calls: int):
-    """``adapter`` whose network raises once its call counter reaches ``calls`` (a process killed mid-search)."""
-    net = adapter.network
-
-    def network(x, t):
-        if adapter.calls >= calls:
-            raise Killed
-        return net(x, t)
-
-    adapter.network = network
-    return adapter
 
 
 def run_until_done(model: str, nfe: list[int], solver: str, ck, first_kill: int, step: int, method: str = "dp",

@@ -83,7 +83,7 @@ from schedules.embedded import embedded_data
 from schedules.io import StepsmithError, check_sample_tensor, load_samples
 from schedules.search.common import check_finite, rollout
 from schedules.search.objectives import feature_name, make_scorer, objective_kind, resolve_objective
-from schedules.search.resume import open_checkpoint, search_key, tensor_key
+from schedules.search.resume import checkpoint_key, open_checkpoint, tensor_key
 from schedules.teacher import Teacher, teacher_sample
 
 KLUB_TOY2D_POINTS = 8192  # fresh two-moons points the KLUB pairs of toy2d are drawn from (seed 0)
@@ -458,12 +458,11 @@ def ays_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int 
     init_name = init_kind(init)
     objective_name = resolve_objective(objective, getattr(adapter, "name", None), features)
     x_data, data_src = (None, None) if x0 == "teacher" else data_samples(adapter, data, samples, seed, x0 == "data")
-    key = search_key(adapter, "ays", list(nfes), solver, samples=samples, seed=seed, draws=draws, candidates=candidates,
-                     max_sweeps=max_sweeps, base=base, last=last, early_stop=early_stop, teacher_steps=teacher_steps,
-                     c=c, x0=x0, data=None if x_data is None else tensor_key(x_data), init=init_name,
-                     objective=objective_name, features=feature_name(objective_name, getattr(adapter, "name", None),
-                                                                     features, check_data=False),
-                     levels=levels, small=small)
+    fname = feature_name(objective_name, getattr(adapter, "name", None), features, check_data=False)
+    key = checkpoint_key(adapter, method="ays", nfe=list(nfes), solver=solver, samples=samples, seed=seed, draws=draws,
+                         candidates=candidates, max_sweeps=max_sweeps, base=base, last=last, early_stop=early_stop,
+                         teacher_steps=teacher_steps, c=c, x0=x0, data=None if x_data is None else tensor_key(x_data),
+                         init=init_name, objective=objective_name, features=fname, levels=levels, small=small)
     ck = open_checkpoint(checkpoint, "ays", key, adapter)
     t0 = time.perf_counter()
     noise = adapter.noise(samples, seed)

@@ -188,7 +188,7 @@ from schedules.search.dp import (
 )
 from schedules.search.evolution import data_key, snap_genome
 from schedules.search.objectives import DEFAULT_OBJECTIVE, make_scorer, objective_kind, resolve_objective
-from schedules.search.resume import SearchCheckpoint, open_checkpoint, search_key
+from schedules.search.resume import SearchCheckpoint, checkpoint_key, open_checkpoint
 from schedules.table import TimestepTable
 from schedules.teacher import Teacher
 
@@ -549,7 +549,7 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
                              param="moves")
     objective = resolve_objective(objective, adapter.name, features) if variant is None and mode == "refined" \
         else "teacher-mse"
-    feature_name(objective, adapter.name, features)  # refuse before any model call
+    fname = feature_name(objective, adapter.name, features)  # refuse before any model call
     nfes = list(dict.fromkeys(int(v) for v in nfes))
     if variant is not None:
         if checkpoint is not None:
@@ -570,12 +570,13 @@ def dp_tables(adapter, nfes: list[int], solver: str = "euler", *, samples: int =
     Ks = {nfe: steps_for(adapter, nfe, solver) for nfe in nfes}
     opts = dict(samples=samples, seed=seed, mode=mode, grid=grid, grid_kind=grid_kind, micro_batch=micro_batch,
                 late_weight=w, substeps=substeps, candidates=candidates, max_sweeps=max_sweeps, free_start=free_start,
-                objective=objective, features=feature_name(objective, adapter.name, features), moves=moves,
+                objective=objective, features=fname, moves=moves,
                 student_start=student_start, student_corridor=student_corridor, max_cost=max_cost,
                 second_start=second_start)
     if objective.startswith("data-"):  # a data objective's errors hold for that data only
         opts["data"] = data_key(adapter.name)
-    ck = open_checkpoint(checkpoint, "dp", search_key(adapter, "dp", nfes, solver, **opts), adapter)
+    ck = open_checkpoint(checkpoint, "dp", checkpoint_key(adapter, method="dp", nfe=nfes, solver=solver, **opts),
+                         adapter)
     tables = ck.state.setdefault("tables", {})
     if ck.state.get("shared") is not None:
         sh = _shared_from_state(adapter, ck.state["shared"], samples=samples, seed=seed, substeps=substeps)

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from schedules.search.common import (
     rollout,
     search_teacher,
 )
+from schedules.search.resume import checkpoint_key, cost_counter, tensor_key
 from schedules.table import TimestepTable
 from schedules.teacher import Teacher, teacher_sample
 
@@ -313,36 +313,14 @@ def _earlier_cost(checkpoint: str | Path | None, key: str) -> dict:
     return spent if isinstance(spent, dict) else {}
 
 
-def _cost_counter(adapter, earlier: dict) -> Callable[[], dict]:
-    """``spent()``: model calls and seconds since now plus ``earlier`` (a resumed search's first part)."""
-    calls0, t0 = getattr(adapter, "calls", 0), time.perf_counter()
-    prev_calls, prev_s = int(earlier.get("model_calls", 0)), float(earlier.get("seconds", 0.0))
-
-    def spent() -> dict:
-        return {"model_calls": prev_calls + getattr(adapter, "calls", 0) - calls0,
-                "seconds": round(prev_s + time.perf_counter() - t0, 3)}
-
-    return spent
-
-
 def _resumed_cost(spent: Callable[[], dict], earlier: dict) -> dict:
     """For a resumed search, the whole search's model calls and seconds (make_table keeps these)."""
     return {**spent(), "resumed": dict(earlier)} if earlier else {}
 
 
-def _config_key(adapter, nfe: int, solver: str, **options) -> str:
-    """What a checkpoint must match to be resumed: the model, its conditioning (condition set, guidance, size, ...:
-    the fitness values in a checkpoint hold only for them), the budget and every search option."""
-    cond = getattr(adapter, "conditioning", None)
-    extra = {} if cond is None else {"conditioning": cond.describe()}
-    src = json.dumps({"model": adapter.name, "nfe": nfe, "solver": solver, **extra, **options}, sort_keys=True)
-    return hashlib.sha256(src.encode()).hexdigest()[:16]
-
-
 def data_key(model_name: str) -> str:
     """A data objective's real data, by content (its fitness values hold for that data only)."""
     from schedules.search.objectives import model_data
-    from schedules.search.resume import tensor_key
 
     return tensor_key(model_data(model_name)[0])
 
@@ -375,13 +353,13 @@ def evolution_table(adapter, nfe: int, solver: str = "euler", *, samples: int = 
     n = len(g) - 1
     if K > n:
         raise StepsmithError(f"NFE {nfe} ({K} steps) does not fit a grid of {n + 1} nodes; lower --nfe or raise --grid")
-    key = _config_key(adapter, nfe, solver, seed=seed, samples=samples, grid=n, kind=grid_kind, population=population,
+    key = checkpoint_key(adapter, nfe=nfe, solver=solver, seed=seed, samples=samples, grid=n, kind=grid_kind, population=population,
                       generations=generations, elite=elite, pm=p_mutation, pc=p_crossover, fix_start=fix_start,
                       custom_fitness=fitness is not None,
                       **({} if objective == "teacher-mse" else {"objective": objective, "features": fname}),
                       **({"data": data_key(adapter.name)} if objective.startswith("data-") else {}))
     earlier = _earlier_cost(checkpoint, key)
-    spent = _cost_counter(adapter, earlier)
+    spent = cost_counter(adapter, earlier)
     t0 = time.perf_counter()
     teacher, fit, oprov = (None, fitness, {}) if fitness is not None else \
         _teacher_fitness(adapter, solver, g, samples, seed, objective, features)

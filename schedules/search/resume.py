@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,13 +32,13 @@ def checkpoint_format(method: str) -> str:
     return f"stepsmith-{method}-checkpoint"
 
 
-def search_key(adapter, method: str, nfes: list[int], solver: str, **options) -> str:
-    """What a checkpoint must match to be resumed: the method, the model, its conditioning (the saved errors hold
-    only for it), the budgets, the solver and every search option."""
+def checkpoint_key(adapter, **fields) -> str:
+    """What a checkpoint must match to be resumed, as a short hash: the model, its conditioning (condition set,
+    guidance, size: the saved errors and fitness values hold only for them) and ``fields`` (the method, budgets,
+    solver and every search option). Every resumable search (dp, ays, evolution) keys its checkpoint with it."""
     cond = getattr(adapter, "conditioning", None)
     extra = {} if cond is None else {"conditioning": cond.describe()}
-    src = json.dumps({"method": method, "model": getattr(adapter, "name", None), "nfe": list(nfes), "solver": solver,
-                      **extra, **options}, sort_keys=True, default=repr)
+    src = json.dumps({"model": getattr(adapter, "name", None), **extra, **fields}, sort_keys=True, default=repr)
     return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
@@ -45,6 +46,18 @@ def tensor_key(x: torch.Tensor) -> str:
     """A tensor's content as a short hash (data a search's errors hold for)."""
     x = x.detach().to("cpu", torch.float32).contiguous()
     return hashlib.sha256(json.dumps(list(x.shape)).encode() + x.numpy().tobytes()).hexdigest()[:16]
+
+
+def cost_counter(adapter, earlier: dict) -> Callable[[], dict]:
+    """``spent()``: model calls and seconds since now plus ``earlier`` (what the runs a search resumes spent)."""
+    calls0, t0 = getattr(adapter, "calls", 0), time.perf_counter()
+    prev_calls, prev_s = int(earlier.get("model_calls", 0)), float(earlier.get("seconds", 0.0))
+
+    def spent() -> dict:
+        return {"model_calls": prev_calls + getattr(adapter, "calls", 0) - calls0,
+                "seconds": round(prev_s + time.perf_counter() - t0, 3)}
+
+    return spent
 
 
 def _refuse(path: Path, why: str) -> StepsmithError:
@@ -81,19 +94,11 @@ class SearchCheckpoint:
     key: str
     state: dict = field(default_factory=dict)
     earlier: dict = field(default_factory=dict)  # model calls and seconds of the runs this one resumes
-    _calls0: int = 0
-    _t0: float = 0.0
-    _adapter: object = None
+    spent: Callable[[], dict] = dict  # the whole search's cost so far, this run and the ones it resumed
 
     @property
     def resumed(self) -> bool:
         return bool(self.earlier)
-
-    def spent(self) -> dict:
-        """Model calls and seconds of the whole search so far, this run and the ones it resumed."""
-        calls = int(self.earlier.get("model_calls", 0)) + getattr(self._adapter, "calls", 0) - self._calls0
-        return {"model_calls": calls,
-                "seconds": round(float(self.earlier.get("seconds", 0.0)) + time.perf_counter() - self._t0, 3)}
 
     def save(self) -> None:
         if self.path is None or not current_dist().main:
@@ -105,18 +110,17 @@ class SearchCheckpoint:
 def open_checkpoint(checkpoint: str | Path | None, method: str, key: str, adapter) -> SearchCheckpoint:
     """The checkpoint of this search: read from ``checkpoint`` when the file exists (refused when it is not this
     search's), else empty. ``checkpoint=None`` gives one that never writes."""
-    calls0, t0 = getattr(adapter, "calls", 0), time.perf_counter()
     if checkpoint is None:
-        return SearchCheckpoint(None, method, key, _calls0=calls0, _t0=t0, _adapter=adapter)
+        return SearchCheckpoint(None, method, key, spent=cost_counter(adapter, {}))
     if not isinstance(checkpoint, (str, Path)) or not str(checkpoint).strip():
         raise StepsmithError(f"`checkpoint` must be a file path, got {checkpoint!r}", param="checkpoint")
     path = check_output_path(checkpoint, param="checkpoint")
     saved = read_checkpoint(path, method, key)
     if saved is None:
-        return SearchCheckpoint(path, method, key, _calls0=calls0, _t0=t0, _adapter=adapter)
-    spent = saved.get("spent")
-    return SearchCheckpoint(path, method, key, saved["state"], spent if isinstance(spent, dict) else {"model_calls": 0},
-                            calls0, t0, adapter)
+        return SearchCheckpoint(path, method, key, spent=cost_counter(adapter, {}))
+    earlier = saved.get("spent") if isinstance(saved.get("spent"), dict) else {"model_calls": 0}
+    return SearchCheckpoint(path, method, key, saved["state"], earlier, cost_counter(adapter, earlier))
 
 
-__all__ = ["SearchCheckpoint", "checkpoint_format", "open_checkpoint", "read_checkpoint", "search_key", "tensor_key"]
+__all__ = ["SearchCheckpoint", "checkpoint_format", "checkpoint_key", "cost_counter", "open_checkpoint",
+           "read_checkpoint", "tensor_key"]
