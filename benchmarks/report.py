@@ -304,7 +304,43 @@ def _search_cost(quality: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {res['name']} | {c['method']} | {c['nfe']} | {c['model_calls']} | {c['seconds']:.1f} | "
                          f"{_fmt(c['peak_rss_mb'], 3)} | {_fmt(c.get('dp_over_reference'), 3)} | "
                          f"{_fmt(c.get('search_over_reference'), 3)} |")
-    return lines + [""]
+    return lines + [""] + _cost_target(quality)
+
+
+COST_TARGET = 2.5  # the default dp search's budget in reference passes (issue 12, item 4)
+COST_ROWS = ("dp", "dp-max-cost", "olss")
+
+
+def _cost_target(quality: list[dict[str, Any]]) -> list[str]:
+    """Search cost beside held-out quality for the default dp, the same search capped at :data:`COST_TARGET`
+    reference passes and olss, per config and NFE, and how many default-dp cells keep to the target."""
+    from eval.report import grid_table
+
+    lines = [f"**Search cost beside held-out quality** (target: default dp ≤ {COST_TARGET:g}× its reference pass). "
+             "Each cell: search ÷ reference pass, then the held-out P1 metric of that cell.", "",
+             "| config | NFE | " + " | ".join(COST_ROWS) + " |", "|---|---|" + "---|" * len(COST_ROWS)]
+    met, missed = 0, []
+    for res in quality:
+        _, _, cells = grid_table(res["report"])
+        cost = {(c["method"], str(c["nfe"])): c.get("search_over_reference") for c in res["costs"] if "skipped" not in c}
+        for nfe in res["report"]["nfe"]:
+            row = [(cost.get((m, str(nfe))), cells.get((m, nfe))) for m in COST_ROWS]
+            if all(r is None for r, _ in row):
+                continue
+            dp_ratio = row[0][0]
+            if dp_ratio is not None:
+                if dp_ratio <= COST_TARGET:
+                    met += 1
+                else:
+                    missed.append(f"{res['name']} NFE {nfe} ({dp_ratio:.3g}×)")
+            lines.append(f"| {res['name']} | {nfe} | " + " | ".join(
+                "–" if r is None else f"{_fmt(r, 3)}× · {_fmt(v)}" for r, v in row) + " |")
+    total = met + len(missed)
+    if not total:
+        return []
+    lines += ["", f"Default dp at ≤ {COST_TARGET:g} reference passes: {met} of {total} cells."
+              + (f" Over it: {'; '.join(missed)}." if missed else ""), ""]
+    return lines
 
 
 def _overhead(overhead: list[dict[str, Any]]) -> list[str]:

@@ -267,3 +267,16 @@ def test_merge_lets_a_rows_run_replace_its_config(tmp_path):
     full = write(tmp_path / "f", [_config([("dp", 2.0, 0.9), ("uniform", 10.0, 0.3)])], "stepsmith bench --only m-euler")
     res = merge([merged, full], tmp_path / "out3")  # an earlier merged result given first is updated by a full run
     assert [r["value"] for r in res["quality"][0]["report"]["results"]] == [2.0, 10.0] and len(res["runs"]) == 2
+
+
+def test_p3_puts_search_cost_beside_held_out_quality_and_counts_the_target(tmp_path):
+    result = _p1_result(tmp_path, _report())
+    result["config"]["parts"] = ["p1", "p3"]
+    result["quality"][0]["costs"] = [
+        {"method": "dp", "nfe": 4, "model_calls": 10, "seconds": 1.0, "peak_rss_mb": 0.0, "search_over_reference": 2.4},
+        {"method": "dp", "nfe": 8, "model_calls": 20, "seconds": 2.0, "peak_rss_mb": 0.0, "search_over_reference": 3.1},
+        {"method": "olss", "nfe": 4, "model_calls": 5, "seconds": 0.5, "peak_rss_mb": 0.0, "search_over_reference": 1.2}]
+    md = markdown(result, tmp_path)
+    assert "| m-euler | 4 | 2.4× · 4 | – | 1.2× · – |" in md  # olss cost without a P1 row: metric unknown
+    assert "| m-euler | 8 | 3.1× · 6.5 | – | – |" in md
+    assert "Default dp at ≤ 2.5 reference passes: 1 of 2 cells. Over it: m-euler NFE 8 (3.1×)." in md
