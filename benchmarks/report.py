@@ -13,6 +13,8 @@ from typing import Any
 
 from eval.sweep_metrics import agreement, first_best, same_score
 
+COST_TARGET = 2.5  # the default dp search's budget in reference passes (issue 12, item 4); the dp-max-cost row's cap
+
 SEARCH_METHODS = ("dp", "evolution", "ays", "olss")  # a row made by one of these is a searched row
 PUBLISHED_DP = ("dp-boss", "dp-gits", "dp-oss")  # the published DP algorithms as rows of the suite
 DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace", "default")  # what a diffusers user gets without stepsmith
@@ -268,7 +270,8 @@ def _quality(quality: list[dict[str, Any]], out: Path, md_dir: Path) -> list[str
              "(N is small, so FID is biased upward: compare rows, not papers). 2-D: exact Wasserstein-2 (POT) "
              "against true samples. *Italic* rows are searched: `dp` is stepsmith's default (objective auto: "
              "feature-mse on models with a feature network), `dp-teacher-mse` the same search on the final mse, "
-             "`dp-max-cost` the same search stopped at 2.5 reference passes (`--option max_cost=2.5`), "
+             f"`dp-max-cost` the same search stopped at {COST_TARGET:g} reference passes "
+             f"(`--option max_cost={COST_TARGET:g}`), "
              "`dp-boss` / `dp-gits` / `dp-oss` the published DP algorithms as their authors define them.", ""]
     for res in quality:
         lines += _quality_config(res, out, md_dir)
@@ -307,7 +310,6 @@ def _search_cost(quality: list[dict[str, Any]]) -> list[str]:
     return lines + [""] + _cost_target(quality)
 
 
-COST_TARGET = 2.5  # the default dp search's budget in reference passes (issue 12, item 4)
 COST_ROWS = ("dp", "dp-max-cost", "olss")
 
 

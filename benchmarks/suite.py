@@ -46,7 +46,7 @@ from typing import Any
 
 from benchmarks.distill import DistillBenchConfig, run_distill_bench
 from benchmarks.overhead import OverheadConfig, run_overhead
-from benchmarks.report import markdown, plot_gap
+from benchmarks.report import COST_TARGET, markdown, plot_gap
 from schedules.io import StepsmithError, atomic_write, atomic_write_json
 
 PARTS = ("p1", "p2", "p3", "p4", "p5")
@@ -68,7 +68,7 @@ class SearchedRow:
 SEARCHED_ROWS = (
     SearchedRow("dp", "dp"), SearchedRow("dp-teacher-mse", "dp", {"objective": "teacher-mse"}),
     SearchedRow("dp-data-fid", "dp", {"objective": "data-fid"}),
-    SearchedRow("dp-max-cost", "dp", {"max_cost": 2.5}),  # the budgeted default: cost vs quality side by side
+    SearchedRow("dp-max-cost", "dp", {"max_cost": COST_TARGET}),  # the budgeted default: cost vs quality side by side
     SearchedRow("evolution", "evolution"), SearchedRow("ays", "ays", {}, True), SearchedRow("olss", "olss"),
     SearchedRow("dp-boss", "dp", {"variant": "boss"}, True), SearchedRow("dp-gits", "dp", {"variant": "gits"}, True),
     SearchedRow("dp-oss", "dp", {"variant": "oss"}, True),
